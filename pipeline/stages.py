@@ -1,0 +1,139 @@
+"""Ray Data stages of the compression job: thin adapters over decode, encoders and tokendyn.
+
+Each stage is a callable class (Ray builds one per actor, so set-up happens once) that declares the resources it
+needs. Rows stay small: ids, uris and manifest columns travel; decoded frames exist only between the decode and
+encode stages, as one binary cell per video. A failing video becomes a row with error columns set (see
+pipeline.errors), which later stages pass through untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+import tokendyn
+from pipeline.config import JobConfig
+from pipeline.decode import decode_video
+from pipeline.encoders import load_encoder
+from pipeline.errors import ERROR_COLUMNS, no_failure, record_failure
+from pipeline.schema import now_utc, video_row, video_schema
+from pipeline.watchdog import TimeLimitedRunner
+
+# Columns the decode stage adds; everything else in its input (ids, manifest columns) is carried through.
+FRAME_COLUMNS = ("frames", "frames_shape", "frame_indices", "fps", "source_frames")
+ERROR_FIELDS = [pa.field(name, pa.string()) for name in ERROR_COLUMNS]
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one instance of a stage asks Ray for."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+
+def _is_failed(row: dict) -> bool:
+    return row.get("error_stage") is not None
+
+
+class DecodeStage:
+    """Decode one video per call into `frames` at the encoder's input size, in a time-limited child process."""
+
+    def __init__(self, config: JobConfig, input_size: tuple[int, int]) -> None:
+        self.config = config
+        self.input_size = input_size
+        self.runner = TimeLimitedRunner()
+
+    @staticmethod
+    def resources(config: JobConfig) -> Resources:
+        return Resources(num_cpus=1.0)
+
+    def __call__(self, row: dict) -> dict:
+        row = {**row, **no_failure()}
+        try:
+            clip = self.runner.call(
+                decode_video, row["uri"], timeout_s=self.config.decode_timeout_s,
+                num_frames=self.config.frames, fps=self.config.fps, size=self.input_size,
+                decoder=self.config.decoder, s3_endpoint_url=self.config.s3_endpoint_url)
+        except Exception as exc:
+            return {**record_failure(row, "decode", exc), "frames": b"", "frames_shape": [],
+                    "frame_indices": [], "fps": None, "source_frames": None}
+        return {**row, "frames": clip.frames.tobytes(), "frames_shape": list(clip.frames.shape),
+                "frame_indices": [int(i) for i in clip.frame_indices], "fps": float(clip.fps),
+                "source_frames": int(clip.source_frames)}
+
+    def __del__(self) -> None:
+        self.runner.close()
+
+
+def _device_for(config: JobConfig) -> str:
+    if config.device != "auto":
+        return config.device
+    return "cuda" if torch.cuda.is_available() and config.gpus_per_worker > 0 else "cpu"
+
+
+class EncodeCompressStage:
+    """Encode the frames of a batch of videos in one forward pass and compress each video's tokens."""
+
+    def __init__(self, config: JobConfig) -> None:
+        self.config = config
+        self.encoder = load_encoder(config.encoder, layer=config.layer, device=_device_for(config))
+
+    @staticmethod
+    def resources(config: JobConfig) -> Resources:
+        return Resources(num_cpus=config.cpus_per_worker, num_gpus=config.gpus_per_worker)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        videos = [row for row in rows if not _is_failed(row)]
+        tokens = self._encode(videos, rows)
+        created_at = now_utc()
+        out = []
+        for row in rows:
+            carried = {key: value for key, value in row.items() if key not in FRAME_COLUMNS}
+            if _is_failed(row):
+                out.append(carried)
+                continue
+            try:
+                video = self._compress(tokens[row["video_id"]])
+                out.append({**carried, **video_row(
+                    video, frame_indices=row["frame_indices"], fps=row["fps"], source_frames=row["source_frames"],
+                    encoder=self.encoder.name, encoder_layer=self.encoder.layer,
+                    base_dtype=self.config.base_dtype, created_at=created_at)})
+            except Exception as exc:
+                out.append(record_failure(carried, "compress", exc))
+        return pa.Table.from_pylist(out, schema=self.output_schema(batch.schema))
+
+    def _encode(self, videos: list[dict], rows: list[dict]) -> dict[str, torch.Tensor]:
+        """Tokens [T, gh, gw, D] per video_id. A failed forward marks the videos of the batch as failed."""
+        if not videos:
+            return {}
+        frames = [np.frombuffer(v["frames"], dtype=np.uint8).reshape(v["frames_shape"]) for v in videos]
+        try:
+            with torch.inference_mode():
+                tokens = self.encoder.encode(np.concatenate(frames))
+        except Exception as exc:
+            for index, row in enumerate(rows):
+                if not _is_failed(row):
+                    rows[index] = record_failure(row, "encode", exc)
+            return {}
+        per_video = torch.split(tokens, [f.shape[0] for f in frames])
+        return {v["video_id"]: t for v, t in zip(videos, per_video)}
+
+    def _compress(self, tokens: torch.Tensor) -> tokendyn.CompressedVideo:
+        c = self.config
+        k = None if c.adaptive else c.k
+        return tokendyn.compress(tokens, k=k, k_min=c.k_min, k_max=c.k_max, seed=c.seed)
+
+    def output_schema(self, input_schema: pa.Schema) -> pa.Schema:
+        """Video columns, the manifest columns of the input, and the error columns."""
+        known = {*FRAME_COLUMNS, *ERROR_COLUMNS, "video_id", "uri"}
+        extra = [f for f in input_schema if f.name not in known]
+        schema = video_schema(self.encoder.dim, self.config.base_dtype, extra)
+        for f in ERROR_FIELDS:
+            schema = schema.append(f)
+        return schema
+

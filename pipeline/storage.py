@@ -1,0 +1,225 @@
+"""The job's output: Parquet files (the record of what is done) and a LanceDB table kept in step with them.
+
+Layout under the output root (a local path or s3://bucket/prefix):
+
+    videos/part-<run>-<seq>.parquet   one row per compressed video (schema.video_schema)
+    errors/part-<run>-<seq>.parquet   one row per failure (schema.ERROR_SCHEMA)
+    lancedb/videos.lance              the same video rows; `pooled` is the vector column, `base` a multivector
+    run.json                          summary of the last run
+    _staging/                         files being written (ignored by readers: the name starts with "_")
+
+Exactly-once per video: a Parquet file becomes visible in one step (staged, then moved into videos/; an S3 object
+appears whole), and the set of video_ids in videos/ is what counts as done. LanceDB is written after Parquet with
+merge_insert on video_id, so repeating a write never duplicates a row; `reconcile()` copies into LanceDB whatever
+a crash left only in Parquet.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+import lancedb
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipeline.schema import ERROR_SCHEMA, check_schema_version
+
+log = logging.getLogger("tokendyn.pipeline")
+
+TABLE_NAME = "videos"
+# IVF partitions need enough rows to train on; below this an exact scan is fast anyway.
+MIN_ROWS_FOR_VECTOR_INDEX = 5000
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def filesystem_for(root: str, s3_endpoint_url: str | None = None) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or an s3:// uri; S3 credentials come from the standard chain."""
+    if is_s3(root):
+        kwargs = {}
+        if s3_endpoint_url:
+            parsed = urlparse(s3_endpoint_url)
+            kwargs = {"endpoint_override": parsed.netloc or parsed.path, "scheme": parsed.scheme or "https"}
+        return pafs.S3FileSystem(**kwargs), root[len("s3://"):].rstrip("/")
+    local = pafs.LocalFileSystem()
+    return local, pafs.LocalFileSystem().normalize_path(str(_absolute(root)))
+
+
+def _absolute(path: str):
+    from pathlib import Path
+
+    return Path(path).expanduser().resolve()
+
+
+def lance_storage_options(s3_endpoint_url: str | None) -> dict[str, str]:
+    if not s3_endpoint_url:
+        return {}
+    return {"aws_endpoint": s3_endpoint_url, "allow_http": str(s3_endpoint_url.startswith("http://")).lower()}
+
+
+@dataclass
+class OutputStore:
+    """Reads and writes one output root. Cheap to create; nothing is written until asked."""
+
+    root: str
+    s3_endpoint_url: str | None = None
+    run_id: str = field(default_factory=lambda: time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6])
+
+    def __post_init__(self) -> None:
+        self.fs, self.path = filesystem_for(self.root, self.s3_endpoint_url)
+        self._seq = {"videos": 0, "errors": 0}
+        self._db = None
+
+    # ---- locations -------------------------------------------------------------------------------------------
+    def _dir(self, name: str) -> str:
+        return f"{self.path}/{name}"
+
+    @property
+    def lancedb_uri(self) -> str:
+        return f"{self.root.rstrip('/')}/lancedb" if is_s3(self.root) else str(_absolute(self.root) / "lancedb")
+
+    def _parquet_files(self, name: str) -> list[str]:
+        selector = pafs.FileSelector(self._dir(name), allow_not_found=True)
+        return sorted(info.path for info in self.fs.get_file_info(selector)
+                      if info.type == pafs.FileType.File and info.path.endswith(".parquet"))
+
+    # ---- reading ---------------------------------------------------------------------------------------------
+    def read_videos(self, columns: list[str] | None = None, filter: pc.Expression | None = None) -> pa.Table | None:
+        """All committed video rows (None when there are none yet)."""
+        files = self._parquet_files("videos")
+        if not files:
+            return None
+        check_schema_version(pq.read_schema(files[0], filesystem=self.fs), f"{self.root}/videos")
+        dataset = pads.dataset(files, filesystem=self.fs, format="parquet")
+        return dataset.to_table(columns=columns, filter=filter)
+
+    def read_errors(self) -> pa.Table:
+        files = self._parquet_files("errors")
+        if not files:
+            return ERROR_SCHEMA.empty_table()
+        return pads.dataset(files, filesystem=self.fs, format="parquet", schema=ERROR_SCHEMA).to_table()
+
+    def done_ids(self) -> set[str]:
+        table = self.read_videos(columns=["video_id"])
+        return set() if table is None else set(table.column("video_id").to_pylist())
+
+    def lance_table(self):
+        """The LanceDB table, or None when nothing was written yet."""
+        db = self._lance_db()
+        if TABLE_NAME not in db.list_tables().tables:
+            return None
+        table = db.open_table(TABLE_NAME)
+        check_schema_version(table.schema, self.lancedb_uri)
+        return table
+
+    def _lance_db(self):
+        if self._db is None:
+            self._db = lancedb.connect(self.lancedb_uri,
+                                       storage_options=lance_storage_options(self.s3_endpoint_url) or None)
+        return self._db
+
+    # ---- writing ---------------------------------------------------------------------------------------------
+    def _write_parquet(self, kind: str, table: pa.Table) -> str:
+        """Write `table` as one new file under `kind`/, visible to readers only once complete."""
+        name = f"part-{self.run_id}-{self._seq[kind]:05d}.parquet"
+        self._seq[kind] += 1
+        staged = f"{self._dir('_staging')}/{kind}-{name}"
+        final = f"{self._dir(kind)}/{name}"
+        self.fs.create_dir(self._dir("_staging"), recursive=True)
+        self.fs.create_dir(self._dir(kind), recursive=True)
+        pq.write_table(table, staged, filesystem=self.fs)
+        self.fs.move(staged, final)
+        return final
+
+    def write_videos(self, table: pa.Table) -> None:
+        """Commit video rows: Parquet first (the record of what is done), then LanceDB."""
+        if table.num_rows == 0:
+            return
+        self._write_parquet("videos", table)
+        self._upsert_lance(table)
+
+    def write_errors(self, table: pa.Table) -> None:
+        if table.num_rows:
+            self._write_parquet("errors", table.cast(ERROR_SCHEMA))
+
+    def _upsert_lance(self, table: pa.Table) -> None:
+        db = self._lance_db()
+        if TABLE_NAME not in db.list_tables().tables:
+            db.create_table(TABLE_NAME, schema=table.schema, exist_ok=True)
+        lance = db.open_table(TABLE_NAME)
+        lance.merge_insert("video_id").when_matched_update_all().when_not_matched_insert_all().execute(table)
+
+    def reconcile(self) -> int:
+        """Copy into LanceDB the committed Parquet rows it lacks (left by a crash between the two writes)."""
+        committed = self.read_videos(columns=["video_id"])
+        if committed is None:
+            return 0
+        lance = self.lance_table()
+        in_lance = set() if lance is None else set(
+            lance.search().select(["video_id"]).limit(None).to_arrow().column("video_id").to_pylist())
+        missing = set(committed.column("video_id").to_pylist()) - in_lance
+        if missing:
+            rows = self.read_videos(filter=pc.field("video_id").isin(sorted(missing)))
+            self._upsert_lance(rows)
+            log.info("reconciled %d video(s) from Parquet into LanceDB", len(missing))
+        return len(missing)
+
+    def remove_videos(self, video_ids: Iterable[str]) -> int:
+        """Delete these videos from Parquet and LanceDB (for --overwrite). Returns how many rows were removed."""
+        ids = pa.array(sorted(set(video_ids)), pa.string())
+        if len(ids) == 0:
+            return 0
+        removed = 0
+        for path in self._parquet_files("videos"):
+            table = pq.read_table(path, filesystem=self.fs)
+            keep = pc.invert(pc.is_in(table.column("video_id"), value_set=ids))
+            kept = table.filter(keep)
+            if kept.num_rows == table.num_rows:
+                continue
+            removed += table.num_rows - kept.num_rows
+            if kept.num_rows:
+                staged = f"{self._dir('_staging')}/rewrite-{uuid.uuid4().hex}.parquet"
+                self.fs.create_dir(self._dir("_staging"), recursive=True)
+                pq.write_table(kept, staged, filesystem=self.fs)
+                self.fs.move(staged, path)
+            else:
+                self.fs.delete_file(path)
+        lance = self.lance_table()
+        if lance is not None:
+            quoted = ", ".join("'" + v.replace("'", "''") + "'" for v in ids.to_pylist())
+            lance.delete(f"video_id IN ({quoted})")
+        return removed
+
+    def build_vector_index(self, min_rows: int = MIN_ROWS_FOR_VECTOR_INDEX) -> bool:
+        """(Re)build the ANN index on `pooled` once the table is large enough. Returns whether it did."""
+        lance = self.lance_table()
+        if lance is None or lance.count_rows() < min_rows:
+            return False
+        rows = lance.count_rows()
+        lance.create_index(metric="cosine", vector_column_name="pooled",
+                           num_partitions=max(1, int(math.sqrt(rows))), replace=True)
+        return True
+
+    def write_run_summary(self, summary: dict) -> None:
+        self.fs.create_dir(self.path, recursive=True)
+        with self.fs.open_output_stream(f"{self.path}/run.json") as out:
+            out.write(json.dumps(summary, indent=2, default=str).encode())
+
+    def read_run_summary(self) -> dict | None:
+        try:
+            with self.fs.open_input_stream(f"{self.path}/run.json") as src:
+                return json.loads(src.read())
+        except FileNotFoundError:
+            return None
