@@ -17,6 +17,8 @@ log = logging.getLogger("tokendyn.pipeline")
 STAGES = ("read", "decode", "encode", "compress", "write")
 
 ERROR_COLUMNS = ("error_stage", "error_type", "error_message")
+# Exceptions that mean the input could not be read at all (missing, forbidden), whatever stage met them.
+READ_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError)
 MAX_MESSAGE_CHARS = 2000
 
 _SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
@@ -43,8 +45,11 @@ def failure(stage: str, exc: BaseException) -> dict:
     """The error columns for a video that failed in `stage` with `exc`."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}")
+    if isinstance(exc, READ_ERRORS):
+        stage = "read"
     message = redact(str(exc) or repr(exc))[:MAX_MESSAGE_CHARS]
-    return {"error_stage": stage, "error_type": type(exc).__name__, "error_message": message}
+    error_type = getattr(exc, "type_name", type(exc).__name__)  # watchdog.ChildError keeps the original type
+    return {"error_stage": stage, "error_type": error_type, "error_message": message}
 
 
 def no_failure() -> dict:

@@ -12,9 +12,12 @@ from __future__ import annotations
 import logging
 import math
 import os
+import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -24,7 +27,7 @@ from pipeline.config import JobConfig
 from pipeline.encoders import encoder_input_size
 from pipeline.errors import ERROR_COLUMNS
 from pipeline.schema import now_utc
-from pipeline.sample_clips import sample_clip_dir
+from pipeline.sample_clips import write_sample_manifest
 from pipeline.sources import list_videos
 from pipeline.stages import DecodeStage, EncodeCompressStage
 from pipeline.storage import OutputStore
@@ -151,9 +154,10 @@ class Committer:
         self.summary.failed_by_stage = dict(by_stage)
 
 
-def run_job(config: JobConfig) -> RunSummary:
+def run_job(config: JobConfig, on_batch: Callable[[int], None] | None = None) -> RunSummary:
+    """Run the job to completion; `on_batch(rows)` is called after each result batch is handed to the writer."""
     started = time.monotonic()
-    source = str(sample_clip_dir()) if config.sample_clips else config.input
+    source = str(write_sample_manifest(Path(tempfile.mkdtemp()))) if config.sample_clips else config.input
     store = OutputStore(config.output, config.s3_endpoint_url)
     summary = RunSummary(run_id=store.run_id, input=source, output=config.output, encoder=config.encoder)
 
@@ -174,6 +178,8 @@ def run_job(config: JobConfig) -> RunSummary:
         committer = Committer(store, config, summary)
         for batch in build_dataset(todo, config).iter_batches(batch_size=None, batch_format="pyarrow"):
             committer.add(batch)
+            if on_batch is not None:
+                on_batch(batch.num_rows)
         committer.flush()
         store.build_vector_index()
 

@@ -8,7 +8,7 @@ when a call overruns or the child dies, which also confines a crashing native de
 from __future__ import annotations
 
 import multiprocessing as mp
-import traceback
+import pickle
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +21,26 @@ class ChildDied(RuntimeError):
     """The child process exited during the call (for example a segfault in native code)."""
 
 
+class ChildError(RuntimeError):
+    """An exception raised in the child that cannot be rebuilt in the parent; keeps its type name and message."""
+
+    def __init__(self, type_name: str, message: str) -> None:
+        super().__init__(message)
+        self.type_name = type_name
+
+    def __reduce__(self):
+        return ChildError, (self.type_name, str(self))
+
+
+def _transferable(exc: BaseException) -> BaseException:
+    # Some exceptions (botocore's, for one) pickle but do not unpickle: send those as ChildError instead.
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return ChildError(type(exc).__name__, str(exc))
+
+
 def _serve(conn) -> None:
     while True:
         request = conn.recv()
@@ -29,9 +49,8 @@ def _serve(conn) -> None:
         fn, args, kwargs = request
         try:
             conn.send((True, fn(*args, **kwargs)))
-        except BaseException as exc:  # the parent re-raises it; the child keeps serving
-            exc.__traceback_text__ = traceback.format_exc()
-            conn.send((False, exc))
+        except Exception as exc:  # the parent re-raises it; the child keeps serving
+            conn.send((False, _transferable(exc)))
 
 
 class TimeLimitedRunner:
@@ -67,7 +86,8 @@ class TimeLimitedRunner:
         try:
             ok, value = self._conn.recv()
         except EOFError:
-            code = self._process.exitcode if self._process is not None else None
+            self._process.join(timeout=5)
+            code = self._process.exitcode
             self._kill()
             raise ChildDied(f"worker process died (exit code {code})") from None
         if not ok:

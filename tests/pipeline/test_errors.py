@@ -28,3 +28,8 @@ def test_record_failure_logs_and_keeps_row(caplog, monkeypatch):
     assert marked["caption"] == "a cat" and marked["error_stage"] == "read"
     assert "topsecretvalue" not in marked["error_message"]
     assert "v1" in caplog.text and "topsecretvalue" not in caplog.text
+
+
+def test_unreadable_input_is_a_read_failure_whatever_the_stage():
+    assert failure("decode", FileNotFoundError("gone"))["error_stage"] == "read"
+    assert failure("decode", PermissionError("denied"))["error_stage"] == "read"

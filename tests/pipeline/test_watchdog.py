@@ -50,3 +50,22 @@ def test_child_crash_becomes_an_exception(runner):
     with pytest.raises(ChildDied, match="exit code 11"):
         runner.call(_crash, timeout_s=30)
     assert runner.call(pow, 2, 3, timeout_s=30) == 8
+
+
+class _NotRebuildable(Exception):
+    def __init__(self, code, operation):
+        super().__init__(f"{code} during {operation}")
+
+
+def _raise_not_rebuildable():
+    raise _NotRebuildable("NoSuchKey", "GetObject")
+
+
+def test_exception_that_cannot_be_rebuilt_keeps_type_and_message(runner):
+    from pipeline.errors import failure
+    from pipeline.watchdog import ChildError
+
+    with pytest.raises(ChildError) as info:
+        runner.call(_raise_not_rebuildable, timeout_s=30)
+    assert failure("decode", info.value)["error_type"] == "_NotRebuildable"
+    assert "NoSuchKey during GetObject" in str(info.value)

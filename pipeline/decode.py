@@ -1,0 +1,276 @@
+"""Decoding: sampled RGB frames of one video, resized for the encoder.
+
+Two decoders give the same frames for the same indices: decord (default; random access by frame index) and
+PyAV (sequential decode up to the last wanted frame). Both convert to RGB with FFmpeg's swscale.
+
+Frame sampling (`sample_frame_indices`):
+  - `num_frames=T`: T frames spread uniformly over the whole clip, one at the centre of each of T equal
+    segments: index_i = floor((i + 0.5) * total / T).
+    Short clips (fewer than T frames): the same formula repeats frames, so T frames always come back, in order,
+    each source frame floor(T/total) or ceil(T/total) times. Same-shaped clips keep encoder batches and
+    stored rows uniform; `frame_indices` records the repeats.
+  - `fps=F` (takes precedence; `num_frames` is then ignored): one frame every 1/F seconds from t=0
+    (index = floor(k * source_fps / F)), never the same frame twice (F above the source rate gives every frame).
+    T grows with the clip's length; `max_frames` caps it by thinning the list uniformly with the rule above.
+
+Resize (`resize_frames`): scale the shorter side to fit the target, then take the centre crop; the aspect ratio
+is kept and nothing is padded. Done in one PIL call (crop box + bicubic resampling, antialiased when shrinking).
+
+Indices are clamped to the frame count the decoder reports (decord's packet count; PyAV's stream metadata or
+packet count). A file whose stream ends before that count is handled by PyAV (it resamples over the frames it
+really found); decord's `get_batch` can hang on such files, which only a process-level timeout can stop.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+# PyAV is imported before decord can be: decord bundles an older FFmpeg/libvpx, and whichever loads first wins
+# the shared symbols. With decord first, PyAV's libvpx encoders fail to open; the other order is safe for both.
+import av  # noqa: F401  (import order matters, see above)
+import numpy as np
+from PIL import Image
+
+from pipeline.sources import canonical_uri, is_s3_uri, read_bytes
+
+DECODERS = ("decord", "pyav")
+VideoSource = Union[str, os.PathLike, bytes, bytearray, memoryview, io.IOBase]
+
+
+class DecodeError(Exception):
+    """The input is not a video we can decode (empty, corrupt, no video stream, no frames)."""
+
+
+@dataclass
+class DecodedClip:
+    frames: np.ndarray  # uint8 [T, h, w, 3], RGB, already resized to the requested size
+    frame_indices: list[int]  # source frame index of each row of `frames`
+    fps: float  # source average frame rate (0.0 when the container does not say)
+    source_frames: int  # frame count of the source
+    source_size: tuple[int, int] = (0, 0)  # (height, width) of the source frames
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sampling
+
+
+def _segment_centres(total: int, count: int) -> list[int]:
+    """floor((i + 0.5) * total / count) for i < count: uniform, in order, repeating when total < count."""
+    return [int((2 * i + 1) * total // (2 * count)) for i in range(count)]
+
+
+def sample_frame_indices(
+    total_frames: int,
+    *,
+    num_frames: int | None = 16,
+    fps: float | None = None,
+    source_fps: float = 0.0,
+    max_frames: int | None = None,
+) -> list[int]:
+    """Source frame indices to decode; see the module docstring for the rules."""
+    if total_frames < 1:
+        raise ValueError(f"a video needs at least one frame, got total_frames={total_frames}")
+    if fps is None:
+        if num_frames is None or num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1 when fps is not given, got {num_frames}")
+        return _segment_centres(total_frames, num_frames)
+    if max_frames is not None and max_frames < 1:
+        raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+    if fps <= 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
+    if source_fps <= 0:
+        raise ValueError("sampling by fps needs the source frame rate (source_fps > 0)")
+    step = source_fps / fps
+    count = int(np.ceil(total_frames / step - 1e-9))  # every k with k * step < total_frames
+    indices = sorted({min(int(np.floor(k * step + 1e-9)), total_frames - 1) for k in range(count)})
+    if max_frames is not None and len(indices) > max_frames:
+        indices = [indices[i] for i in _segment_centres(len(indices), max_frames)]
+    return indices
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# resizing
+
+
+def _centre_crop_box(height: int, width: int, target_h: int, target_w: int) -> tuple[float, float, float, float]:
+    """The largest centred region of the source with the target's aspect ratio, as a PIL box (l, t, r, b)."""
+    scale = max(target_h / height, target_w / width)
+    crop_w, crop_h = target_w / scale, target_h / scale
+    left, top = (width - crop_w) / 2, (height - crop_h) / 2
+    return (left, top, left + crop_w, top + crop_h)
+
+
+def resize_frames(frames: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+    """uint8 [T, H, W, 3] -> [T, size[0], size[1], 3]: shorter side scaled to fit, centre crop, bicubic."""
+    if size is None or tuple(frames.shape[1:3]) == tuple(size):
+        return frames
+    target_h, target_w = size
+    box = _centre_crop_box(frames.shape[1], frames.shape[2], target_h, target_w)
+    resized = [
+        np.asarray(Image.fromarray(frame).resize((target_w, target_h), Image.Resampling.BICUBIC, box=box))
+        for frame in frames
+    ]
+    return np.stack(resized)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# inputs
+
+
+def _as_decodable(source: VideoSource, s3_endpoint_url: str | None) -> str | io.BytesIO:
+    """A local path (str) or an in-memory file; S3 objects are fetched whole."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+    elif isinstance(source, io.IOBase):
+        data = source.read()
+    elif is_s3_uri(str(source)):
+        data = read_bytes(str(source), s3_endpoint_url=s3_endpoint_url)
+    else:
+        path = Path(canonical_uri(os.fspath(source)))
+        if not path.is_file():
+            raise FileNotFoundError(f"video not found: {source}")
+        if path.stat().st_size == 0:
+            raise DecodeError(f"empty file: {source}")
+        return str(path)
+    if not data:
+        raise DecodeError("empty input (0 bytes)")
+    return io.BytesIO(data)
+
+
+def _rewound(source: str | io.BytesIO) -> str | io.BytesIO:
+    if isinstance(source, io.BytesIO):
+        source.seek(0)
+    return source
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# decoders: each reports frame_count / avg_fps and returns the frames at given indices (in the given order)
+
+
+class _DecordReader:
+    def __init__(self, source: str | io.BytesIO, num_threads: int):
+        import decord
+
+        try:
+            self._reader = decord.VideoReader(_rewound(source), ctx=decord.cpu(0), num_threads=num_threads)
+        except Exception as error:  # decord raises bare RuntimeError/DECORDError for every open failure
+            raise DecodeError(f"decord cannot open the video: {error}") from error
+        self.frame_count = len(self._reader)
+        self.avg_fps = float(self._reader.get_avg_fps() or 0.0)
+
+    def get_frames(self, indices: list[int]) -> np.ndarray:
+        unique = sorted(set(indices))
+        try:
+            batch = self._reader.get_batch(unique).asnumpy()
+        except Exception as error:
+            raise DecodeError(f"decord failed to decode frames {unique[:4]}...: {error}") from error
+        row_of = {index: row for row, index in enumerate(unique)}
+        return batch[[row_of[i] for i in indices]]
+
+
+class _StreamShorterThanReported(Exception):
+    def __init__(self, real_count: int):
+        super().__init__(real_count)
+        self.real_count = real_count
+
+
+class _PyAVReader:
+    def __init__(self, source: str | io.BytesIO, num_threads: int):
+        self._source = source
+        self._num_threads = num_threads
+        with self._open() as container:
+            stream = container.streams.video[0]
+            self.avg_fps = float(stream.average_rate or stream.guessed_rate or 0.0)
+            # Many containers (mkv, webm) leave the frame count empty; demuxing packets is cheap and exact.
+            self.frame_count = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
+
+    def _open(self):
+        try:
+            container = av.open(_rewound(self._source))
+        except Exception as error:
+            raise DecodeError(f"PyAV cannot open the video: {error}") from error
+        if not container.streams.video:
+            container.close()
+            raise DecodeError("the file has no video stream")
+        return container
+
+    def get_frames(self, indices: list[int]) -> np.ndarray:
+        wanted, found, last_position = set(indices), {}, -1
+        with self._open() as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            if self._num_threads:
+                stream.thread_count = self._num_threads
+            try:
+                for last_position, frame in enumerate(container.decode(stream)):
+                    if last_position in wanted:
+                        found[last_position] = frame.to_ndarray(format="rgb24")
+                    if last_position >= max(wanted):
+                        break
+            except Exception as error:
+                raise DecodeError(f"PyAV failed while decoding frame {last_position + 1}: {error}") from error
+        if len(found) < len(wanted):
+            raise _StreamShorterThanReported(last_position + 1)
+        return np.stack([found[i] for i in indices])
+
+
+def _open_reader(decoder: str, source: str | io.BytesIO, num_threads: int):
+    if decoder == "decord":
+        return _DecordReader(source, num_threads)
+    if decoder == "pyav":
+        return _PyAVReader(source, num_threads)
+    raise ValueError(f"unknown decoder {decoder!r}; choose one of {DECODERS}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# entry point
+
+
+def decode_video(
+    source: VideoSource,
+    *,
+    num_frames: int | None = 16,
+    fps: float | None = None,
+    size: tuple[int, int] | None = (224, 224),
+    decoder: str = "decord",
+    s3_endpoint_url: str | None = None,
+    num_threads: int = 0,
+    max_frames: int | None = None,
+) -> DecodedClip:
+    """Sample, decode and resize the frames of one video.
+
+    source: a local path, an s3:// uri, raw bytes or a binary file object.
+    num_frames / fps / max_frames: frame sampling, see `sample_frame_indices` (fps wins over num_frames).
+    size: (height, width) of the returned frames (shorter side + centre crop); None keeps the source size.
+    num_threads: decoder threads; 0 lets FFmpeg choose.
+    Raises FileNotFoundError for a missing file and DecodeError for anything that is not a decodable video.
+    """
+    data = _as_decodable(source, s3_endpoint_url)
+    reader = _open_reader(decoder, data, num_threads)
+    if reader.frame_count < 1:
+        raise DecodeError("the video stream has no frames")
+    if fps is not None and reader.avg_fps <= 0:
+        raise DecodeError("the container gives no frame rate, so frames cannot be sampled by fps")
+    sampling = dict(num_frames=num_frames, fps=fps, source_fps=reader.avg_fps, max_frames=max_frames)
+    indices = sample_frame_indices(reader.frame_count, **sampling)
+    try:
+        frames = reader.get_frames(indices)
+        source_frames = reader.frame_count
+    except _StreamShorterThanReported as short:
+        # The metadata over-reported the length: sample again over the frames that really exist.
+        if short.real_count < 1:
+            raise DecodeError("the video stream decodes to no frames") from None
+        source_frames = short.real_count
+        indices = sample_frame_indices(source_frames, **sampling)
+        frames = reader.get_frames(indices)
+    return DecodedClip(
+        frames=resize_frames(frames, size),
+        frame_indices=indices,
+        fps=reader.avg_fps,
+        source_frames=source_frames,
+        source_size=(int(frames.shape[1]), int(frames.shape[2])),
+    )
