@@ -5,7 +5,11 @@
 #   infra/ray_head.sh status     # cluster resources and dashboard address
 #   infra/ray_head.sh stop       # stop it by its PID
 #
-# Then:  ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/compress_corpus.py --input videos/ --output out/
+# Then:  export RAY_AUTH_MODE=token
+#        ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/compress_corpus.py --input videos/ --output out/
+#
+# The head requires Ray's token authentication; the token lives in ~/.ray/auth_token (made on first start), and
+# clients send it when RAY_AUTH_MODE=token.
 set -euo pipefail
 
 STATE=${RAY_HEAD_STATE:-${TMPDIR:-/tmp}/tokendyn-ray-head}
@@ -15,12 +19,14 @@ DASHBOARD_PORT=${RAY_DASHBOARD_PORT:-8265}
 RAY=${RAY:-ray}
 # Local-only mode keeps GCS, raylet and dashboard on loopback instead of the machine's external address.
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+export RAY_AUTH_MODE=token
 
 pid_alive() { [[ -f "$STATE/head.pid" ]] && kill -0 "$(cat "$STATE/head.pid")" 2>/dev/null; }
 
 start() {
   if pid_alive; then echo "Ray head already running (PID $(cat "$STATE/head.pid"))"; return 0; fi
   mkdir -p "$STATE"
+  "$RAY" get-auth-token --generate >/dev/null
   # --block keeps `ray start` in the foreground as the parent of the head's processes; stopping that one PID
   # stops the whole head.
   "$RAY" start --head --block --num-cpus="$NUM_CPUS" --node-ip-address=127.0.0.1 --port="$GCS_PORT" \
@@ -28,7 +34,10 @@ start() {
     --disable-usage-stats >"$STATE/head.log" 2>&1 &
   echo $! >"$STATE/head.pid"
   for _ in $(seq 1 120); do
-    if curl -sf "http://127.0.0.1:$DASHBOARD_PORT/api/version" >/dev/null 2>&1; then
+    # Any HTTP answer means the job API is up (401 when Ray's token authentication is on; `ray job submit`
+    # reads the token from ~/.ray/auth_token).
+    code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$DASHBOARD_PORT/api/version" || true)
+    if [[ "$code" != "000" ]]; then
       echo "Ray head up (PID $(cat "$STATE/head.pid")); dashboard and job API at http://127.0.0.1:$DASHBOARD_PORT"
       return 0
     fi
@@ -50,7 +59,7 @@ stop() {
 
 status() {
   if ! pid_alive; then echo "Ray head not running"; return 1; fi
-  echo "Ray head PID $(cat "$STATE/head.pid"), dashboard http://127.0.0.1:$DASHBOARD_PORT"
+  echo "Ray head PID $(cat "$STATE/head.pid"), dashboard http://127.0.0.1:$DASHBOARD_PORT (clients: RAY_AUTH_MODE=token)"
   "$RAY" status --address "127.0.0.1:$GCS_PORT"
 }
 

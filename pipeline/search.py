@@ -1,20 +1,485 @@
-"""Similarity search over the job's LanceDB table."""
+"""Similarity search over the job's LanceDB table: pooled-vector ANN, exact scans, and MaxSim over token bases.
+
+A query is a pooled vector [D] and, for MaxSim, a query base [Kq, D]. It comes from a stored video (`by_video_id`),
+a video file compressed exactly the way the table's videos were (`by_video`), a text embedded by the encoder's
+text tower (`by_text`), or raw vectors (`by_vectors`). Results are `Hit(video_id, uri, score)`, best first.
+
+Modes (`MODES`):
+  ann           LanceDB vector search on `pooled`, cosine, through the job's IVF index when one exists (see
+                `build_index`; tables under MIN_ROWS_FOR_VECTOR_INDEX rows have none and are scanned exactly).
+                Quantised codes rank coarsely, so `refine_factor` re-scores refine_factor * k candidates with the
+                full vectors. Score: cosine similarity.
+  exact         the same search with the index bypassed: a brute-force cosine scan. Score: cosine similarity.
+  maxsim        re-rank: `candidates` videos from the pooled ANN search, re-scored by MaxSim over their bases.
+  maxsim-exact  LanceDB multivector search on `base` over every row (brute force; slow on large tables).
+MaxSim(Q, C) = sum over query rows q of max over candidate rows c of cos(q, c), in [-Kq, Kq] (ColBERT's late
+interaction); with a one-row query (text) it is the best cosine between the query and any base vector.
+
+Text search embeds the text with the text tower saved next to the table's encoder (SigLIP, CLIP: same hub id or
+directory) and compares it with the pooled vectors. Pooled vectors are means of patch tokens from a hidden layer
+of the vision tower, while text embeddings live in the towers' joint (projected) space, so scores are only
+meaningful when the recorded layer is the vision tower's projected output; from inner layers they are a rough
+signal at best. When the sizes differ (CLIP: hidden 768 vs projection 512), the text vector is mapped back
+through the vision projection's transpose W^T t, which ranks like the inner product <W x, t> in the joint space
+(the final layer norm is ignored).
+"""
 
 from __future__ import annotations
 
-from pipeline.storage import OutputStore
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.storage import MIN_ROWS_FOR_VECTOR_INDEX, OutputStore
+
+MODES = ("ann", "exact", "maxsim", "maxsim-exact")
+EFFICIENTNET_ENCODER = "efficientnet-lite0"
+RESULT_COLUMNS = ["video_id", "uri", "_distance"]
+
+
+class SearchError(ValueError):
+    """A query that cannot be answered as asked; the message says why and what to do."""
+
+
+class SettingsMismatchError(SearchError):
+    """The caller asked for other encoder or sampling settings than the table's videos were compressed with."""
+
+
+class NoTextTowerError(SearchError):
+    """Text search on a table whose encoder has no text tower."""
+
+
+@dataclass(frozen=True)
+class Hit:
+    video_id: str
+    uri: str
+    score: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"video_id": self.video_id, "uri": self.uri, "score": self.score}
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    """Knobs of the ANN search. The defaults reach recall@10 >= 0.95 at 100k videos (jobs/bench_search.py)."""
+
+    nprobes: int = 20  # IVF partitions visited per query
+    refine_factor: int | None = 10  # re-score refine_factor * limit candidates with the full vectors
+    candidates: int = 100  # pooled-ANN candidates re-ranked by MaxSim (at least k)
+
+
+@dataclass(frozen=True)
+class TableSettings:
+    """How the table's videos were compressed: what a query video must go through to be comparable."""
+
+    encoder: str
+    layer: int | None  # resolved hidden-state index; None for efficientnet-lite0
+    dim: int
+    frames: int | None  # frames sampled per video (the cap when fps is set)
+    fps: float | None  # sampling rate, when the job sampled by rate
+    k: int | None  # token-base size; None = adaptive within [k_min, k_max]
+    k_min: int
+    k_max: int
+    seed: int
+    decoder: str
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MaxSim
+
+
+def _normalise_rows(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def maxsim_scores(query_base: np.ndarray, rows: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """MaxSim of one query against many bases stored back to back.
+
+    query_base [Q, D]; rows [sum(lengths), D] (candidate i owns the next lengths[i] rows); -> scores [len(lengths)].
+    Candidates with no rows score -inf.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    scores = np.full(len(lengths), -np.inf, dtype=np.float32)
+    present = lengths > 0
+    if not present.any():
+        return scores
+    sims = _normalise_rows(query_base) @ _normalise_rows(rows).T  # [Q, total rows]
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])[present]
+    scores[present] = np.maximum.reduceat(sims, starts, axis=1).sum(axis=0)
+    return scores
+
+
+def bases_as_rows(column: pa.ChunkedArray | pa.Array, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """The `base` column (list<fixed_size_list<float>[dim]>) -> (rows [sum K, dim] float32, K per video)."""
+    lists = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False)
+    values = lists.flatten().flatten().to_numpy(zero_copy_only=False)
+    return values.astype(np.float32, copy=False).reshape(-1, dim), lengths
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reading what the table records
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _same_encoder(a: str, b: str) -> bool:
+    """Same name, or two spellings of the same local checkpoint directory."""
+    if a == b:
+        return True
+    return os.path.exists(a) and os.path.exists(b) and os.path.realpath(a) == os.path.realpath(b)
+
+
+def _single_value(values: list, what: str, root: str):
+    distinct = sorted(set(values), key=repr)
+    if len(distinct) != 1:
+        raise SearchError(f"{root} holds videos with several {what} values {distinct}; a query can only be "
+                          f"compared within one of them: write each setting to its own --output")
+    return distinct[0]
+
+
+def _sampling_settings(config: dict, num_frames: list[int]) -> tuple[int | None, float | None]:
+    """(frames, fps) the job sampled with: from run.json's config, else inferred from the rows, else unknown."""
+    if config:
+        frames, fps = config.get("frames"), config.get("fps")
+        if fps is None and set(num_frames) != {frames}:
+            # run.json describes the last run only; rows from an earlier run may have been sampled otherwise.
+            return None, None
+        return frames, fps
+    if len(set(num_frames)) == 1:
+        return num_frames[0], None
+    return None, None  # sampled by rate (frame counts vary) at a rate nothing records, or runs disagree
+
+
+def _base_size_settings(config: dict, ks: list[int]) -> tuple[int | None, int, int]:
+    """(k or None for adaptive, k_min, k_max): from run.json's config, else from the rows' K values."""
+    if config:
+        k = config.get("k") or None
+        return k, int(config.get("k_min", min(ks))), int(config.get("k_max", max(ks)))
+    if len(set(ks)) == 1:
+        return ks[0], ks[0], ks[0]
+    return None, min(ks), max(ks)
+
+
+def read_table_settings(store: OutputStore, table) -> TableSettings:
+    """The compression settings of the table's rows, completed by the output's run.json `config` if present."""
+    rows = (table.search().select(["encoder", "encoder_layer", "dim", "num_frames", "k"])
+            .limit(None).to_arrow().to_pydict())
+    if not rows["encoder"]:
+        raise SearchError(f"{store.root} holds no videos yet")
+    summary = store.read_run_summary() or {}
+    config = summary.get("config") or {}
+    encoder = _single_value(rows["encoder"], "encoder", store.root)
+    layer = _single_value(rows["encoder_layer"], "encoder_layer", store.root)
+    frames, fps = _sampling_settings(config, rows["num_frames"])
+    k, k_min, k_max = _base_size_settings(config, rows["k"])
+    return TableSettings(
+        encoder=encoder, layer=layer, dim=_single_value(rows["dim"], "dim", store.root), frames=frames, fps=fps,
+        k=k, k_min=k_min, k_max=k_max, seed=int(config.get("seed", 0)), decoder=config.get("decoder", "decord"))
+
+
+def _differs(name: str, asked: Any, held: Any) -> bool:
+    if name == "encoder":
+        return not _same_encoder(asked, held)
+    if name == "k":
+        return (asked or None) != held  # k=0 asks for adaptive K, recorded as None
+    return asked != held
+
+
+def _check_requested(recorded: TableSettings, requested: dict[str, Any], root: str) -> None:
+    """Raise SettingsMismatchError naming every requested setting that differs from the recorded one."""
+    differences = [f"{name}={asked!r} (table: {getattr(recorded, name)!r})" for name, asked in requested.items()
+                   if asked is not None and _differs(name, asked, getattr(recorded, name))]
+    if differences:
+        raise SettingsMismatchError(
+            f"the query asks for {', '.join(differences)}, but the videos in {root} were compressed otherwise; "
+            "a query video must be compressed the same way to be comparable (leave these out to use the "
+            "table's settings)")
+
+
+def _check_query_settings(recorded: TableSettings, requested: dict[str, Any], root: str) -> tuple:
+    """(frames, fps) to sample a query video with, after checking the caller's settings against the table's.
+
+    Where the table records no sampling (no run.json config and varying frame counts), the caller's is used.
+    """
+    if recorded.frames is not None or recorded.fps is not None:
+        _check_requested(recorded, requested, root)
+        return recorded.frames, recorded.fps
+    frames, fps = requested["frames"], requested["fps"]
+    if frames is None and fps is None:
+        raise SearchError(f"how the videos in {root} were sampled is unknown (no run.json config, or one that "
+                          "disagrees with the rows' frame counts): pass the frames or fps the job ran with")
+    _check_requested(recorded, {name: requested[name] for name in ("encoder", "k")}, root)
+    return frames, fps
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# text towers
+
+
+@dataclass
+class TextTower:
+    """The text half of a two-tower checkpoint (SigLIP, CLIP) and its tokenizer."""
+
+    name: str
+    model: Any
+    tokenizer: Any
+
+    def embed(self, text: str) -> np.ndarray:
+        """Text -> its embedding in the joint space, [P] float32."""
+        import torch
+
+        config = self.model.config.text_config
+        # SigLIP was trained on texts padded to the full length; CLIP pools the end-of-text token either way.
+        padding = "max_length" if config.model_type.startswith("siglip") else True
+        inputs = self.tokenizer([text], padding=padding, truncation=True,
+                                max_length=config.max_position_embeddings, return_tensors="pt")
+        with torch.inference_mode():
+            features = self.model.get_text_features(**inputs)
+        features = getattr(features, "pooler_output", features)  # transformers 5 returns a model output
+        return features[0].float().cpu().numpy()
+
+    def query_vector(self, text: str, dim: int) -> np.ndarray:
+        """The text as a query against pooled vectors of size `dim` (see the module notes)."""
+        embedding = self.embed(text)
+        if embedding.shape[-1] == dim:
+            return embedding
+        projection = getattr(self.model, "visual_projection", None)
+        weight = getattr(projection, "weight", None)
+        if weight is not None and tuple(weight.shape) == (embedding.shape[-1], dim):
+            return weight.detach().float().cpu().numpy().T @ embedding  # W^T t: [D]
+        raise SearchError(f"{self.name} embeds text in {embedding.shape[-1]} dims and has no vision projection "
+                          f"from the table's {dim}-dim pooled vectors to that space")
+
+
+def load_text_tower(name: str) -> TextTower:
+    """The text model and tokenizer saved with the encoder `name` (hub id or local directory)."""
+    if name == EFFICIENTNET_ENCODER:
+        raise NoTextTowerError(f"{EFFICIENTNET_ENCODER} is an image-only encoder with no text tower, so this table "
+                               "cannot be searched by text: compress the corpus with a SigLIP or CLIP encoder "
+                               "(--encoder) for text search")
+    import transformers
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        raise NoTextTowerError(f"cannot load the table's encoder {name!r} to find its text tower: {error}") from error
+    if getattr(config, "text_config", None) is None:
+        raise NoTextTowerError(f"{name} has no text tower (its config has no text_config); text search needs a "
+                               "two-tower checkpoint such as SigLIP or CLIP saved with its tokenizer")
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        model, info = AutoModel.from_pretrained(name, output_loading_info=True)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    missing = [key for key in info.get("missing_keys", ()) if key.startswith("text")]
+    if missing or not hasattr(model, "get_text_features"):
+        raise NoTextTowerError(f"{name} holds no text tower weights (missing: {missing[:4]})")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        raise NoTextTowerError(f"{name} has no tokenizer saved next to the model") from error
+    return TextTower(name=name, model=model.eval(), tokenizer=tokenizer)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the search API
+
+
+@dataclass
+class VideoSearch:
+    """Search one output root. Opening is cheap; encoders and text towers load on first use and are kept."""
+
+    store: OutputStore
+    params: SearchParams = field(default_factory=SearchParams)
+
+    def __post_init__(self) -> None:
+        self._table = None
+        self._settings: TableSettings | None = None
+        self._encoders: dict[tuple, Any] = {}
+        self._text_tower: TextTower | None = None
+
+    @classmethod
+    def open(cls, root: str, s3_endpoint_url: str | None = None, **params: Any) -> VideoSearch:
+        return cls(OutputStore(root, s3_endpoint_url), SearchParams(**params))
+
+    # ---- table ------------------------------------------------------------------------------------------------
+    @property
+    def table(self):
+        if self._table is None:
+            self._table = self.store.lance_table()
+            if self._table is None:
+                raise SearchError(f"{self.store.root} holds no videos yet (no LanceDB table)")
+        return self._table
+
+    @property
+    def dim(self) -> int:
+        return self.table.schema.field("pooled").type.list_size
+
+    def settings(self) -> TableSettings:
+        if self._settings is None:
+            self._settings = read_table_settings(self.store, self.table)
+        return self._settings
+
+    def build_index(self, min_rows: int = MIN_ROWS_FOR_VECTOR_INDEX) -> bool:
+        """Build or rebuild the job's IVF index on `pooled` (cosine). False when the table is under `min_rows`."""
+        built = self.store.build_vector_index(min_rows=min_rows)
+        self._table = None  # reopen to see the new index version
+        return built
+
+    # ---- queries ----------------------------------------------------------------------------------------------
+    def by_vectors(self, pooled: np.ndarray, base: np.ndarray | None = None, k: int = 10,
+                   mode: str = "ann") -> list[Hit]:
+        """The k best videos for a pooled vector [D] (ann, exact) or a query base [Kq, D] (maxsim modes)."""
+        _check_mode_and_k(mode, k)
+        pooled = self._as_query(pooled, "pooled vector").reshape(-1)
+        if mode in ("ann", "exact"):
+            return self._pooled_search(pooled, k, exact=mode == "exact")
+        if base is None:
+            raise SearchError(f"mode {mode!r} needs a query base [Kq, D]")
+        base = self._as_query(base, "query base").reshape(-1, self.dim)
+        if mode == "maxsim":
+            return self._maxsim_rerank(pooled, base, k)
+        return self._maxsim_scan(base, k)
+
+    def by_video_id(self, video_id: str, k: int = 10, mode: str = "ann", include_self: bool = True) -> list[Hit]:
+        """The k videos nearest to a stored video (itself included first unless include_self=False)."""
+        _check_mode_and_k(mode, k)
+        found = (self.table.search().where(f"video_id = {_quote(video_id)}").select(["pooled", "base"])
+                 .limit(1).to_arrow())
+        if found.num_rows == 0:
+            raise SearchError(f"video_id {video_id!r} is not in {self.store.root}")
+        pooled = found.column("pooled").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        base, _ = bases_as_rows(found.column("base"), self.dim)
+        hits = self.by_vectors(pooled, base, k + (0 if include_self else 1), mode)
+        if not include_self:
+            hits = [hit for hit in hits if hit.video_id != video_id][:k]
+        return hits
+
+    def by_video(self, source, k: int = 10, mode: str = "ann", *, encoder: str | None = None,
+                 layer: int | None = None, frames: int | None = None, fps: float | None = None,
+                 base_k: int | None = None, decoder: str | None = None, device: str = "cpu",
+                 s3_endpoint_url: str | None = None) -> list[Hit]:
+        """The k videos nearest to a video file (local path, s3:// uri or bytes).
+
+        The file is decoded, encoded and compressed with the settings the table records. encoder, layer, frames,
+        fps and base_k (the token-base size; 0 = adaptive) may be given to state what the caller expects: any
+        that differs from the table raises SettingsMismatchError. decoder and device only change how, not what.
+        """
+        _check_mode_and_k(mode, k)
+        video = self.compress_like_table(source, encoder=encoder, layer=layer, frames=frames, fps=fps,
+                                         base_k=base_k, decoder=decoder, device=device,
+                                         s3_endpoint_url=s3_endpoint_url)
+        pooled = video.pooled().float().cpu().numpy()
+        base = video.base.float().cpu().numpy()
+        return self.by_vectors(pooled, base, k, mode)
+
+    def by_text(self, text: str, k: int = 10, mode: str = "ann") -> list[Hit]:
+        """The k videos nearest to a text, embedded by the text tower of the table's encoder (SigLIP, CLIP).
+
+        Only meaningful when the table's pooled vectors come from the vision tower's projected output; see the
+        module notes. In the maxsim modes the text is a one-row query: its best cosine with any base vector.
+        """
+        _check_mode_and_k(mode, k)
+        if not text.strip():
+            raise SearchError("empty text query")
+        settings = self.settings()
+        if self._text_tower is None:
+            self._text_tower = load_text_tower(settings.encoder)
+        query = self._text_tower.query_vector(text, self.dim)
+        return self.by_vectors(query, query[None, :], k, mode)
+
+    # ---- query video compression ------------------------------------------------------------------------------
+    def compress_like_table(self, source, *, encoder=None, layer=None, frames=None, fps=None, base_k=None,
+                            decoder=None, device="cpu", s3_endpoint_url=None):
+        """Decode, encode and compress a video exactly as the table's videos were -> tokendyn.CompressedVideo."""
+        import tokendyn
+        from pipeline.decode import decode_video
+
+        recorded = self.settings()
+        requested = {"encoder": encoder, "frames": frames, "fps": fps, "k": base_k}
+        num_frames, rate = _check_query_settings(recorded, requested, self.store.root)
+        model = self._encoder(recorded, layer, device)
+        clip = decode_video(source, num_frames=num_frames, fps=rate, size=tuple(model.input_size),
+                            decoder=decoder or recorded.decoder,
+                            s3_endpoint_url=s3_endpoint_url or self.store.s3_endpoint_url)
+        tokens = model.encode(clip.frames)
+        return tokendyn.compress(tokens, k=recorded.k, k_min=recorded.k_min, k_max=recorded.k_max,
+                                 seed=recorded.seed)
+
+    def _encoder(self, recorded: TableSettings, layer: int | None, device: str):
+        """The table's encoder at the table's layer; a requested layer must resolve to the recorded one."""
+        from pipeline.encoders import load_encoder
+
+        if recorded.layer is None and layer is not None:
+            _check_requested(recorded, {"layer": layer}, self.store.root)
+        key = (recorded.encoder, recorded.layer if layer is None else layer, device)
+        if key not in self._encoders:
+            self._encoders[key] = load_encoder(recorded.encoder, layer=key[1], device=device)
+        model = self._encoders[key]
+        # Negative layers resolve against the model's depth, so the comparison happens after loading.
+        _check_requested(recorded, {"layer": model.layer}, self.store.root)
+        if model.dim != recorded.dim:
+            raise SettingsMismatchError(f"{recorded.encoder} now gives {model.dim}-dim tokens, the table holds "
+                                        f"{recorded.dim}-dim ones: the checkpoint changed since the table was built")
+        return model
+
+    # ---- the searches -----------------------------------------------------------------------------------------
+    def _as_query(self, vectors: np.ndarray, what: str) -> np.ndarray:
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.shape[-1] != self.dim:
+            raise SearchError(f"{what} has {vectors.shape[-1]} dims, the table's vectors {self.dim}")
+        return vectors
+
+    def _pooled_query(self, pooled: np.ndarray, limit: int, exact: bool):
+        query = self.table.search(pooled, vector_column_name="pooled").distance_type("cosine").limit(limit)
+        if exact:
+            return query.bypass_vector_index()
+        query = query.nprobes(self.params.nprobes)
+        return query.refine_factor(self.params.refine_factor) if self.params.refine_factor else query
+
+    def _pooled_search(self, pooled: np.ndarray, k: int, exact: bool) -> list[Hit]:
+        found = self._pooled_query(pooled, k, exact).select(RESULT_COLUMNS).to_arrow()
+        # LanceDB's cosine distance is 1 - cosine similarity.
+        return _hits(found, 1.0 - found.column("_distance").to_numpy())
+
+    def _maxsim_rerank(self, pooled: np.ndarray, base: np.ndarray, k: int) -> list[Hit]:
+        limit = max(k, self.params.candidates)
+        found = self._pooled_query(pooled, limit, exact=False).select([*RESULT_COLUMNS, "base"]).to_arrow()
+        rows, lengths = bases_as_rows(found.column("base"), self.dim)
+        scores = maxsim_scores(base, rows, lengths)
+        best = np.argsort(-scores, kind="stable")[:k]
+        return _hits(found.take(pa.array(best)), scores[best])
+
+    def _maxsim_scan(self, base: np.ndarray, k: int) -> list[Hit]:
+        found = (self.table.search(base, vector_column_name="base").distance_type("cosine").limit(k)
+                 .select(RESULT_COLUMNS).to_arrow())
+        # LanceDB's multivector cosine distance is the sum over query rows of (1 - max cosine) = Kq - MaxSim.
+        return _hits(found, len(base) - found.column("_distance").to_numpy())
+
+
+def _check_mode_and_k(mode: str, k: int) -> None:
+    if mode not in MODES:
+        raise SearchError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if k < 1:
+        raise SearchError(f"k must be >= 1, got {k}")
+
+
+def _hits(found: pa.Table, scores: np.ndarray) -> list[Hit]:
+    ids, uris = found.column("video_id").to_pylist(), found.column("uri").to_pylist()
+    return [Hit(video_id, uri, float(score)) for video_id, uri, score in zip(ids, uris, scores)]
 
 
 def nearest_to_video(store: OutputStore, video_id: str, k: int = 3) -> list[dict]:
     """The k videos whose pooled vectors are closest (cosine) to `video_id`'s, itself excluded."""
-    table = store.lance_table()
-    if table is None:
-        raise LookupError(f"{store.root} holds no videos yet")
-    quoted = video_id.replace("'", "''")
-    found = table.search().where(f"video_id = '{quoted}'").select(["pooled"]).limit(1).to_list()
-    if not found:
-        raise LookupError(f"video_id {video_id!r} is not in {store.root}")
-    hits = (table.search(found[0]["pooled"], vector_column_name="pooled").metric("cosine")
-            .select(["video_id", "uri"]).limit(k + 1).to_list())
-    return [{"video_id": h["video_id"], "uri": h["uri"], "score": 1.0 - h["_distance"]}
-            for h in hits if h["video_id"] != video_id][:k]
+    hits = VideoSearch(store).by_video_id(video_id, k=k, mode="ann", include_self=False)
+    return [hit.as_dict() for hit in hits]

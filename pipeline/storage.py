@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
 import lancedb
+from lancedb.index import IvfSq
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
@@ -207,9 +208,9 @@ class OutputStore:
         lance = self.lance_table()
         if lance is None or lance.count_rows() < min_rows:
             return False
-        rows = lance.count_rows()
-        lance.create_index(metric="cosine", vector_column_name="pooled",
-                           num_partitions=max(1, int(math.sqrt(rows))), replace=True)
+        # IVF with scalar-quantised vectors: ~4x smaller than float32 and near-exact recall once re-ranked.
+        partitions = max(1, int(math.sqrt(lance.count_rows())))
+        lance.create_index("pooled", config=IvfSq(distance_type="cosine", num_partitions=partitions), replace=True)
         return True
 
     def write_run_summary(self, summary: dict) -> None:

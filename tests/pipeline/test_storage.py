@@ -1,0 +1,132 @@
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import tokendyn
+from pipeline.schema import (SchemaVersionError, compressed_video_from_row, now_utc, video_row, video_schema)
+from pipeline.storage import OutputStore
+
+DIM = 16
+
+
+def video_table(ids: list[str], *, base_dtype: str = "float32", seed: int = 0) -> pa.Table:
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for index, video_id in enumerate(ids):
+        tokens = torch.randn(3, 2, 2, DIM, generator=generator)
+        video = tokendyn.compress(tokens, k=4, seed=index)
+        rows.append({"video_id": video_id, "uri": f"/videos/{video_id}.mp4", "caption": f"clip {video_id}",
+                     **video_row(video, frame_indices=[0, 5, 10], fps=25.0, source_frames=12,
+                                 encoder="test-encoder", encoder_layer=None, base_dtype=base_dtype,
+                                 created_at=now_utc())})
+    return pa.Table.from_pylist(rows, schema=video_schema(DIM, base_dtype, [pa.field("caption", pa.string())]))
+
+
+def lance_ids(store: OutputStore) -> list[str]:
+    table = store.lance_table()
+    return sorted(table.search().select(["video_id"]).limit(None).to_arrow().column("video_id").to_pylist())
+
+
+def test_rows_round_trip_through_parquet_and_lancedb(tmp_path):
+    store = OutputStore(str(tmp_path / "out"))
+    written = video_table(["a", "b", "c"])
+    store.write_videos(written)
+
+    read = store.read_videos().sort_by("video_id")
+    assert read.to_pylist() == written.to_pylist()
+    assert lance_ids(store) == ["a", "b", "c"]
+    lance_row = store.lance_table().search().where("video_id = 'b'").limit(1).to_arrow().to_pylist()[0]
+    assert lance_row["dynamics"] == written.to_pylist()[1]["dynamics"]
+    assert lance_row["caption"] == "clip b"
+
+    # The stored row rebuilds the exact compressed video (float32 base).
+    original = tokendyn.compress(torch.randn(3, 2, 2, DIM, generator=torch.Generator().manual_seed(0)), k=4, seed=0)
+    rebuilt = compressed_video_from_row(read.to_pylist()[0])
+    assert torch.equal(rebuilt.dynamics, original.dynamics)
+    assert torch.equal(rebuilt.base, original.base)
+
+
+def test_float16_base_is_stored_as_half(tmp_path):
+    store = OutputStore(str(tmp_path / "out"))
+    store.write_videos(video_table(["a"], base_dtype="float16"))
+    base_type = store.read_videos().schema.field("base").type
+    assert base_type.value_type.value_type == pa.float16()
+
+
+def test_repeated_writes_never_duplicate_lancedb_rows(tmp_path):
+    store = OutputStore(str(tmp_path / "out"))
+    store.write_videos(video_table(["a", "b"]))
+    store._upsert_lance(video_table(["a", "b"], seed=1))
+    assert lance_ids(store) == ["a", "b"]
+
+
+def test_reconcile_copies_rows_a_crash_left_only_in_parquet(tmp_path):
+    store = OutputStore(str(tmp_path / "out"))
+    store.write_videos(video_table(["a"]))
+    store._write_parquet("videos", video_table(["b", "c"]))  # as if the process died before the LanceDB write
+    assert lance_ids(store) == ["a"]
+
+    assert OutputStore(str(tmp_path / "out")).reconcile() == 2
+    assert lance_ids(store) == ["a", "b", "c"]
+    assert store.reconcile() == 0
+
+
+def test_staged_files_are_invisible_to_readers(tmp_path):
+    store = OutputStore(str(tmp_path / "out"))
+    store.write_videos(video_table(["a"]))
+    staging = tmp_path / "out" / "_staging"
+    pq.write_table(video_table(["partial"]), staging / "videos-part-x.parquet")
+    (tmp_path / "out" / "videos" / "part-y.parquet.tmp").write_bytes(b"half a file")
+    assert store.done_ids() == {"a"}
+
+
+def test_remove_videos_deletes_from_both_stores(tmp_path):
+    store = OutputStore(str(tmp_path / "out"))
+    store.write_videos(video_table(["a", "b"]))
+    store.write_videos(video_table(["c"]))
+    assert store.remove_videos(["b", "c", "not-there"]) == 2
+    assert store.done_ids() == {"a"}
+    assert lance_ids(store) == ["a"]
+    assert len(list((tmp_path / "out" / "videos").glob("*.parquet"))) == 1  # the emptied file is gone
+
+
+def test_other_schema_version_gives_a_clear_error(tmp_path):
+    store = OutputStore(str(tmp_path / "out"))
+    table = video_table(["a"])
+    store._write_parquet("videos", table.replace_schema_metadata({b"tokendyn.schema_version": b"99"}))
+    with pytest.raises(SchemaVersionError, match="schema version 99"):
+        store.done_ids()
+
+
+def test_errors_and_run_summary(tmp_path):
+    store = OutputStore(str(tmp_path / "out"))
+    assert store.read_errors().num_rows == 0 and store.read_run_summary() is None
+    errors = pa.Table.from_pylist([{"video_id": "x", "uri": "/x.mp4", "stage": "decode", "error_type": "DecodeError",
+                                    "message": "bad", "run_id": store.run_id, "created_at": now_utc()}])
+    store.write_errors(errors)
+    assert store.read_errors().column("stage").to_pylist() == ["decode"]
+    store.write_run_summary({"ok": 3})
+    assert store.read_run_summary() == {"ok": 3}
+
+
+def test_vector_index_only_once_large_enough(tmp_path):
+    store = OutputStore(str(tmp_path / "out"))
+    store.write_videos(video_table([f"v{i}" for i in range(40)]))
+    assert not store.build_vector_index(min_rows=1000)
+    assert store.build_vector_index(min_rows=20)
+    assert store.lance_table().list_indices()
+
+
+def test_s3_round_trip(moto_s3_endpoint, s3_bucket):
+    store = OutputStore(f"s3://{s3_bucket}/out", s3_endpoint_url=moto_s3_endpoint)
+    store.write_videos(video_table(["a", "b"]))
+    store.write_run_summary({"ok": 2})
+
+    again = OutputStore(f"s3://{s3_bucket}/out", s3_endpoint_url=moto_s3_endpoint)
+    assert again.done_ids() == {"a", "b"}
+    assert lance_ids(again) == ["a", "b"]
+    assert again.read_run_summary() == {"ok": 2}
+    pooled = np.asarray(again.read_videos().sort_by("video_id").column("pooled").to_pylist()[0])
+    assert pooled.shape == (DIM,)

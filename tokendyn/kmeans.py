@@ -1,0 +1,514 @@
+"""Spherical k-means over the tokens of one video (or a batch of same-shape videos), fixed or adaptive K.
+
+Rows are L2-normalised and all arithmetic is float32, whatever the input dtype. One fit has four steps:
+
+1. Over-seeding. Greedy k-means++ (as scikit-learn: 2 + ln M candidates per step drawn proportionally to the
+   squared distance to the nearest chosen seed; the one that lowers the total most is kept) picks M = 2 * K_top
+   seed rows from a seeded generator, and every row joins its nearest seed. The sampling only needs approximate
+   distances, so it runs on a 128-d count sketch of the rows (a random signed sum of coordinate groups) when
+   D > 128. The means and sizes of these up to M clusters are then taken in full dimension.
+2. Ward merging. Repeatedly merge the two clusters whose union raises the distortion least; for mean centroids
+   that increase is exactly n_a n_b / (n_a + n_b) * |c_a - c_b|^2. Merging stops at K (fixed mode) or at
+   k_min - 1 (adaptive mode, which records the distortion curve D(K) on the way). This costs O(M^2 D).
+3. (adaptive mode only) Select K on the curve, see below, and replay the merges down to it.
+4. Lloyd refinement at K: each row goes to the centroid of highest cosine similarity, each centroid becomes the
+   mean of its member rows, until no centroid moves by `tol` (L2) or after `max_iter` iterations.
+
+Over-seeding then merging makes one run about as good as the best of ten k-means++ restarts (tests/tokendyn
+check it against scikit-learn's KMeans(n_init=10)). Similarities are computed in row chunks: nothing is N x N.
+
+Distortion = sum_i |x_i - c_(l_i)|^2 over the normalised rows x_i and their centroids c (means, not
+re-normalised): scikit-learn's `inertia_` on the same rows, so the two compare directly.
+
+Adaptive K (`adaptive_kmeans`): the fit above with K_top = k_max gives D(K) for every K in [k_min - 1, k_max].
+Elbow (Kneedle on a log scale): map K linearly and log D(K) linearly onto [0, 1] (from K = k_min - 1 to k_max)
+and select the K in [k_min, k_max] lying farthest below the straight line joining the two ends of that curve;
+ties go to the smaller K, and when no K lies below the line by more than 1e-3 (returns never diminish) K = k_max. The log scale
+makes a break (a large relative drop, e.g. when the last true cluster gets its own centroid) stand out wherever
+it sits in the range; the extra point k_min - 1 lets a break right at k_min be seen. `select_k` is this rule.
+Cost: one fixed fit at k_max plus the extra merges (O(k_max^2 D)), with the refinement at a K <= k_max.
+
+Duplicates: rows whose squared distance (on the sketch) is below `SAME_TOKEN` (cosine above 1 - SAME_TOKEN / 2)
+count as one token. Seeding stops when every row is such a duplicate of a seed, so a video with fewer distinct tokens than K
+gets one cluster per distinct token: the result has min(K, distinct tokens) rows and every cluster is non-empty
+(a cluster emptied during Lloyd takes the row farthest from its own centroid among clusters that can spare one).
+Cluster ids are numbered in order of first appearance.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "SAME_TOKEN",
+    "SKETCH_DIM",
+    "KMeansResult",
+    "spherical_kmeans",
+    "spherical_kmeans_batch",
+    "adaptive_kmeans",
+    "adaptive_kmeans_batch",
+    "select_k",
+    "normalize_rows",
+]
+
+SAME_TOKEN = 1e-4
+SKETCH_DIM = 128
+OVERSEED = 2
+# Bounds a [B, rows, K] similarity block to a few tens of MB per video. It depends on K only, so a video gives
+# bit-identical results alone or in a batch.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+@dataclass(frozen=True)
+class KMeansResult:
+    """One video's clustering.
+
+    centroids: [K, D] float32, mean of the member rows (of the L2-normalised inputs).
+    labels: [N] int64 in [0, K), numbered in order of first appearance.
+    sizes: [K] int64, every entry > 0.
+    distortion: sum over rows of the squared L2 distance to its centroid (scikit-learn's inertia).
+    iterations: Lloyd iterations of the final refinement.
+    """
+
+    centroids: Tensor
+    labels: Tensor
+    sizes: Tensor
+    distortion: float
+    iterations: int
+
+    @property
+    def k(self) -> int:
+        return int(self.centroids.shape[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# input checks
+
+
+def _check_int(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _check_options(max_iter: int, tol: float) -> None:
+    _check_int("max_iter", max_iter)
+    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0):
+        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
+
+
+def _check_points(x: Tensor, rank: int) -> None:
+    """x: [N, D] (rank 2) or [B, N, D] (rank 3), floating point, non-empty."""
+    if not isinstance(x, Tensor):
+        raise ValueError(f"expected a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != rank:
+        want = "[N, D]" if rank == 2 else "[B, N, D]"
+        raise ValueError(f"expected a rank-{rank} tensor {want}, got shape {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"empty input: shape {tuple(x.shape)} has no tokens or no features")
+    if not x.is_floating_point():
+        raise ValueError(f"tokens must be floating point, got {x.dtype}")
+
+
+def normalize_rows(x: Tensor) -> Tensor:
+    """x: [..., D] any float dtype -> [..., D] float32 with unit L2 rows (all-zero rows stay zero).
+
+    Raises ValueError on NaN/Inf. The check runs on the result: a NaN or Inf entry makes its row NaN there, and
+    one reduction over bounded values is cheaper than isfinite over the input.
+    """
+    out = F.normalize(x.float(), dim=-1, eps=1e-12)
+    if not bool(torch.isfinite(out.sum())):
+        raise ValueError("tokens contain NaN or Inf")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# shared building blocks; x is [B, N, D] float32 with normalised rows
+
+
+def _rows_per_chunk(k: int) -> int:
+    return max(256, _CHUNK_ELEMENTS // max(k, 1))
+
+
+def _generator(seed: int) -> torch.Generator:
+    # Random draws come from a CPU generator, so a seed gives the same draws on every device.
+    return torch.Generator().manual_seed(seed)
+
+
+def _sketch(x: Tensor, dim: int, g: torch.Generator) -> Tensor:
+    """Count sketch: x [B, N, D] -> [B, N, ceil(D / ceil(D / dim))] (x itself when D <= dim).
+
+    Each coordinate gets a random sign and consecutive groups of ceil(D / dim) coordinates are summed. Inner
+    products are preserved in expectation (the sign products of distinct coordinates average out), at the cost of
+    one pass over x where a dense random projection would cost a matmul.
+    """
+    B, N, D = x.shape
+    if D <= dim:
+        return x
+    group = -(-D // dim)
+    sign = (torch.rand(D, generator=g) < 0.5).to(x.device, x.dtype) * 2 - 1
+    y = x * sign
+    if D % group:
+        y = F.pad(y, (0, group - D % group))
+    return y.view(B, N, -1, group).sum(-1)
+
+
+def _seed(p: Tensor, m: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Greedy k-means++ over-seeding, each row labelled with its nearest seed.
+
+    p: [B, N, E] rows (the sketch) -> labels [B, N] in [0, m), valid [B, m] bool (a seed is valid when it was
+    drawn while some row was not yet a duplicate of a seed; a prefix of True).
+    """
+    B, N, E = p.shape
+    trials = 2 + int(math.log(m))
+    u = torch.rand(m, trials, generator=g).to(p.device)  # shared by all videos: same draws alone or in a batch
+    p_sq = (p * p).sum(-1)  # [B, N]
+    p_t = p.transpose(1, 2).contiguous()  # [B, E, N]: [L, E] x [E, N] is the fast shape for few candidates
+    flat_p = p.reshape(B * N, E)
+    offset = torch.arange(B, device=p.device)[:, None] * N
+
+    def dist(idx: Tensor) -> Tensor:  # idx [B, L] rows -> [B, L, N] squared distance minus SAME_TOKEN, >= 0
+        c = flat_p.index_select(0, (idx + offset).view(-1)).view(B, -1, E)
+        d = torch.baddbmm(p_sq.gather(1, idx)[:, :, None] + p_sq[:, None, :], c, p_t, alpha=-2.0)
+        return d.sub_(SAME_TOKEN).clamp_min_(0.0)  # duplicates of a seed carry no weight
+
+    first = (u[:1, :1] * N).long().clamp_(max=N - 1).expand(B, 1)
+    d2 = dist(first)[:, 0]  # [B, N]
+    labels = torch.zeros(B, N, dtype=torch.int64, device=p.device)
+    potential = [d2.new_ones(B)]
+    for i in range(1, m):
+        cum = d2.cumsum(1)
+        total = cum[:, -1:]  # the last prefix sum, so a target never runs past the end
+        potential.append(total[:, 0])
+        cand = torch.searchsorted(cum, u[i] * total, right=True).clamp_(max=N - 1)  # [B, L]
+        cand_d2 = torch.minimum(d2[:, None, :], dist(cand))  # [B, L, N]
+        best = cand_d2.sum(2).argmin(1, keepdim=True)  # [B, 1]
+        new_d2 = cand_d2.gather(1, best[:, :, None].expand(B, 1, N))[:, 0]
+        labels.masked_fill_(new_d2 < d2, i)
+        d2 = new_d2
+    return labels, torch.stack(potential, 1) > 0
+
+
+def _counts(labels: Tensor, k: int) -> Tensor:
+    """labels [B, N] -> [B, k] int64 cluster sizes (integer scatter: exact and order-free on every device)."""
+    return torch.zeros(labels.shape[0], k, dtype=torch.int64, device=labels.device).scatter_add_(
+        1, labels, torch.ones_like(labels)
+    )
+
+
+def _cluster_means(x: Tensor, labels: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """x [B, N, D], labels [B, N] -> means [B, k, D] (zero for empty clusters), sizes [B, k] int64."""
+    B, N, D = x.shape
+    if x.device.type == "cpu":
+        # index_add_ is sequential on CPU: deterministic and the cheapest.
+        flat = labels if B == 1 else labels + torch.arange(B, device=x.device)[:, None] * k
+        sums = x.new_zeros(B * k, D).index_add_(0, flat.reshape(-1), x.reshape(B * N, D)).view(B, k, D)
+    else:
+        # index_add_ uses float atomics on accelerators (run-to-run noise); a one-hot matmul is deterministic.
+        sums = x.new_zeros(B, k, D)
+        step = _rows_per_chunk(k)
+        for s in range(0, N, step):
+            onehot = F.one_hot(labels[:, s : s + step], k).to(x.dtype)
+            sums += torch.bmm(onehot.transpose(1, 2), x[:, s : s + step])
+    sizes = _counts(labels, k)
+    return sums / sizes.clamp_min(1)[:, :, None].to(x.dtype), sizes
+
+
+def _distortion(x_sq_total: Tensor, means: Tensor, sizes: Tensor) -> Tensor:
+    """[B] sum |x|^2, means [B, K, D], sizes [B, K] -> [B] float64 distortion.
+
+    For mean centroids sum_i |x_i - c|^2 = sum_i |x_i|^2 - n |c|^2 per cluster; float64 keeps the difference.
+    """
+    c_sq = (means.double() ** 2).sum(-1)
+    return (x_sq_total - (sizes.double() * c_sq).sum(1)).clamp_min(0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ward merging and the elbow
+
+
+def _ward_merges(means: Tensor, sizes: Tensor, valid: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+    """Greedy Ward merging, `steps` merges per video.
+
+    means [B, M, D], sizes [B, M], valid [B, M] -> pairs [B, steps, 2] (slot b merged into slot a < b),
+    costs [B, steps] (distortion increase). Steps past a video's last valid pair are meaningless; callers only
+    read the first k_start - floor of them.
+    """
+    B, M, D = means.shape
+    pairs = torch.zeros(B, steps, 2, dtype=torch.int64, device=means.device)
+    costs = means.new_zeros(B, steps)
+    c = means.clone()
+    n = sizes.to(means.dtype)
+    alive = valid.clone()
+    c_sq = (c * c).sum(-1)
+    d2 = torch.baddbmm(c_sq[:, :, None] + c_sq[:, None, :], c, c.transpose(1, 2), alpha=-2.0).clamp_min_(0.0)
+    pair_ok = alive[:, :, None] & alive[:, None, :] & ~torch.eye(M, dtype=torch.bool, device=means.device)
+    cost = torch.where(pair_ok, n[:, :, None] * n[:, None, :] / (n[:, :, None] + n[:, None, :]) * d2, math.inf)
+    for s in range(steps):
+        best, flat = cost.view(B, -1).min(1)  # first minimum of a symmetric matrix: row a < column b
+        a, b = (flat // M)[:, None], (flat % M)[:, None]
+        pairs[:, s, :1], pairs[:, s, 1:] = a, b
+        costs[:, s] = best
+        na, nb = n.gather(1, a), n.gather(1, b)  # [B, 1]
+        ca = c.gather(1, a[:, :, None].expand(B, 1, D))
+        cb = c.gather(1, b[:, :, None].expand(B, 1, D))
+        nm = na + nb
+        cm = (na[:, :, None] * ca + nb[:, :, None] * cb) / nm[:, :, None]
+        c.scatter_(1, a[:, :, None].expand(B, 1, D), cm)
+        n.scatter_(1, a, nm)
+        alive.scatter_(1, b, False)
+        # b leaves the pool; a's row and column are recomputed for the merged centroid.
+        row = (nm * n / (nm + n) * ((c - cm) ** 2).sum(-1)).masked_fill_(~alive, math.inf).scatter_(1, a, math.inf)
+        cost.scatter_(1, a[:, :, None].expand(B, 1, M), row[:, None, :])
+        cost.scatter_(2, a[:, :, None].expand(B, M, 1), row[:, :, None])
+        cost.scatter_(1, b[:, :, None].expand(B, 1, M), math.inf)
+        cost.scatter_(2, b[:, :, None].expand(B, M, 1), math.inf)
+    return pairs, costs
+
+
+def _curve(start: Tensor, costs: Tensor, k_start: Tensor, k_min: int, k_max: int) -> Tensor:
+    """Distortion at K = lo .. k_max, lo = max(k_min - 1, 1).
+
+    start [B] distortion with k_start [B] clusters, costs [B, S] in merge order -> [B, k_max - lo + 1].
+    Above k_start (fewer clusters available) the curve stays flat at the best reachable value.
+    """
+    lo = max(k_min - 1, 1)
+    ks = torch.arange(lo, k_max + 1, device=costs.device)
+    cum = torch.cat([costs.new_zeros(costs.shape[0], 1), costs.cumsum(1)], 1).double()  # after m merges
+    merges = (k_start[:, None] - ks[None, :]).clamp(0, cum.shape[1] - 1)
+    return start[:, None] + cum.gather(1, merges)
+
+
+def select_k(curve: Tensor, k_min: int, k_max: int) -> Tensor:
+    """The elbow rule of the module docstring.
+
+    curve: [B, k_max - lo + 1] distortion at K = lo .. k_max with lo = max(k_min - 1, 1) (non-increasing in K)
+    -> [B] int64 selected K in [k_min, k_max].
+    """
+    lo = max(k_min - 1, 1)
+    if k_max == lo:
+        return torch.full((curve.shape[0],), k_max, dtype=torch.int64, device=curve.device)
+    ks = torch.arange(lo, k_max + 1, device=curve.device)
+    xs = (ks - lo).double() / (k_max - lo)  # [M]
+    curve = curve.double()
+    # Log scale: a break is a large relative drop wherever it sits; values below 1e-6 of the first one (noise,
+    # duplicates) count as equal.
+    logd = torch.log(curve + 1e-6 * curve[:, :1] + 1e-30)
+    drop = logd[:, :1] - logd[:, -1:]  # [B, 1]
+    ys = torch.where(drop > 1e-12, (logd - logd[:, -1:]) / drop.clamp_min(1e-12), 0.0)  # flat: smallest K wins
+    gap = ((1.0 - xs)[None, :] - ys)[:, ks >= k_min]
+    best = gap.max(1)
+    k = k_min + best.indices  # first maximum: ties go to the smaller K
+    # No point below the line (straight or concave curve): returns never diminish, keep the most tokens.
+    return torch.where(best.values > 1e-3, k, k_max)
+
+
+def _replay(pairs: Tensor, k_start: Tensor, k_sel: Tensor, m: int) -> Tensor:
+    """pairs [B, S, 2], k_start [B], k_sel [B] -> owner [B, m]: the slot each seed cluster ends in at k_sel."""
+    B, S, _ = pairs.shape
+    owner = torch.arange(m, device=pairs.device).repeat(B, 1)
+    for s in range(S):
+        a, b = pairs[:, s, :1], pairs[:, s, 1:]
+        go = k_start[:, None] - s - 1 >= k_sel[:, None]
+        owner = torch.where(go & (owner == b), a, owner)
+    return owner
+
+
+def _merge(means: Tensor, sizes: Tensor, owner: Tensor) -> Tensor:
+    """means [B, M, D], sizes [B, M], owner [B, M] -> [B, M, D] size-weighted means per owner slot.
+
+    A one-hot matmul keeps the sums deterministic on every device.
+    """
+    M = means.shape[1]
+    member = F.one_hot(owner, M).to(means.dtype).transpose(1, 2) * sizes.to(means.dtype)[:, None, :]
+    return torch.bmm(member, means) / member.sum(2, keepdim=True).clamp_min(1e-30)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Lloyd refinement
+
+
+def _assign(x: Tensor, centres: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
+    """x [B, N, D], centres [B, K, D] (means), valid [B, K] or None (all valid) -> labels [B, N], cosine [B, N].
+
+    Cosine assignment: argmax over valid clusters of x . c / |c|, in row chunks.
+    """
+    N = x.shape[1]
+    dirs = F.normalize(centres, dim=-1, eps=1e-12).transpose(1, 2)  # [B, D, K]
+    step = _rows_per_chunk(centres.shape[1])
+    best, labels = [], []
+    for s in range(0, N, step):
+        sim = torch.bmm(x[:, s : s + step], dirs)
+        if valid is not None:
+            sim = sim.masked_fill_(~valid[:, None, :], -math.inf)
+        b, l = sim.max(-1)
+        best.append(b)
+        labels.append(l)
+    return torch.cat(labels, 1), torch.cat(best, 1)
+
+
+def _fill_empty(labels: Tensor, sim: Tensor, valid: Tensor) -> Tensor:
+    """labels [B, N], sim [B, N] (to own centroid), valid [B, K] -> labels [B, N], every valid cluster non-empty.
+
+    An empty cluster takes the row least similar to its own centroid among clusters of size >= 2. This path is
+    rare (a cluster must lose all its rows in one step), so it is a plain loop.
+    """
+    counts = _counts(labels, valid.shape[1])
+    empty = valid & (counts == 0)
+    if not bool(empty.any()):
+        return labels
+    labels, sim = labels.clone(), sim.clone()
+    for b, j in empty.nonzero().tolist():
+        spare = counts[b][labels[b]] >= 2
+        i = int(torch.where(spare, sim[b], math.inf).argmin())
+        counts[b, labels[b, i]] -= 1
+        counts[b, j] = 1
+        labels[b, i] = j
+        sim[b, i] = math.inf
+    return labels
+
+
+def _lloyd(x: Tensor, centres: Tensor, valid: Tensor, max_iter: int, tol: float) -> tuple[Tensor, Tensor, Tensor]:
+    """x [B, N, D]; centres [B, K, D] start; valid [B, K] -> labels [B, N], means [B, K, D], iterations [B].
+
+    The returned centroids are the means of the returned labels. A video that has converged is frozen, so its
+    result does not depend on the rest of the batch.
+    """
+    B, K = valid.shape
+    mask = None if bool(valid.all()) else valid
+    active = torch.ones(B, dtype=torch.bool, device=x.device)
+    iters = torch.zeros(B, dtype=torch.int64, device=x.device)
+    labels = torch.zeros(x.shape[:2], dtype=torch.int64, device=x.device)
+    for _ in range(max_iter):
+        new_labels, sim = _assign(x, centres, mask)
+        new_labels = _fill_empty(new_labels, sim, valid)
+        means, _ = _cluster_means(x, new_labels, K)
+        shift = (means - centres).norm(dim=-1).amax(1)  # [B]
+        centres = torch.where(active[:, None, None], means, centres)
+        labels = torch.where(active[:, None], new_labels, labels)
+        iters += active.long()
+        active &= shift >= tol
+        if not bool(active.any()):
+            break
+    return labels, centres, iters
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the fit
+
+
+def _canonical(labels: Tensor, centres: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Renumber clusters by first appearance; unused slots go last.
+
+    labels [B, N], centres [B, K, D] -> labels [B, N], centres [B, K, D], sizes [B, K].
+    """
+    B, N = labels.shape
+    K = centres.shape[1]
+    pos = torch.arange(N, device=labels.device).expand(B, N)
+    first = torch.full((B, K), N, dtype=torch.int64, device=labels.device).scatter_reduce(
+        1, labels, pos, reduce="amin"
+    )
+    order = torch.sort(first, dim=1, stable=True).indices  # [B, K] old slot of each new id
+    new_id = torch.empty_like(order).scatter_(1, order, torch.arange(K, device=labels.device).expand(B, K))
+    labels = new_id.gather(1, labels)
+    return labels, centres.gather(1, order[:, :, None].expand_as(centres)), _counts(labels, K)
+
+
+def _fit(
+    x: Tensor, k_top: int, k_range: tuple[int, int] | None, seed: int, max_iter: int, tol: float
+) -> tuple[list[KMeansResult], Tensor | None]:
+    """x [B, N, D] normalised -> per-video results and, in adaptive mode (k_range given), curves [B, C]."""
+    B, N, _ = x.shape
+    g = _generator(seed)
+    m = min(OVERSEED * k_top, N)
+    seed_labels, _ = _seed(_sketch(x, SKETCH_DIM, g), m, g)
+    means, sizes = _cluster_means(x, seed_labels, m)
+    valid = sizes > 0
+    k_start = valid.sum(1)
+    floor = k_top if k_range is None else max(k_range[0] - 1, 1)
+    pairs, costs = _ward_merges(means, sizes, valid, max(m - floor, 0))
+
+    x_sq_total = (x * x).sum(-1).double().sum(1)
+    curve = None
+    if k_range is None:
+        k_sel = torch.full((B,), k_top, dtype=torch.int64, device=x.device)
+    else:
+        curve = _curve(_distortion(x_sq_total, means, sizes), costs, k_start, *k_range)
+        k_sel = select_k(curve, *k_range)
+    owner = _replay(pairs, k_start, k_sel, m)
+    centres = _merge(means, sizes, owner)
+    slot_valid = valid & (owner == torch.arange(m, device=x.device))
+    # Keep k_top slots, surviving ones first: the refinement then has the same width alone or in a batch
+    # (bit-identical results) and never costs more than a fixed fit at k_top.
+    keep = torch.sort((~slot_valid).to(torch.int8), dim=1, stable=True).indices[:, : min(k_top, m)]
+    centres = centres.gather(1, keep[:, :, None].expand(-1, -1, x.shape[2]))
+    slot_valid = slot_valid.gather(1, keep)
+
+    labels, centres, iters = _lloyd(x, centres, slot_valid, max_iter, tol)
+    labels, centres, sizes = _canonical(labels, centres)
+    distortion = _distortion(x_sq_total, centres, sizes).tolist()
+    k_eff = (sizes > 0).sum(1).tolist()
+    results = [
+        KMeansResult(centres[b, : k_eff[b]].clone(), labels[b], sizes[b, : k_eff[b]].clone(), distortion[b], int(it))
+        for b, it in enumerate(iters.tolist())
+    ]
+    return results, curve
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# public API
+
+
+def spherical_kmeans_batch(
+    x: Tensor, k: int, *, seed: int = 0, max_iter: int = 50, tol: float = 1e-4
+) -> list[KMeansResult]:
+    """Spherical k-means of B videos at once.
+
+    x: [B, N, D] any float dtype (rows are normalised here) -> B results, each identical to
+    `spherical_kmeans(x[b], k, ...)`; every step is one batched op over the B videos.
+    """
+    _check_points(x, 3)
+    _check_int("k", k)
+    _check_options(max_iter, tol)
+    return _fit(normalize_rows(x), k, None, seed, max_iter, tol)[0]
+
+
+def spherical_kmeans(x: Tensor, k: int, *, seed: int = 0, max_iter: int = 50, tol: float = 1e-4) -> KMeansResult:
+    """Spherical k-means of one video's tokens.
+
+    x: [N, D] any float dtype (rows are L2-normalised here; float32 math) -> K = min(k, distinct rows) clusters,
+    all non-empty. See the module docstring for the method and the definition of distortion.
+    """
+    _check_points(x, 2)
+    return spherical_kmeans_batch(x[None], k, seed=seed, max_iter=max_iter, tol=tol)[0]
+
+
+def adaptive_kmeans_batch(
+    x: Tensor, k_min: int = 8, k_max: int = 64, *, seed: int = 0, max_iter: int = 50, tol: float = 1e-4
+) -> list[tuple[KMeansResult, Tensor]]:
+    """Adaptive-K spherical k-means of B videos (criterion in the module docstring).
+
+    x: [B, N, D] any float dtype -> per video (result, curve), curve [k_max - lo + 1] float64 distortion at
+    K = lo .. k_max with lo = max(k_min - 1, 1). The result has the selected K (fewer clusters only when the
+    video has fewer distinct tokens).
+    """
+    _check_points(x, 3)
+    _check_int("k_min", k_min)
+    _check_int("k_max", k_max)
+    if k_min > k_max:
+        raise ValueError(f"k_min ({k_min}) must not exceed k_max ({k_max})")
+    _check_options(max_iter, tol)
+    results, curve = _fit(normalize_rows(x), k_max, (k_min, k_max), seed, max_iter, tol)
+    return list(zip(results, curve.unbind(0)))
+
+
+def adaptive_kmeans(
+    x: Tensor, k_min: int = 8, k_max: int = 64, *, seed: int = 0, max_iter: int = 50, tol: float = 1e-4
+) -> tuple[KMeansResult, Tensor]:
+    """Adaptive-K spherical k-means of one video. x: [N, D] -> (result, curve [k_max - lo + 1])."""
+    _check_points(x, 2)
+    return adaptive_kmeans_batch(x[None], k_min, k_max, seed=seed, max_iter=max_iter, tol=tol)[0]
