@@ -4,7 +4,8 @@ On a Ray cluster:   ray job submit --address http://HEAD:8265 --working-dir . --
 On one machine:     python jobs/compress_corpus.py --input videos/ --output out/   (starts a local Ray on 127.0.0.1)
 
 Re-running with the same --output skips the videos it already holds. Exit status: 0, or 1 when the share of
-failed videos exceeds --max-error-rate (the good ones are written either way), 2 on bad arguments.
+failed videos exceeds --max-error-rate (the good ones are written either way), 2 on bad arguments, a missing
+input, or an output that another job holds or that another schema version wrote.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from pipeline.config import JobConfig  # noqa: E402
 from pipeline.job import RunSummary, init_ray, run_job  # noqa: E402
 from pipeline.search import nearest_to_video  # noqa: E402
-from pipeline.storage import OutputStore  # noqa: E402
+from pipeline.schema import SchemaVersionError  # noqa: E402
+from pipeline.storage import OutputLocked, OutputStore  # noqa: E402
 
 
 def print_summary(s: RunSummary) -> None:
@@ -51,7 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
     init_ray(config)
-    summary = run_job(config)
+    try:
+        summary = run_job(config)
+    except (FileNotFoundError, ValueError, OutputLocked, SchemaVersionError) as error:
+        # Problems with the input or the output as a whole; per-video problems never get here (error rows).
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
     print_summary(summary)
     if config.neighbours:

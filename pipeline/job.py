@@ -163,6 +163,20 @@ def run_job(config: JobConfig, on_batch: Callable[[int], None] | None = None) ->
 
     listed = list_videos(source, s3_endpoint_url=config.s3_endpoint_url)
     summary.listed = len(listed)
+    store.acquire_lock(break_lock=config.break_lock)
+    try:
+        _run_locked(config, store, listed, summary, on_batch)
+        summary.wall_s = time.monotonic() - started
+        if summary.attempted and summary.failed / summary.attempted > config.max_error_rate:
+            summary.exit_code = 1
+        store.write_run_summary({"config": asdict(config), **summary.as_dict()})
+    finally:
+        store.release_lock()
+    return summary
+
+
+def _run_locked(config: JobConfig, store: OutputStore, listed: list[dict], summary: RunSummary,
+                on_batch: Callable[[int], None] | None) -> None:
     store.reconcile()
     if config.overwrite:
         store.remove_videos(row["video_id"] for row in listed)
@@ -182,9 +196,3 @@ def run_job(config: JobConfig, on_batch: Callable[[int], None] | None = None) ->
                 on_batch(batch.num_rows)
         committer.flush()
         store.build_vector_index()
-
-    summary.wall_s = time.monotonic() - started
-    if summary.attempted and summary.failed / summary.attempted > config.max_error_rate:
-        summary.exit_code = 1
-    store.write_run_summary({"config": asdict(config), **summary.as_dict()})
-    return summary

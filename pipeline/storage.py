@@ -7,6 +7,7 @@ Layout under the output root (a local path or s3://bucket/prefix):
     lancedb/videos.lance              the same video rows; `pooled` is the vector column, `base` a multivector
     run.json                          summary of the last run
     _staging/                         files being written (ignored by readers: the name starts with "_")
+    _lock                             held by the running job: a second job on the same output refuses to start
 
 Exactly-once per video: a Parquet file becomes visible in one step (staged, then moved into videos/; an S3 object
 appears whole), and the set of video_ids in videos/ is what counts as done. LanceDB is written after Parquet with
@@ -19,6 +20,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import socket
 import time
 import uuid
 from collections.abc import Iterable
@@ -68,6 +71,20 @@ def lance_storage_options(s3_endpoint_url: str | None) -> dict[str, str]:
     if not s3_endpoint_url:
         return {}
     return {"aws_endpoint": s3_endpoint_url, "allow_http": str(s3_endpoint_url.startswith("http://")).lower()}
+
+
+class OutputLocked(RuntimeError):
+    """Another job is writing to this output."""
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @dataclass
@@ -212,6 +229,70 @@ class OutputStore:
         partitions = max(1, int(math.sqrt(lance.count_rows())))
         lance.create_index("pooled", config=IvfSq(distance_type="cosine", num_partitions=partitions), replace=True)
         return True
+
+    # ---- one writer at a time -------------------------------------------------------------------------------
+    @property
+    def _lock_path(self) -> str:
+        return f"{self.path}/_lock"
+
+    def acquire_lock(self, break_lock: bool = False) -> None:
+        """Take the output's lock, or raise OutputLocked naming the job that holds it.
+
+        A lock left by a dead process on this host is taken over; one from another host is only broken when asked
+        (`break_lock`), since this host cannot tell whether that job still runs.
+        """
+        holder = {"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(),
+                  "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if self._create_exclusive(json.dumps(holder).encode()):
+            return
+        current = self._read_lock()
+        stale = current.get("host") == holder["host"] and not _process_alive(int(current.get("pid", -1)))
+        if stale or break_lock:
+            log.warning("taking over the lock of run %s (%s)", current.get("run_id"),
+                        "its process is gone" if stale else "--break-lock")
+            self.fs.delete_file(self._lock_path)
+            if self._create_exclusive(json.dumps(holder).encode()):
+                return
+            current = self._read_lock()
+        raise OutputLocked(
+            f"{self.root} is being written by run {current.get('run_id')} (pid {current.get('pid')} on "
+            f"{current.get('host')}, since {current.get('started_at')}). Wait for it to finish; if that job is dead, "
+            "re-run with --break-lock.")
+
+    def _create_exclusive(self, content: bytes) -> bool:
+        """Create the lock file only if it does not exist (O_EXCL locally, If-None-Match on S3)."""
+        self.fs.create_dir(self.path, recursive=True)
+        if not is_s3(self.root):
+            try:
+                fd = os.open(self._lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as out:
+                out.write(content)
+            return True
+        from botocore.exceptions import ClientError
+
+        from pipeline.sources import s3_client, split_s3_uri
+
+        bucket, key = split_s3_uri(f"s3://{self._lock_path}")
+        try:
+            s3_client(self.s3_endpoint_url).put_object(Bucket=bucket, Key=key, Body=content, IfNoneMatch="*")
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise
+        return True
+
+    def _read_lock(self) -> dict:
+        try:
+            with self.fs.open_input_stream(self._lock_path) as src:
+                return json.loads(src.read() or b"{}")
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def release_lock(self) -> None:
+        if self._read_lock().get("run_id") == self.run_id:
+            self.fs.delete_file(self._lock_path)
 
     def write_run_summary(self, summary: dict) -> None:
         self.fs.create_dir(self.path, recursive=True)

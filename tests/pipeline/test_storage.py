@@ -6,7 +6,7 @@ import torch
 
 import tokendyn
 from pipeline.schema import (SchemaVersionError, compressed_video_from_row, now_utc, video_row, video_schema)
-from pipeline.storage import OutputStore
+from pipeline.storage import OutputLocked, OutputStore
 
 DIM = 16
 
@@ -130,3 +130,43 @@ def test_s3_round_trip(moto_s3_endpoint, s3_bucket):
     assert again.read_run_summary() == {"ok": 2}
     pooled = np.asarray(again.read_videos().sort_by("video_id").column("pooled").to_pylist()[0])
     assert pooled.shape == (DIM,)
+
+
+def test_second_writer_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_path):
+    first = OutputStore(str(tmp_path / "out"))
+    first.acquire_lock()
+    second = OutputStore(str(tmp_path / "out"))
+    with pytest.raises(OutputLocked, match=first.run_id):
+        second.acquire_lock()
+    first.release_lock()
+    second.acquire_lock()  # free again
+    second.release_lock()
+
+    # A lock whose process is gone (same host) is stale and taken over.
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "out" / "_lock").write_text(json.dumps(
+        {"run_id": "old", "host": socket.gethostname(), "pid": int(dead.stdout), "started_at": "then"}))
+    third = OutputStore(str(tmp_path / "out"))
+    third.acquire_lock()
+    assert json.loads((tmp_path / "out" / "_lock").read_text())["run_id"] == third.run_id
+
+    # One from another host is kept unless broken explicitly.
+    (tmp_path / "out" / "_lock").write_text(json.dumps({"run_id": "remote", "host": "elsewhere", "pid": 1}))
+    with pytest.raises(OutputLocked, match="remote"):
+        OutputStore(str(tmp_path / "out")).acquire_lock()
+    OutputStore(str(tmp_path / "out")).acquire_lock(break_lock=True)
+
+
+def test_s3_lock_is_exclusive(moto_s3_endpoint, s3_bucket):
+    root = f"s3://{s3_bucket}/out"
+    first = OutputStore(root, s3_endpoint_url=moto_s3_endpoint)
+    first.acquire_lock()
+    with pytest.raises(OutputLocked):
+        OutputStore(root, s3_endpoint_url=moto_s3_endpoint).acquire_lock()
+    first.release_lock()
+    OutputStore(root, s3_endpoint_url=moto_s3_endpoint).acquire_lock()
