@@ -79,7 +79,7 @@ def init_ray(config: JobConfig) -> None:
         return
     # Local-only mode: GCS, raylet and dashboard bind 127.0.0.1 instead of the machine's external address.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(num_cpus=config.num_cpus, include_dashboard=False, log_to_driver=True)
+    ray.init(address="local", num_cpus=config.num_cpus, include_dashboard=False, log_to_driver=True)
 
 
 def build_dataset(todo: list[dict], config: JobConfig) -> ray.data.Dataset:

@@ -27,7 +27,7 @@ TEST_FLAGS = ["--frames", "8", "--k", "8", "--batch-size", "2", "--neighbours", 
 def ray_local(moto_s3_endpoint):
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 
