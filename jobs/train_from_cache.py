@@ -1,0 +1,293 @@
+"""Train a small video LM on cached Token Dynamics tokens, then measure cache vs raw-video throughput.
+
+    python jobs/train_from_cache.py --cache output --caption-column caption --steps 200
+
+The model (pipeline.video_lm) reads each video's K cached tokens through cross-dynamics attention and a
+projector, as the prefix of a tiny causal LM built from a config, and learns to write the video's caption.
+Checkpoints go to --checkpoint-dir; a re-run resumes from the last one and trains up to --steps in total.
+
+In the same run, --raw-steps training steps are repeated on a copy of the model with tokens produced from the
+raw videos instead (decode + encode + compress, with the encoder, K and frame count each row records), and
+the two rates are printed side by side. Nothing of that comparison touches the trained model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model is built from a config; nothing to download
+
+import torch  # noqa: E402
+from torch.utils.data import DataLoader, Subset  # noqa: E402
+
+import tokendyn  # noqa: E402
+from pipeline.cache import HEAVY_COLUMNS, SOURCES, CachedTokenDataset, EmptyCacheError, collate_videos  # noqa: E402
+from pipeline.decode import DECODERS, DecodeError, decode_video  # noqa: E402
+from pipeline.encoders import load_encoder  # noqa: E402
+from pipeline.schema import SchemaVersionError  # noqa: E402
+from pipeline.video_lm import VideoPrefixLM, byte_tokenizer, caption_batch, tiny_lm_config  # noqa: E402
+
+CHECKPOINT_GLOB = "checkpoint-*.pt"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_argument_group("data")
+    data.add_argument("--cache", required=True, help="The compression job's --output (local path or s3://...).")
+    data.add_argument("--source", default="parquet", choices=SOURCES, help="Read the Parquet files or LanceDB.")
+    data.add_argument("--caption-column", default="caption", help="Manifest column holding the target text.")
+    data.add_argument("--s3-endpoint-url", default=None, help="Endpoint of an S3-compatible store.")
+    data.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes.")
+    train = parser.add_argument_group("training")
+    train.add_argument("--steps", type=int, default=200, help="Train until this many steps in total.")
+    train.add_argument("--batch-size", type=int, default=4, help="Videos per step.")
+    train.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate.")
+    train.add_argument("--max-caption-bytes", type=int, default=128, help="Captions are cut to this many bytes.")
+    train.add_argument("--checkpoint-dir", default="checkpoints", help="Where checkpoints are written and resumed.")
+    train.add_argument("--save-every", type=int, default=50, help="Write a checkpoint every this many steps.")
+    train.add_argument("--log-every", type=int, default=10, help="Print the loss every this many steps.")
+    train.add_argument("--seed", type=int, default=0, help="Seed of the model initialisation and data order.")
+    train.add_argument("--device", default="cpu", help="Training device: cpu, cuda, cuda:1, ...")
+    train.add_argument("--threads", type=int, default=None, help="CPU threads of torch (default: torch's choice).")
+    model = parser.add_argument_group("model (used for a new run; a resumed run keeps its checkpoint's)")
+    model.add_argument("--hidden-size", type=int, default=64, help="Width of the causal LM.")
+    model.add_argument("--layers", type=int, default=2, help="Transformer blocks of the causal LM.")
+    model.add_argument("--heads", type=int, default=4, help="Attention heads of the causal LM.")
+    model.add_argument("--video-width", type=int, default=128,
+                       help="Width the cross-dynamics attention runs at (tokens wider than this are mapped down).")
+    model.add_argument("--video-heads", type=int, default=8, help="Heads of the cross-dynamics attention.")
+    raw = parser.add_argument_group("cache vs raw throughput")
+    raw.add_argument("--raw-steps", type=int, default=3, help="Steps timed from raw videos (0 skips the comparison).")
+    raw.add_argument("--decoder", default="decord", choices=DECODERS, help="Decoder for the raw videos.")
+    args = parser.parse_args(argv)
+    for name in ("steps", "batch_size", "save_every", "log_every", "max_caption_bytes", "video_width"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.raw_steps < 0 or args.num_workers < 0:
+        parser.error("--raw-steps and --num-workers must be >= 0")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data
+
+
+def captioned_videos(args: argparse.Namespace) -> Subset:
+    """The cached videos that have a caption (the others cannot be trained on)."""
+    dataset = CachedTokenDataset(args.cache, source=args.source, s3_endpoint_url=args.s3_endpoint_url)
+    if args.caption_column not in dataset.rows.column_names:
+        raise SystemExit(f"error: the cache has no column {args.caption_column!r}; its columns are "
+                         f"{dataset.rows.column_names}. Compress from a manifest with that column.")
+    captions = dataset.rows.column(args.caption_column).to_pylist()
+    keep = [index for index, caption in enumerate(captions) if isinstance(caption, str) and caption.strip()]
+    if not keep:
+        raise SystemExit(f"error: no video in {args.cache} has a {args.caption_column!r}")
+    if len(keep) < len(captions):
+        print(f"skipping {len(captions) - len(keep)} of {len(captions)} videos without a {args.caption_column!r}")
+    return Subset(dataset, keep)
+
+
+def batches_forever(videos: Subset, args: argparse.Namespace, first_step: int):
+    """Shuffled batches, epoch after epoch; the order depends on the seed and the step a run starts from."""
+    generator = torch.Generator().manual_seed(args.seed + first_step)
+    loader = DataLoader(videos, batch_size=args.batch_size, shuffle=True, collate_fn=collate_videos,
+                        num_workers=args.num_workers, generator=generator, persistent_workers=args.num_workers > 0)
+    while True:
+        yield from loader
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# model and checkpoints
+
+
+def checkpoint_paths(folder: Path) -> list[Path]:
+    return sorted(folder.glob(CHECKPOINT_GLOB))  # zero-padded step numbers sort in step order
+
+
+def new_model(args: argparse.Namespace, video_dim: int, vocab_size: int) -> VideoPrefixLM:
+    torch.manual_seed(args.seed)
+    config = tiny_lm_config(vocab_size, hidden_size=args.hidden_size, num_layers=args.layers, num_heads=args.heads)
+    return VideoPrefixLM(video_dim, config, video_heads=args.video_heads,
+                         video_width=min(args.video_width, video_dim))
+
+
+def build_or_resume(args, video_dim: int, vocab_size: int) -> tuple[VideoPrefixLM, torch.optim.Optimizer, int]:
+    """The model, its optimizer and the step to start from: the last checkpoint's, or a fresh model at 0."""
+    checkpoints = checkpoint_paths(Path(args.checkpoint_dir))
+    if not checkpoints:
+        model = new_model(args, video_dim, vocab_size).to(args.device)
+        return model, torch.optim.AdamW(model.parameters(), lr=args.lr), 0
+    state = torch.load(checkpoints[-1], map_location=args.device, weights_only=False)
+    model = VideoPrefixLM.from_architecture(state["architecture"])
+    if model.video_dim != video_dim:
+        raise SystemExit(f"error: {checkpoints[-1]} was trained on {model.video_dim}-dim tokens, the cache holds "
+                         f"{video_dim}-dim ones; use another --checkpoint-dir")
+    model.load_state_dict(state["model"])
+    model.to(args.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    optimizer.load_state_dict(state["optimizer"])
+    print(f"resuming from {checkpoints[-1]} (step {state['step']})")
+    return model, optimizer, state["step"]
+
+
+def save_checkpoint(folder: Path, model: VideoPrefixLM, optimizer, step: int) -> Path:
+    """Written under a temporary name and renamed, so the last checkpoint is always a complete one."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"checkpoint-{step:08d}.pt"
+    partial = path.with_suffix(".partial")
+    torch.save({"step": step, "architecture": model.architecture(), "model": model.state_dict(),
+                "optimizer": optimizer.state_dict()}, partial)
+    os.replace(partial, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one training step (shared by the cache and the raw-video measurement)
+
+
+def train_step(model, optimizer, batch: dict, tokenizer, args) -> float:
+    text = caption_batch(tokenizer, batch[args.caption_column], args.max_caption_bytes)
+    inputs = {name: batch[name].to(args.device) for name in ("base", "dynamics", "base_mask")}
+    output = model(**inputs, **{name: value.to(args.device) for name, value in text.items()})
+    optimizer.zero_grad(set_to_none=True)
+    output.loss.backward()
+    optimizer.step()
+    return output.loss.item()
+
+
+def train(args, model, optimizer, videos: Subset, tokenizer, start_step: int) -> dict:
+    """Train from start_step to args.steps; returns the losses and the time spent getting batches vs training."""
+    model.train()
+    batches = batches_forever(videos, args, start_step)
+    losses, samples, tokens_s, train_s = [], 0, 0.0, 0.0
+    for step in range(start_step + 1, args.steps + 1):
+        started = time.perf_counter()
+        batch = next(batches)
+        got_batch = time.perf_counter()
+        losses.append(train_step(model, optimizer, batch, tokenizer, args))
+        tokens_s += got_batch - started
+        train_s += time.perf_counter() - got_batch
+        samples += len(batch["video_id"])
+        if step % args.log_every == 0 or step == args.steps:
+            print(f"step {step:5d}/{args.steps}  loss {losses[-1]:.4f}  "
+                  f"({samples / (tokens_s + train_s):.1f} samples/s)")
+        if step % args.save_every == 0 or step == args.steps:
+            save_checkpoint(Path(args.checkpoint_dir), model, optimizer, step)
+    return {"losses": losses, "cache": {"samples": samples, "tokens_s": tokens_s, "train_s": train_s}}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the same steps, with tokens produced from the raw videos
+
+
+def tokens_from_raw_video(row: dict, encoder, args) -> tuple[dict, dict]:
+    """decode + encode + compress one video as the job did: (an item shaped like the cache's, time marks)."""
+    clip = decode_video(row["uri"], num_frames=row["num_frames"], size=encoder.input_size, decoder=args.decoder,
+                        s3_endpoint_url=args.s3_endpoint_url)
+    marks = {"decode_s": time.perf_counter()}  # when each stage ended
+    tokens = encoder.encode(clip.frames)
+    marks["encode_s"] = time.perf_counter()
+    video = tokendyn.compress(tokens, k=row["k"], seed=0)
+    marks["compress_s"] = time.perf_counter()
+    item = {**row, "base": video.base.float(), "dynamics": video.dynamics.long(), "cluster_sizes": video.sizes}
+    return item, marks
+
+
+def raw_throughput(args, model, optimizer, videos: Subset, tokenizer) -> dict:
+    """--raw-steps training steps whose tokens come from the raw videos: time getting batches vs training."""
+    metadata = videos.dataset.rows.drop_columns(list(HEAVY_COLUMNS))
+    rows = [metadata.slice(index, 1).to_pylist()[0] for index in videos.indices]
+    encoders = {(row["encoder"], row["encoder_layer"]) for row in rows}
+    if len(encoders) != 1:
+        raise ValueError(f"the cache mixes encoders {sorted(encoders, key=str)}; the raw comparison needs one")
+    name, layer = encoders.pop()
+    encoder = load_encoder(name, layer=layer, device=args.device)
+    tokens_from_raw_video(rows[0], encoder, args)  # warm-up, not timed: first calls pay one-off set-up costs
+    # A copy, so the comparison leaves the trained model and its optimizer state as they were.
+    model, optimizer = copy.deepcopy(model), copy.deepcopy(optimizer)
+    timings = {"samples": 0, "tokens_s": 0.0, "train_s": 0.0, "decode_s": 0.0, "encode_s": 0.0, "compress_s": 0.0}
+    for step in range(args.raw_steps):
+        chosen = [rows[(step * args.batch_size + i) % len(rows)] for i in range(args.batch_size)]
+        started = time.perf_counter()
+        items = []
+        for row in chosen:
+            before = time.perf_counter()
+            item, marks = tokens_from_raw_video(row, encoder, args)
+            items.append(item)
+            timings["decode_s"] += marks["decode_s"] - before
+            timings["encode_s"] += marks["encode_s"] - marks["decode_s"]
+            timings["compress_s"] += marks["compress_s"] - marks["encode_s"]
+        batch = collate_videos(items)
+        got_batch = time.perf_counter()
+        train_step(model, optimizer, batch, tokenizer, args)
+        timings["tokens_s"] += got_batch - started
+        timings["train_s"] += time.perf_counter() - got_batch
+        timings["samples"] += len(items)
+    return timings
+
+
+def samples_per_s(timings: dict, *phases: str) -> float:
+    return timings["samples"] / sum(timings[phase] for phase in phases)
+
+
+def print_throughput_table(cache: dict, raw: dict) -> dict:
+    """Prints cache vs raw samples/s for the token supply alone and for whole training steps; returns the ratios."""
+    rows = {"tokens for a step": ("tokens_s",), "training (tokens + step)": ("tokens_s", "train_s")}
+    print(f"\n{'samples/s':26s} {'from cache':>12s} {'from raw':>12s} {'cache / raw':>12s}")
+    ratios = {}
+    for label, phases in rows.items():
+        from_cache, from_raw = samples_per_s(cache, *phases), samples_per_s(raw, *phases)
+        ratios[label] = from_cache / from_raw
+        print(f"  {label:24s} {from_cache:12.1f} {from_raw:12.2f} {ratios[label]:11.0f}x")
+    per_sample = {phase: 1000 * raw[phase] / raw["samples"] for phase in ("decode_s", "encode_s", "compress_s")}
+    print(f"  raw tokens per video: decode {per_sample['decode_s']:.0f} ms + encode {per_sample['encode_s']:.0f} ms"
+          f" + compress {per_sample['compress_s']:.0f} ms; from cache {1000 * cache['tokens_s'] / cache['samples']:.2f}"
+          f" ms; training step {1000 * cache['train_s'] / cache['samples']:.1f} ms per video")
+    return ratios
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    videos = captioned_videos(args)
+    tokenizer = byte_tokenizer()
+    model, optimizer, start_step = build_or_resume(args, videos.dataset.dim, len(tokenizer))
+    print(f"{len(videos)} captioned videos, {videos.dataset.dim}-dim tokens; "
+          f"{sum(p.numel() for p in model.parameters()):,} parameters; steps {start_step} -> {args.steps}")
+    result = {"start_step": start_step, "losses": [], "cache": None, "raw": None, "ratios": None}
+    if start_step >= args.steps:
+        print(f"already trained to step {start_step}; raise --steps to train further")
+        return result
+    result.update(train(args, model, optimizer, videos, tokenizer, start_step))
+    print(f"loss {result['losses'][0]:.4f} at the first step -> {result['losses'][-1]:.4f} at step {args.steps}")
+    if args.raw_steps:
+        try:
+            result["raw"] = raw_throughput(args, model, optimizer, videos, tokenizer)
+        except (OSError, DecodeError) as error:  # the raw videos may be gone; training itself has succeeded
+            print(f"\nraw-video throughput not measured: {type(error).__name__}: {error}")
+            return result
+        result["ratios"] = print_throughput_table(result["cache"], result["raw"])
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (EmptyCacheError, SchemaVersionError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

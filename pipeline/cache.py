@@ -1,0 +1,274 @@
+"""Cached video tokens as training data: a torch Dataset, a padding collate function and a Ray Data reader.
+
+Each item is one video of the compression job's output (Parquet files or the LanceDB table, local or s3://):
+
+    base           float32 [K, D]      the token base
+    dynamics       int64   [T, H, W]   cluster id of every frame-grid cell
+    cluster_sizes  int64   [K]
+    video_id, uri, caption (any manifest column), num_frames, k, encoder, ...   plain Python values
+
+`collate_videos` pads K to the longest video of the batch and returns `base_mask` [B, K] (True = real row);
+dynamics maps of different shapes (e.g. frames sampled by --fps) are padded with -1, the "no cluster" id.
+
+Sharding for distributed training: the video ids are sorted, and rank r of W keeps every W-th of them starting
+at r, so the ranks agree without talking to each other and together see every video exactly once (shard sizes
+differ by at most one). Inside a rank, DataLoader workers split the shard through the sampler as usual.
+A rank holds its shard's compressed rows in memory as Arrow (about K*D*2 bytes per video with a float16 base);
+for corpora larger than that, stream them with `ray_dataset` instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from ray.data.collate_fn import NumpyBatchCollateFn
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import Dataset
+
+from pipeline.schema import SCHEMA_VERSION, SchemaVersionError, compressed_video_from_row
+from pipeline.storage import OutputStore
+
+SOURCES = ("parquet", "lancedb")
+TENSOR_KEYS = ("base", "dynamics", "cluster_sizes")
+# Columns `compressed_video_from_row` needs; they are read whatever metadata columns are asked for.
+TOKEN_COLUMNS = ("k", "dim", "num_frames", "grid_h", "grid_w", "base", "cluster_sizes", "dynamics", "pooled")
+# Large per-video columns that are not handed out as metadata.
+HEAVY_COLUMNS = ("base", "cluster_sizes", "dynamics", "pooled")
+PAD_CELL = -1  # dynamics value of padded cells: tokendyn.CrossDynamicsAttention counts them in no cluster
+
+
+class EmptyCacheError(FileNotFoundError):
+    """The output root holds no compressed videos (wrong path, or the job has not written any yet)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reading the rows of one shard
+
+
+def shard_video_ids(video_ids: Sequence[str], rank: int, world_size: int) -> list[str]:
+    """The ids rank `rank` of `world_size` reads: every world_size-th of the sorted ids, starting at rank."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    return sorted(video_ids)[rank::world_size]
+
+
+def _default_rank_and_world_size(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """Explicit values win; otherwise those of an initialised torch.distributed group; otherwise a single rank."""
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    if rank is not None or world_size is not None:
+        raise ValueError("give both rank and world_size, or neither")
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _check_row_versions(versions: pa.ChunkedArray, where: str) -> None:
+    """Every row must carry this pipeline's schema version (the file metadata is checked by OutputStore)."""
+    found = set(pc.unique(versions).to_pylist())
+    if found != {SCHEMA_VERSION}:
+        raise SchemaVersionError(
+            f"{where} holds rows of schema version(s) {sorted(found, key=str)}; this pipeline reads version "
+            f"{SCHEMA_VERSION}. Recompress into a new output root.")
+
+
+def _columns_to_read(schema: pa.Schema, metadata_columns: Sequence[str] | None) -> list[str]:
+    light = [name for name in schema.names if name not in HEAVY_COLUMNS]
+    wanted = light if metadata_columns is None else ["video_id", "uri", *metadata_columns]
+    unknown = sorted(set(wanted) - set(schema.names))
+    if unknown:
+        raise KeyError(f"the cache has no column(s) {unknown}; it has {schema.names}")
+    return list(dict.fromkeys([*wanted, *TOKEN_COLUMNS]))
+
+
+def _parquet_schema(store: OutputStore) -> pa.Schema:
+    return pads.dataset(f"{store.path}/videos", filesystem=store.fs, format="parquet").schema
+
+
+def _read_parquet_shard(store: OutputStore, metadata_columns, rank: int, world_size: int) -> pa.Table:
+    index = store.read_videos(columns=["video_id", "schema_version"])  # raises SchemaVersionError on old files
+    if index is None or index.num_rows == 0:
+        raise EmptyCacheError(f"no compressed videos under {store.root}/videos; run jobs/compress_corpus.py "
+                              f"--output {store.root} first")
+    _check_row_versions(index.column("schema_version"), f"{store.root}/videos")
+    ids = shard_video_ids(index.column("video_id").to_pylist(), rank, world_size)
+    columns = _columns_to_read(_parquet_schema(store), metadata_columns)
+    return store.read_videos(columns=columns, filter=pc.field("video_id").isin(ids))
+
+
+def _read_lancedb_shard(store: OutputStore, metadata_columns, rank: int, world_size: int) -> pa.Table:
+    lance = store.lance_table()  # raises SchemaVersionError on another version
+    if lance is None or lance.count_rows() == 0:
+        raise EmptyCacheError(f"no LanceDB table of compressed videos at {store.lancedb_uri}; run "
+                              f"jobs/compress_corpus.py --output {store.root} first")
+    index = lance.search().select(["video_id", "schema_version"]).with_row_id(True).limit(None).to_arrow()
+    _check_row_versions(index.column("schema_version"), store.lancedb_uri)
+    keep = set(shard_video_ids(index.column("video_id").to_pylist(), rank, world_size))
+    row_ids = [row_id for video_id, row_id in zip(index.column("video_id").to_pylist(),
+                                                  index.column("_rowid").to_pylist()) if video_id in keep]
+    columns = _columns_to_read(lance.schema, metadata_columns)
+    if not row_ids:  # more ranks than videos
+        return pa.schema([lance.schema.field(name) for name in columns]).empty_table()
+    return lance.take_row_ids(row_ids).select(columns).to_arrow().select(columns)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one Arrow row -> one item
+
+
+def _row_values(table: pa.Table, index: int) -> dict:
+    """Row `index` as Python values, with the vector columns as numpy arrays (to_pylist would box every float)."""
+    row = {}
+    for name in table.column_names:
+        cell = table.column(name)[index]
+        if name == "base":
+            row[name] = cell.values.flatten().to_numpy(zero_copy_only=False).reshape(len(cell), -1)
+        elif name in ("pooled", "cluster_sizes"):
+            row[name] = cell.values.to_numpy(zero_copy_only=False)
+        else:
+            row[name] = cell.as_py()
+    return row
+
+
+def item_from_row(row: dict) -> dict:
+    """A stored row (Python/numpy values) -> the training item: token tensors plus the light metadata."""
+    video = compressed_video_from_row(row)
+    item = {name: value for name, value in row.items() if name not in HEAVY_COLUMNS}
+    item["base"] = torch.as_tensor(video.base, dtype=torch.float32)
+    item["dynamics"] = torch.as_tensor(video.dynamics, dtype=torch.int64)
+    item["cluster_sizes"] = torch.as_tensor(video.sizes, dtype=torch.int64)
+    return item
+
+
+class CachedTokenDataset(Dataset):
+    """Map-style Dataset over the compressed videos of one output root (this rank's shard of them).
+
+    root: the job's --output (local path or s3://bucket/prefix). source: "parquet" (the files under videos/) or
+    "lancedb" (the table kept in step with them); both hold the same rows. metadata_columns: the light columns
+    to hand out besides video_id and uri (default: all of them, e.g. caption, num_frames, encoder).
+    rank / world_size: this process's shard; default from torch.distributed when it is initialised.
+    Items are ordered by video_id.
+    """
+
+    def __init__(self, root: str, *, source: str = "parquet", metadata_columns: Sequence[str] | None = None,
+                 rank: int | None = None, world_size: int | None = None, s3_endpoint_url: str | None = None):
+        if source not in SOURCES:
+            raise ValueError(f"unknown source {source!r}; choose one of {SOURCES}")
+        self.root, self.source = root, source
+        self.rank, self.world_size = _default_rank_and_world_size(rank, world_size)
+        store = OutputStore(root, s3_endpoint_url=s3_endpoint_url)
+        read_shard = _read_parquet_shard if source == "parquet" else _read_lancedb_shard
+        rows = read_shard(store, metadata_columns, self.rank, self.world_size)
+        self.rows = rows.sort_by("video_id").combine_chunks()
+
+    def __len__(self) -> int:
+        return self.rows.num_rows
+
+    def __getitem__(self, index: int) -> dict:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} videos")
+        return item_from_row(_row_values(self.rows, index % len(self)))
+
+    @property
+    def dim(self) -> int:
+        """D, the width of the base vectors (one encoder per output root)."""
+        dims = set(self.rows.column("dim").to_pylist())
+        if len(dims) != 1:
+            raise ValueError(f"{self.root} mixes token widths {sorted(dims)}; train on one encoder's output")
+        return dims.pop()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# batching
+
+
+def _pad_dynamics(maps: list[torch.Tensor]) -> torch.Tensor:
+    """[T, H, W] maps -> [B, Tmax, Hmax, Wmax], padded at the end of each axis with -1 (a cell of no cluster)."""
+    t, h, w = (max(m.shape[axis] for m in maps) for axis in range(3))
+    return torch.stack([F.pad(m, (0, w - m.shape[2], 0, h - m.shape[1], 0, t - m.shape[0]), value=PAD_CELL)
+                        for m in maps])
+
+
+def collate_videos(items: Sequence[dict]) -> dict:
+    """Items -> a batch: tensors padded along K (and T, H, W), a mask, and the metadata as lists.
+
+    base [B, Kmax, D] float32 (zeros in padding), base_mask [B, Kmax] bool (True = real base row),
+    cluster_sizes [B, Kmax] int64 (0 in padding), dynamics [B, Tmax, Hmax, Wmax] int64 (-1 in padding, which
+    tokendyn.CrossDynamicsAttention reads as no cell), and for every other key a list.
+    """
+    if not items:
+        raise ValueError("cannot collate an empty batch")
+    base = pad_sequence([item["base"] for item in items], batch_first=True)
+    k = torch.tensor([len(item["base"]) for item in items])
+    batch = {
+        "base": base,
+        "base_mask": torch.arange(base.shape[1]) < k[:, None],
+        "cluster_sizes": pad_sequence([item["cluster_sizes"] for item in items], batch_first=True),
+        "dynamics": _pad_dynamics([item["dynamics"] for item in items]),
+    }
+    for name in items[0]:
+        if name not in TENSOR_KEYS:
+            batch[name] = [item[name] for item in items]
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ray Data
+
+
+def _items_from_arrow_batch(batch: pa.Table) -> dict[str, list]:
+    """map_batches body: stored rows -> item columns (tensors become numpy arrays, ragged along K)."""
+    items = [item_from_row(_row_values(batch, index)) for index in range(batch.num_rows)]
+    columns = {name: [item[name] for item in items] for name in items[0]} if items else {}
+    for name in TENSOR_KEYS:
+        if name in columns:
+            columns[name] = [tensor.numpy() for tensor in columns[name]]
+    return columns
+
+
+def ray_dataset(root: str, *, metadata_columns: Sequence[str] | None = None, s3_endpoint_url: str | None = None,
+                override_num_blocks: int | None = None):
+    """A Ray Data Dataset of items streamed from the Parquet files under `root`/videos.
+
+    Batch it for torch with `ds.iter_torch_batches(batch_size=..., collate_fn=CollateRayBatch())`; Ray Train
+    workers get their share through `ray.train.get_dataset_shard`.
+    """
+    import ray.data
+
+    store = OutputStore(root, s3_endpoint_url=s3_endpoint_url)
+    index = store.read_videos(columns=["video_id", "schema_version"])
+    if index is None or index.num_rows == 0:
+        raise EmptyCacheError(f"no compressed videos under {root}/videos; run jobs/compress_corpus.py "
+                              f"--output {root} first")
+    _check_row_versions(index.column("schema_version"), f"{root}/videos")
+    columns = _columns_to_read(_parquet_schema(store), metadata_columns)
+    return (ray.data.read_parquet(f"{store.path}/videos", filesystem=store.fs, file_extensions=["parquet"],
+                                  override_num_blocks=override_num_blocks)
+            .select_columns(columns)
+            .map_batches(_items_from_arrow_batch, batch_format="pyarrow"))
+
+
+def _python_value(value):
+    return value.item() if isinstance(value, np.generic) else value
+
+
+class CollateRayBatch(NumpyBatchCollateFn):
+    """`iter_torch_batches` collate_fn: Ray's column batch -> the same padded batch as `collate_videos`."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict:
+        names = list(batch)
+        items = []
+        for index in range(len(batch[names[0]])):
+            # numpy scalars back to Python values, so metadata looks the same as from CachedTokenDataset
+            item = {name: _python_value(batch[name][index]) for name in names}
+            for name in TENSOR_KEYS:
+                item[name] = torch.from_numpy(np.array(item[name]))  # a copy: Ray's buffers are read-only
+            items.append(item)
+        return collate_videos(items)
