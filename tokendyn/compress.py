@@ -23,6 +23,9 @@ __all__ = ["CompressedVideo", "compress", "compress_batch"]
 
 # Videos stacked into one batched fit hold at most this many float32 values (256 MB).
 _BATCH_ELEMENTS = 1 << 26
+# On CPU a video above this many values is fitted alone: its fit is compute-bound, and in a batch every video
+# iterates until the slowest converges. Smaller videos are overhead-bound, and batching them is several times cheaper.
+_CPU_BATCH_MAX_ELEMENTS = 1 << 19
 
 
 @dataclass
@@ -165,7 +168,8 @@ def compress_batch(
     """Compress several videos; those of the same shape, dtype and device are fitted together.
 
     videos: list of [T, H, W, D] tensors -> one CompressedVideo each, in order, identical to `compress` of that
-    video with the same arguments. Batching shares every step of the fit (one batched matmul instead of B).
+    video with the same arguments. A batch shares every step of the fit (one batched matmul instead of B), which
+    is much cheaper on accelerators and for small videos; large videos on CPU are fitted one by one.
     """
     _check_k(k, k_min, k_max)
     for tokens in videos:
@@ -175,9 +179,11 @@ def compress_batch(
         groups[(tuple(tokens.shape), tokens.dtype, tokens.device)].append(i)
 
     out: list[CompressedVideo | None] = [None] * len(videos)
-    for (shape, _, _), members in groups.items():
+    for (shape, _, device), members in groups.items():
         t, h, w, d = shape
         per_chunk = max(1, _BATCH_ELEMENTS // (t * h * w * d))
+        if device.type == "cpu" and t * h * w * d > _CPU_BATCH_MAX_ELEMENTS:
+            per_chunk = 1
         for s in range(0, len(members), per_chunk):
             chunk = members[s : s + per_chunk]
             x = torch.stack([videos[i].reshape(t * h * w, d) for i in chunk])

@@ -21,18 +21,18 @@ Distortion = sum_i |x_i - c_(l_i)|^2 over the normalised rows x_i and their cent
 re-normalised): scikit-learn's `inertia_` on the same rows, so the two compare directly.
 
 Adaptive K (`adaptive_kmeans`): the fit above with K_top = k_max gives D(K) for every K in [k_min - 1, k_max].
-Elbow (Kneedle on a log scale): map K linearly and log D(K) linearly onto [0, 1] (from K = k_min - 1 to k_max)
-and select the K in [k_min, k_max] lying farthest below the straight line joining the two ends of that curve;
-ties go to the smaller K, and when no K lies below the line by more than 1e-3 (returns never diminish) K = k_max. The log scale
-makes a break (a large relative drop, e.g. when the last true cluster gets its own centroid) stand out wherever
-it sits in the range; the extra point k_min - 1 lets a break right at k_min be seen. `select_k` is this rule.
+Elbow (Kneedle on a log scale): map K and log D(K) linearly onto [0, 1] (from K = k_min - 1 to k_max) and select
+the K in [k_min, k_max] lying farthest below the straight line joining the two ends of that curve. Ties go to
+the smaller K; when no K lies more than 1e-3 below the line (returns never diminish), K = k_max. The log scale
+makes a break (a large relative drop, as when the last true cluster gets its own centroid) stand out wherever it
+sits in the range; the extra point k_min - 1 lets a break right at k_min be seen. `select_k` is this rule.
 Cost: one fixed fit at k_max plus the extra merges (O(k_max^2 D)), with the refinement at a K <= k_max.
 
 Duplicates: rows whose squared distance (on the sketch) is below `SAME_TOKEN` (cosine above 1 - SAME_TOKEN / 2)
-count as one token. Seeding stops when every row is such a duplicate of a seed, so a video with fewer distinct tokens than K
-gets one cluster per distinct token: the result has min(K, distinct tokens) rows and every cluster is non-empty
-(a cluster emptied during Lloyd takes the row farthest from its own centroid among clusters that can spare one).
-Cluster ids are numbered in order of first appearance.
+count as one token. Seeding stops when every row is such a duplicate of a seed, so a video with fewer distinct
+tokens than K gets one cluster per distinct token: the result has min(K, distinct tokens) rows and every cluster
+is non-empty (a cluster emptied during Lloyd takes the row farthest from its own centroid among clusters that
+can spare one). Cluster ids are numbered in order of first appearance.
 """
 
 from __future__ import annotations
@@ -117,13 +117,14 @@ def _check_points(x: Tensor, rank: int) -> None:
 def normalize_rows(x: Tensor) -> Tensor:
     """x: [..., D] any float dtype -> [..., D] float32 with unit L2 rows (all-zero rows stay zero).
 
-    Raises ValueError on NaN/Inf. The check runs on the result: a NaN or Inf entry makes its row NaN there, and
-    one reduction over bounded values is cheaper than isfinite over the input.
+    Raises ValueError on NaN/Inf. The check runs on the row norms (a NaN or Inf entry makes its norm NaN or Inf),
+    which is cheaper than a pass of isfinite over the input.
     """
-    out = F.normalize(x.float(), dim=-1, eps=1e-12)
-    if not bool(torch.isfinite(out.sum())):
+    x = x.float()
+    norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    if not bool(torch.isfinite(norms).all()):
         raise ValueError("tokens contain NaN or Inf")
-    return out
+    return x / norms.clamp_min(1e-12)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -140,57 +141,53 @@ def _generator(seed: int) -> torch.Generator:
 
 
 def _sketch(x: Tensor, dim: int, g: torch.Generator) -> Tensor:
-    """Count sketch: x [B, N, D] -> [B, N, ceil(D / ceil(D / dim))] (x itself when D <= dim).
+    """Count sketch: x [B, N, D] -> [B, N, dim] (x itself when D <= dim).
 
-    Each coordinate gets a random sign and consecutive groups of ceil(D / dim) coordinates are summed. Inner
-    products are preserved in expectation (the sign products of distinct coordinates average out), at the cost of
-    one pass over x where a dense random projection would cost a matmul.
+    Each coordinate gets a random sign and coordinates j, j + dim, j + 2 dim, ... are summed into entry j.
+    Inner products are preserved in expectation (the sign products of distinct coordinates average out), at the
+    cost of one pass over x where a dense random projection would cost a matmul.
     """
     B, N, D = x.shape
     if D <= dim:
         return x
-    group = -(-D // dim)
     sign = (torch.rand(D, generator=g) < 0.5).to(x.device, x.dtype) * 2 - 1
     y = x * sign
-    if D % group:
-        y = F.pad(y, (0, group - D % group))
-    return y.view(B, N, -1, group).sum(-1)
+    if D % dim:
+        y = F.pad(y, (0, dim - D % dim))
+    return y.view(B, N, -1, dim).sum(2)
 
 
-def _seed(p: Tensor, m: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+def _seed(p: Tensor, m: int, g: torch.Generator) -> Tensor:
     """Greedy k-means++ over-seeding, each row labelled with its nearest seed.
 
-    p: [B, N, E] rows (the sketch) -> labels [B, N] in [0, m), valid [B, m] bool (a seed is valid when it was
-    drawn while some row was not yet a duplicate of a seed; a prefix of True).
+    p: [B, N, E] rows (the sketch) -> labels [B, N] in [0, m). A seed drawn once every row was a duplicate of an
+    earlier seed labels no row: callers drop empty clusters.
     """
     B, N, E = p.shape
     trials = 2 + int(math.log(m))
     u = torch.rand(m, trials, generator=g).to(p.device)  # shared by all videos: same draws alone or in a batch
     p_sq = (p * p).sum(-1)  # [B, N]
+    seed_sq = p_sq - SAME_TOKEN  # distances below SAME_TOKEN become 0: duplicates of a seed carry no weight
     p_t = p.transpose(1, 2).contiguous()  # [B, E, N]: [L, E] x [E, N] is the fast shape for few candidates
     flat_p = p.reshape(B * N, E)
     offset = torch.arange(B, device=p.device)[:, None] * N
 
     def dist(idx: Tensor) -> Tensor:  # idx [B, L] rows -> [B, L, N] squared distance minus SAME_TOKEN, >= 0
-        c = flat_p.index_select(0, (idx + offset).view(-1)).view(B, -1, E)
-        d = torch.baddbmm(p_sq.gather(1, idx)[:, :, None] + p_sq[:, None, :], c, p_t, alpha=-2.0)
-        return d.sub_(SAME_TOKEN).clamp_min_(0.0)  # duplicates of a seed carry no weight
+        c = flat_p.index_select(0, (idx if B == 1 else idx + offset).view(-1)).view(B, -1, E)
+        return torch.baddbmm(seed_sq.gather(1, idx)[:, :, None] + p_sq[:, None, :], c, p_t, alpha=-2.0).clamp_min_(0)
 
-    first = (u[:1, :1] * N).long().clamp_(max=N - 1).expand(B, 1)
-    d2 = dist(first)[:, 0]  # [B, N]
+    d2 = dist((u[0, :1] * N).long().clamp_(max=N - 1).expand(B, 1))[:, 0]  # [B, N]
     labels = torch.zeros(B, N, dtype=torch.int64, device=p.device)
-    potential = [d2.new_ones(B)]
-    for i in range(1, m):
+    for i, u_i in enumerate(u.unbind(0)[1:], start=1):
         cum = d2.cumsum(1)
-        total = cum[:, -1:]  # the last prefix sum, so a target never runs past the end
-        potential.append(total[:, 0])
-        cand = torch.searchsorted(cum, u[i] * total, right=True).clamp_(max=N - 1)  # [B, L]
+        # Targets scale the last prefix sum, so they never run past the end.
+        cand = torch.searchsorted(cum, u_i * cum[:, -1:], right=True).clamp_(max=N - 1)  # [B, L]
         cand_d2 = torch.minimum(d2[:, None, :], dist(cand))  # [B, L, N]
-        best = cand_d2.sum(2).argmin(1, keepdim=True)  # [B, 1]
-        new_d2 = cand_d2.gather(1, best[:, :, None].expand(B, 1, N))[:, 0]
+        best = cand_d2.sum(2).argmin(1)  # [B]: the candidate that lowers the potential most
+        new_d2 = cand_d2[torch.arange(B, device=p.device), best] if B > 1 else cand_d2[0, best]
         labels.masked_fill_(new_d2 < d2, i)
         d2 = new_d2
-    return labels, torch.stack(potential, 1) > 0
+    return labels
 
 
 def _counts(labels: Tensor, k: int) -> Tensor:
@@ -221,7 +218,8 @@ def _cluster_means(x: Tensor, labels: Tensor, k: int) -> tuple[Tensor, Tensor]:
 def _distortion(x_sq_total: Tensor, means: Tensor, sizes: Tensor) -> Tensor:
     """[B] sum |x|^2, means [B, K, D], sizes [B, K] -> [B] float64 distortion.
 
-    For mean centroids sum_i |x_i - c|^2 = sum_i |x_i|^2 - n |c|^2 per cluster; float64 keeps the difference.
+    For mean centroids sum_i |x_i - c|^2 = sum_i |x_i|^2 - n |c|^2 per cluster, which needs no pass over the
+    rows; with float32 centroids the absolute error is about 1e-7 N.
     """
     c_sq = (means.double() ** 2).sum(-1)
     return (x_sq_total - (sizes.double() * c_sq).sum(1)).clamp_min(0.0)
@@ -235,38 +233,41 @@ def _ward_merges(means: Tensor, sizes: Tensor, valid: Tensor, steps: int) -> tup
     """Greedy Ward merging, `steps` merges per video.
 
     means [B, M, D], sizes [B, M], valid [B, M] -> pairs [B, steps, 2] (slot b merged into slot a < b),
-    costs [B, steps] (distortion increase). Steps past a video's last valid pair are meaningless; callers only
-    read the first k_start - floor of them.
+    costs [B, steps] float64 (distortion increase). Steps past a video's last valid pair are meaningless;
+    callers only read the first k_start - floor of them.
     """
-    B, M, D = means.shape
-    pairs = torch.zeros(B, steps, 2, dtype=torch.int64, device=means.device)
-    costs = means.new_zeros(B, steps)
-    c = means.clone()
-    n = sizes.to(means.dtype)
-    alive = valid.clone()
-    c_sq = (c * c).sum(-1)
-    d2 = torch.baddbmm(c_sq[:, :, None] + c_sq[:, None, :], c, c.transpose(1, 2), alpha=-2.0).clamp_min_(0.0)
-    pair_ok = alive[:, :, None] & alive[:, None, :] & ~torch.eye(M, dtype=torch.bool, device=means.device)
-    cost = torch.where(pair_ok, n[:, :, None] * n[:, None, :] / (n[:, :, None] + n[:, None, :]) * d2, math.inf)
-    for s in range(steps):
-        best, flat = cost.view(B, -1).min(1)  # first minimum of a symmetric matrix: row a < column b
-        a, b = (flat // M)[:, None], (flat % M)[:, None]
-        pairs[:, s, :1], pairs[:, s, 1:] = a, b
-        costs[:, s] = best
-        na, nb = n.gather(1, a), n.gather(1, b)  # [B, 1]
-        ca = c.gather(1, a[:, :, None].expand(B, 1, D))
-        cb = c.gather(1, b[:, :, None].expand(B, 1, D))
-        nm = na + nb
-        cm = (na[:, :, None] * ca + nb[:, :, None] * cb) / nm[:, :, None]
-        c.scatter_(1, a[:, :, None].expand(B, 1, D), cm)
-        n.scatter_(1, a, nm)
-        alive.scatter_(1, b, False)
-        # b leaves the pool; a's row and column are recomputed for the merged centroid.
-        row = (nm * n / (nm + n) * ((c - cm) ** 2).sum(-1)).masked_fill_(~alive, math.inf).scatter_(1, a, math.inf)
+    B, M, _ = means.shape
+    n = torch.where(valid, sizes, 0).double().clamp_min(1e-300)  # > 0 keeps (nab + n) from vanishing
+    c_sq = (means * means).sum(-1)
+    d2 = torch.baddbmm(c_sq[:, :, None] + c_sq[:, None, :], means, means.transpose(1, 2), alpha=-2.0)
+    pair_ok = valid[:, :, None] & valid[:, None, :] & ~torch.eye(M, dtype=torch.bool, device=means.device)
+    n_i, n_j = n[:, :, None], n[:, None, :]
+    cost = torch.where(pair_ok, n_i * n_j / (n_i + n_j).clamp_min(1) * d2.double().clamp_min(0.0), math.inf)
+    taken = []
+    for _ in range(steps):
+        # Two-level minimum (per row, then over rows) is much cheaper than one over M * M with its index. The
+        # first row holding the global minimum is a, and its first minimal column b > a (the matrix is symmetric).
+        best, a = cost.amin(2).min(1, keepdim=True)  # [B, 1]
+        row_a = cost.gather(1, a[:, :, None].expand(B, 1, M))[:, 0]  # [B, M]
+        b = row_a.argmin(1, keepdim=True)
+        row_b = cost.gather(1, b[:, :, None].expand(B, 1, M))[:, 0]
+        taken.append((a, b, best))
+        na, nb = n.gather(1, a), n.gather(1, b)
+        nab = na + nb
+        # Lance-Williams update for Ward: the cost of merging a + b with j from the costs of a and b with j, so
+        # no centroid is ever touched (O(M) per merge). The entries for a and b themselves come out inf.
+        row = (n * (row_a + row_b - best)).addcmul_(na, row_a).addcmul_(nb, row_b).div_(nab + n)
+        n.scatter_(1, a, nab)
         cost.scatter_(1, a[:, :, None].expand(B, 1, M), row[:, None, :])
         cost.scatter_(2, a[:, :, None].expand(B, M, 1), row[:, :, None])
         cost.scatter_(1, b[:, :, None].expand(B, 1, M), math.inf)
         cost.scatter_(2, b[:, :, None].expand(B, M, 1), math.inf)
+    if not taken:
+        return torch.zeros(B, 0, 2, dtype=torch.int64, device=means.device), n.new_zeros(B, 0)
+    a, b, best = (torch.cat(t, 1) for t in zip(*taken))
+    pairs = torch.stack([a, b], 2)
+    # A video out of pairs (at most one cluster left) produced inf costs; those steps are never read.
+    costs = torch.where(torch.isfinite(best), best, 0.0)
     return pairs, costs
 
 
@@ -295,9 +296,9 @@ def select_k(curve: Tensor, k_min: int, k_max: int) -> Tensor:
     ks = torch.arange(lo, k_max + 1, device=curve.device)
     xs = (ks - lo).double() / (k_max - lo)  # [M]
     curve = curve.double()
-    # Log scale: a break is a large relative drop wherever it sits; values below 1e-6 of the first one (noise,
-    # duplicates) count as equal.
-    logd = torch.log(curve + 1e-6 * curve[:, :1] + 1e-30)
+    # Log scale: a break is a large relative drop wherever it sits. Values below 1e-4 of the first one count as
+    # equal, so rounding noise (about 1e-7 N) near zero distortion cannot make a break.
+    logd = torch.log(curve + 1e-4 * curve[:, :1] + 1e-30)
     drop = logd[:, :1] - logd[:, -1:]  # [B, 1]
     ys = torch.where(drop > 1e-12, (logd - logd[:, -1:]) / drop.clamp_min(1e-12), 0.0)  # flat: smallest K wins
     gap = ((1.0 - xs)[None, :] - ys)[:, ks >= k_min]
@@ -310,12 +311,16 @@ def select_k(curve: Tensor, k_min: int, k_max: int) -> Tensor:
 def _replay(pairs: Tensor, k_start: Tensor, k_sel: Tensor, m: int) -> Tensor:
     """pairs [B, S, 2], k_start [B], k_sel [B] -> owner [B, m]: the slot each seed cluster ends in at k_sel."""
     B, S, _ = pairs.shape
-    owner = torch.arange(m, device=pairs.device).repeat(B, 1)
-    for s in range(S):
-        a, b = pairs[:, s, :1], pairs[:, s, 1:]
-        go = k_start[:, None] - s - 1 >= k_sel[:, None]
-        owner = torch.where(go & (owner == b), a, owner)
-    return owner
+    steps = torch.arange(S, device=pairs.device)
+    go = k_start[:, None] - steps[None, :] - 1 >= k_sel[:, None]  # [B, S] merges applied
+    # Each applied merge points b at a (a < b, and b is never merged again): a forest whose roots are the
+    # surviving slots. Unapplied merges write into a spare column m. Pointer jumping then finds every root in
+    # log2(m) gathers instead of one pass per merge.
+    parent = torch.arange(m + 1, device=pairs.device).repeat(B, 1)
+    parent.scatter_(1, torch.where(go, pairs[:, :, 1], m), torch.where(go, pairs[:, :, 0], m))
+    for _ in range(max(1, math.ceil(math.log2(m + 1)))):
+        parent = parent.gather(1, parent)
+    return parent[:, :m]
 
 
 def _merge(means: Tensor, sizes: Tensor, owner: Tensor) -> Tensor:
@@ -424,8 +429,8 @@ def _fit(
     """x [B, N, D] normalised -> per-video results and, in adaptive mode (k_range given), curves [B, C]."""
     B, N, _ = x.shape
     g = _generator(seed)
-    m = min(OVERSEED * k_top, N)
-    seed_labels, _ = _seed(_sketch(x, SKETCH_DIM, g), m, g)
+    m = min(int(OVERSEED * k_top), N)
+    seed_labels = _seed(_sketch(x, SKETCH_DIM, g), m, g)
     means, sizes = _cluster_means(x, seed_labels, m)
     valid = sizes > 0
     k_start = valid.sum(1)
@@ -453,10 +458,24 @@ def _fit(
     distortion = _distortion(x_sq_total, centres, sizes).tolist()
     k_eff = (sizes > 0).sum(1).tolist()
     results = [
-        KMeansResult(centres[b, : k_eff[b]].clone(), labels[b], sizes[b, : k_eff[b]].clone(), distortion[b], int(it))
+        KMeansResult(centres[b, : k_eff[b]], labels[b], sizes[b, : k_eff[b]], distortion[b], it)
         for b, it in enumerate(iters.tolist())
     ]
     return results, curve
+
+
+def _run(
+    x: Tensor, k_top: int, k_range: tuple[int, int] | None, seed: int, max_iter: int, tol: float
+) -> tuple[list[KMeansResult], Tensor | None]:
+    """`_fit` on x [B, N, D] (any float dtype) in inference mode, which trims the per-op overhead that dominates
+    small fits. Inference tensors cannot join an autograd graph later, so the results are returned as clones."""
+    with torch.inference_mode():
+        results, curve = _fit(normalize_rows(x), k_top, k_range, seed, max_iter, tol)
+    results = [
+        KMeansResult(r.centroids.clone(), r.labels.clone(), r.sizes.clone(), r.distortion, r.iterations)
+        for r in results
+    ]
+    return results, None if curve is None else curve.clone()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -474,7 +493,7 @@ def spherical_kmeans_batch(
     _check_points(x, 3)
     _check_int("k", k)
     _check_options(max_iter, tol)
-    return _fit(normalize_rows(x), k, None, seed, max_iter, tol)[0]
+    return _run(x, k, None, seed, max_iter, tol)[0]
 
 
 def spherical_kmeans(x: Tensor, k: int, *, seed: int = 0, max_iter: int = 50, tol: float = 1e-4) -> KMeansResult:
@@ -502,7 +521,7 @@ def adaptive_kmeans_batch(
     if k_min > k_max:
         raise ValueError(f"k_min ({k_min}) must not exceed k_max ({k_max})")
     _check_options(max_iter, tol)
-    results, curve = _fit(normalize_rows(x), k_max, (k_min, k_max), seed, max_iter, tol)
+    results, curve = _run(x, k_max, (k_min, k_max), seed, max_iter, tol)
     return list(zip(results, curve.unbind(0)))
 
 
