@@ -16,10 +16,13 @@ STATE=${RAY_HEAD_STATE:-${TMPDIR:-/tmp}/tokendyn-ray-head}
 NUM_CPUS=${RAY_HEAD_CPUS:-$(nproc)}
 GCS_PORT=${RAY_HEAD_PORT:-6379}
 DASHBOARD_PORT=${RAY_DASHBOARD_PORT:-8265}
+AGENT_PORT=${RAY_AGENT_PORT:-52365}
 RAY=${RAY:-ray}
 # Local-only mode keeps GCS, raylet and dashboard on loopback instead of the machine's external address.
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 export RAY_AUTH_MODE=token
+
+http_answers() { [[ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$1" || true)" != "000" ]]; }
 
 pid_alive() { [[ -f "$STATE/head.pid" ]] && kill -0 "$(cat "$STATE/head.pid")" 2>/dev/null; }
 
@@ -31,13 +34,13 @@ start() {
   # stops the whole head.
   "$RAY" start --head --block --num-cpus="$NUM_CPUS" --node-ip-address=127.0.0.1 --port="$GCS_PORT" \
     --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" --include-dashboard=true \
+    --dashboard-agent-listen-port="$AGENT_PORT" \
     --disable-usage-stats >"$STATE/head.log" 2>&1 &
   echo $! >"$STATE/head.pid"
   for _ in $(seq 1 120); do
-    # Any HTTP answer means the job API is up (401 when Ray's token authentication is on; `ray job submit`
-    # reads the token from ~/.ray/auth_token).
-    code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$DASHBOARD_PORT/api/version" || true)
-    if [[ "$code" != "000" ]]; then
+    # Jobs can be submitted once both the dashboard and the head's job agent answer HTTP (any status: 401 when
+    # token authentication is on). The dashboard alone answers first and rejects jobs with "no available agent".
+    if http_answers "$DASHBOARD_PORT/api/version" && http_answers "$AGENT_PORT/api/local_raylet_healthz"; then
       echo "Ray head up (PID $(cat "$STATE/head.pid")); dashboard and job API at http://127.0.0.1:$DASHBOARD_PORT"
       return 0
     fi
@@ -67,5 +70,5 @@ case "${1:-}" in
   start) start ;;
   stop) stop ;;
   status) status ;;
-  *) echo "usage: $0 start|stop|status   (env: RAY_HEAD_STATE, RAY_HEAD_CPUS, RAY_HEAD_PORT, RAY_DASHBOARD_PORT)"; exit 2 ;;
+  *) echo "usage: $0 start|stop|status   (env: RAY_HEAD_STATE, RAY_HEAD_CPUS, RAY_HEAD_PORT, RAY_DASHBOARD_PORT, RAY_AGENT_PORT)"; exit 2 ;;
 esac

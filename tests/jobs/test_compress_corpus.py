@@ -118,7 +118,7 @@ def test_ray_job_submit_against_a_local_head(tmp_path, job_input_dir):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     shutil.copy(job_input_dir / "carphone_distorted.mp4", corpus)
-    ports = {"RAY_HEAD_PORT": str(_free_port()), "RAY_DASHBOARD_PORT": str(_free_port())}
+    ports = {name: str(_free_port()) for name in ("RAY_HEAD_PORT", "RAY_DASHBOARD_PORT", "RAY_AGENT_PORT")}
     env = {**os.environ, **ports, "RAY_HEAD_STATE": str(tmp_path / "head"), "RAY_HEAD_CPUS": "2",
            "RAY": str(Path(sys.executable).with_name("ray")), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            "RAY_AUTH_MODE": "token",
