@@ -15,6 +15,7 @@ Everything expensive is session-scoped; tests must not modify what these fixture
 - s3_client                  a boto3 S3 client for that endpoint
 - s3_bucket                  (function-scoped) name of a fresh empty bucket on that server
 - tiny_vision_config         kwargs of the tiny vision config used below, for building variants
+- one_torch_thread           (module-scoped) torch limited to one thread; use with pytest.mark.usefixtures
 - tiny_siglip_dir / tiny_clip_dir / tiny_dinov2_dir
                              directories holding a tiny randomly initialised vision tower (hidden 32, 2 layers,
                              patch 16, image 64 -> 4x4 grid) plus its *ImageProcessorPil config, saved with
@@ -40,6 +41,18 @@ TINY_VISION_CONFIG = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=16, image_size=64
 )
 TINY_IMAGE_SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for the module: small tensors gain nothing from threads, and on a busy 2-core machine
+    spinning threads make them many times slower."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -55,13 +55,7 @@ def cache_root(tmp_path_factory) -> str:
 ALL_IDS = {f"video-{index:02d}" for index in range(NUM_VIDEOS)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors gain nothing from threads, and on a busy machine spinning threads slow them down many times."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---- sharding --------------------------------------------------------------------------------------------------

@@ -10,13 +10,7 @@ from pipeline.video_lm import VideoPrefixLM, byte_tokenizer, caption_batch, tiny
 DIM, FRAMES, GRID = 16, 3, (2, 2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors gain nothing from threads, and on a busy machine spinning threads slow them down many times."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

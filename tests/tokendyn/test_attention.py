@@ -6,13 +6,7 @@ from tokendyn import CrossDynamicsAttention, motion_features
 from tokendyn.attention import NUM_MOTION_FEATURES, time_encoding
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Small problems: extra threads only add synchronisation, which a busy shared machine makes very slow.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def module(dim=32, heads=4, seed=0) -> CrossDynamicsAttention:

@@ -10,13 +10,7 @@ import tokendyn
 from tokendyn import CompressedVideo, compress, compress_batch
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Small problems: extra threads only add synchronisation, which a busy shared machine makes very slow.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def planted_video(k: int, shape=(6, 7, 8), dim: int = 48, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,13 +16,7 @@ from tokendyn.kmeans import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Small problems: extra threads only add synchronisation, which a busy shared machine makes very slow.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def planted(k: int, per: int, dim: int, *, noise: float = 0.05, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
