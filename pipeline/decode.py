@@ -131,10 +131,16 @@ def _as_decodable(source: VideoSource, s3_endpoint_url: str | None) -> str | io.
         data = read_bytes(str(source), s3_endpoint_url=s3_endpoint_url)
     else:
         path = Path(canonical_uri(os.fspath(source)))
+        if path.is_dir():
+            raise IsADirectoryError(f"a directory, not a video: {source}")
         if not path.is_file():
+            if path.exists():  # a FIFO, socket or device: opening it could block, so it is not opened
+                raise DecodeError(f"not a regular file (FIFO, socket or device): {source}")
             raise FileNotFoundError(f"video not found: {source}")
         if path.stat().st_size == 0:
             raise DecodeError(f"empty file: {source}")
+        with open(path, "rb"):  # an unreadable file fails here as PermissionError, not as a vague decoder error
+            pass
         return str(path)
     if not data:
         raise DecodeError("empty input (0 bytes)")
@@ -158,6 +164,8 @@ class _DecordReader:
         try:
             self._reader = decord.VideoReader(_rewound(source), ctx=decord.cpu(0), num_threads=num_threads)
         except Exception as error:  # decord raises bare RuntimeError/DECORDError for every open failure
+            if "cannot find video stream" in str(error):  # say it as PyAV does, without decord's internals
+                raise DecodeError("the file has no video stream") from error
             raise DecodeError(f"decord cannot open the video: {error}") from error
         self.frame_count = len(self._reader)
         self.avg_fps = float(self._reader.get_avg_fps() or 0.0)

@@ -35,6 +35,11 @@ from pipeline.storage import OutputStore
 log = logging.getLogger("tokendyn.pipeline")
 
 MAX_INPUT_BLOCKS = 10_000
+# Decoded frames wait in the object store between decode and encode. Decoding usually outruns the encoder, and Ray
+# Data's default budget (half the object store) lets them pile up in proportion to the corpus; a budget of a few
+# encoder batches per actor keeps memory flat whatever the corpus size, without starving the encoder.
+IN_FLIGHT_BATCHES = 4
+MIN_OBJECT_STORE_BUDGET = 64 * 1024 * 1024
 
 
 @dataclass
@@ -91,14 +96,21 @@ def build_dataset(todo: list[dict], config: JobConfig) -> ray.data.Dataset:
 
     decode = DecodeStage.resources(config)
     encode = EncodeCompressStage.resources(config)
-    return (
+    input_size = encoder_input_size(config.encoder)
+    dataset = (
         ray.data.from_items(todo, override_num_blocks=blocks)
-        .map(DecodeStage, fn_constructor_kwargs={"config": config, "input_size": encoder_input_size(config.encoder)},
+        .map(DecodeStage, fn_constructor_kwargs={"config": config, "input_size": input_size},
              compute=ray.data.ActorPoolStrategy(min_size=1, max_size=decode_actors), num_cpus=decode.num_cpus)
         .map_batches(EncodeCompressStage, fn_constructor_kwargs={"config": config}, batch_size=config.batch_size,
                      batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=config.workers),
                      num_cpus=encode.num_cpus, num_gpus=encode.num_gpus)
     )
+    video_bytes = config.frames * input_size[0] * input_size[1] * 3  # uint8 RGB frames of one decoded video
+    budget = max(MIN_OBJECT_STORE_BUDGET, IN_FLIGHT_BATCHES * config.workers * config.batch_size * video_bytes)
+    options = dataset.context.execution_options  # this dataset's own copy of the DataContext
+    options.resource_limits = options.resource_limits.copy(
+        object_store_memory=min(budget, options.resource_limits.object_store_memory))
+    return dataset
 
 
 class Committer:
