@@ -5,7 +5,6 @@ Rows of the table (all on the same corpus, same encoder and settings):
   encoder forward only            frames already decoded; the ceiling for any pipeline
   plain loop                      decode + encode + compress, one process, one video after another
   Ray pipeline (end to end)       jobs/compress_corpus.py's run_job, actor start-up and writing included
-  Ray pipeline (steady state)     the same run, from its first committed batch to its last
 
 Ratios printed: pipeline / plain loop (goal >= 0.9 on the CPU, where decode and encode share cores) and
 pipeline / encoder-only (goal >= 0.9 with a GPU, where decode overlaps encode). The corpus is the real sample clips,
@@ -90,14 +89,10 @@ config = JobConfig.from_args([
     "--input", str(corpus), "--output", str(work / "out"), "--frames", str(args.frames), "--k", str(args.k),
     "--encoder", args.encoder, "--workers", str(args.workers), "--gpus-per-worker", str(args.gpus_per_worker),
     "--batch-size", str(args.batch_size), "--rows-per-file", str(args.batch_size), "--neighbours", "0"])
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 init_ray(config)
-batch_times: list[tuple[float, int]] = []
-summary = run_job(config, on_batch=lambda rows: batch_times.append((time.perf_counter(), rows)))
+summary = run_job(config)
 assert summary.ok == len(videos), f"pipeline wrote {summary.ok} of {len(videos)} videos"
 pipeline_rate = rate(summary.ok, summary.wall_s)
-steady_rate = rate(sum(n for _, n in batch_times[1:]), batch_times[-1][0] - batch_times[0][0]) \
-    if len(batch_times) > 1 else float("nan")
 
 print(f"\n{'measure':<34}{'videos/s':>10}{'ratio':>10}")
 print(f"{'decode decord':<34}{decode_rates['decord']:>10.2f}{'':>10}")
@@ -106,6 +101,5 @@ print(f"{'decode PyAV':<34}{decode_rates['pyav']:>10.2f}{decode_rates['pyav'] / 
 print(f"{'encoder forward only':<34}{encoder_rate:>10.2f}{'':>10}")
 print(f"{'plain loop (decode+encode+compress)':<34}{plain_rate:>10.2f}{'':>10}")
 print(f"{'Ray pipeline, end to end':<34}{pipeline_rate:>10.2f}{pipeline_rate / plain_rate:>9.2f}x  (/ plain loop)")
-print(f"{'Ray pipeline, steady state':<34}{steady_rate:>10.2f}{steady_rate / plain_rate:>9.2f}x  (/ plain loop)")
-print(f"{'':<34}{'':>10}{steady_rate / encoder_rate:>9.2f}x  (steady / encoder only)")
+print(f"{'':<34}{'':>10}{pipeline_rate / encoder_rate:>9.2f}x  (/ encoder only)")
 print(f"\ntorch threads in the plain loop: {torch.get_num_threads()}; cores: {os.cpu_count()}")
