@@ -116,8 +116,7 @@ def frames_at(uri: str, indices: list[int], size: tuple[int, int], decoder: str,
     if list(clip.frame_indices) == list(indices):
         return clip.frames
     # Rows sampled another way (e.g. by fps): read exactly the stored indices.
-    reader = decode._open_reader(decoder, decode._as_decodable(uri, s3_endpoint_url), 0)
-    return decode.resize_frames(reader.get_frames(list(indices)), size)
+    return decode.decode_frames(uri, indices, size=size, decoder=decoder, s3_endpoint_url=s3_endpoint_url)
 
 
 def clip_from_output(args: argparse.Namespace) -> ClipToDraw:

@@ -282,3 +282,19 @@ def decode_video(
         source_frames=source_frames,
         source_size=(int(frames.shape[1]), int(frames.shape[2])),
     )
+
+
+def decode_frames(
+    source: VideoSource,
+    frame_indices: list[int],
+    *,
+    size: tuple[int, int] | None = (224, 224),
+    decoder: str = "decord",
+    s3_endpoint_url: str | None = None,
+) -> np.ndarray:
+    """The frames at exactly these source indices (e.g. a stored row's `frame_indices`), resized as decode_video.
+
+    -> uint8 [len(frame_indices), h, w, 3]. Raises like `decode_video`.
+    """
+    reader = _open_reader(decoder, _as_decodable(source, s3_endpoint_url), 0)
+    return resize_frames(reader.get_frames(list(frame_indices)), size)

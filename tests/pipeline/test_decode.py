@@ -221,3 +221,11 @@ def test_pyav_resamples_when_the_stream_is_shorter_than_its_metadata(synthetic_c
     assert clip.source_frames == 24
     assert clip.frame_indices == sample_frame_indices(24, num_frames=4)
     assert [frame_index_of(frame) for frame in clip.frames] == clip.frame_indices
+
+
+def test_decode_frames_reads_exactly_the_given_indices(synthetic_clip, frame_index_of):
+    from pipeline.decode import decode_frames
+
+    for decoder in ("decord", "pyav"):
+        frames = decode_frames(str(synthetic_clip), [5, 0, 17, 17], size=None, decoder=decoder)
+        assert [frame_index_of(frame) for frame in frames] == [5, 0, 17, 17]
