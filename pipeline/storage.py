@@ -26,6 +26,7 @@ import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlparse
 
 import lancedb
@@ -57,13 +58,10 @@ def filesystem_for(root: str, s3_endpoint_url: str | None = None) -> tuple[pafs.
             parsed = urlparse(s3_endpoint_url)
             kwargs = {"endpoint_override": parsed.netloc or parsed.path, "scheme": parsed.scheme or "https"}
         return pafs.S3FileSystem(**kwargs), root[len("s3://"):].rstrip("/")
-    local = pafs.LocalFileSystem()
-    return local, pafs.LocalFileSystem().normalize_path(str(_absolute(root)))
+    return pafs.LocalFileSystem(), str(_absolute(root))
 
 
-def _absolute(path: str):
-    from pathlib import Path
-
+def _absolute(path: str) -> Path:
     return Path(path).expanduser().resolve()
 
 

@@ -10,6 +10,7 @@ Everything expensive is session-scoped; tests must not modify what these fixture
 - frame_index_of             function: a decoded synthetic frame -> its source frame index
 - synthetic_clip             Path of the default synthetic clip: 24 frames, 12 fps, 64x48, .mp4
 - corrupt_video_path         Path of a .mp4 file holding random bytes
+- free_port                  function () -> a free TCP port on 127.0.0.1
 - moto_s3_endpoint           "http://127.0.0.1:<free port>" of a moto S3 server; dummy AWS credentials are set in
                              the environment for the whole session
 - s3_client                  a boto3 S3 client for that endpoint
@@ -134,6 +135,12 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """Function: a TCP port on 127.0.0.1 that is free right now."""
+    return _free_port
 
 
 @pytest.fixture(scope="session")

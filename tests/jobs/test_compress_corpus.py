@@ -113,12 +113,12 @@ def test_help_documents_every_flag():
         assert flag in result.stdout
 
 
-def test_ray_job_submit_against_a_local_head(tmp_path, job_input_dir):
+def test_ray_job_submit_against_a_local_head(tmp_path, job_input_dir, free_port):
     """infra/ray_head.sh starts a loopback head; `ray job submit` runs the job on it; the head is stopped."""
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     shutil.copy(job_input_dir / "carphone_distorted.mp4", corpus)
-    ports = {name: str(_free_port()) for name in ("RAY_HEAD_PORT", "RAY_DASHBOARD_PORT", "RAY_AGENT_PORT")}
+    ports = {name: str(free_port()) for name in ("RAY_HEAD_PORT", "RAY_DASHBOARD_PORT", "RAY_AGENT_PORT")}
     env = {**os.environ, **ports, "RAY_HEAD_STATE": str(tmp_path / "head"), "RAY_HEAD_CPUS": "2",
            "RAY": str(Path(sys.executable).with_name("ray")), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            "RAY_AUTH_MODE": "token",
@@ -140,10 +140,3 @@ def test_ray_job_submit_against_a_local_head(tmp_path, job_input_dir):
         subprocess.run([*head, "stop"], env=env, check=True, timeout=120)
     assert not (tmp_path / "head" / "head.pid").exists()
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]

@@ -38,7 +38,8 @@ REPO = Path(__file__).resolve().parents[2]
 ENTRY = REPO / "jobs" / "compress_corpus.py"
 # One video per batch and per file, so commits happen often and a kill lands between them.
 FLAGS = ["--frames", "4", "--k", "4", "--batch-size", "1", "--rows-per-file", "1", "--neighbours", "0"]
-VIDEOS = 12
+VIDEOS = 8  # per driver-kill run
+ACTOR_KILL_VIDEOS = 12  # enough batches queued that the encoder is mid-batch when it is killed
 START_TIMEOUT_S = 240
 
 
@@ -215,7 +216,7 @@ def test_rerun_after_a_driver_kill_finishes_exactly_once_without_recomputing(ray
 def test_a_killed_encoder_actor_is_restarted_and_its_batch_retried(ray_local, tmp_path, make_synthetic_clip):
     from ray._private import state
 
-    corpus = make_corpus(tmp_path / "corpus", make_synthetic_clip("crash_actor", num_frames=12))
+    corpus = make_corpus(tmp_path / "corpus", make_synthetic_clip("crash_actor", num_frames=12), ACTOR_KILL_VIDEOS)
     killed: dict = {}
 
     def kill_the_encoder_mid_batch(rows: int) -> None:
@@ -240,7 +241,7 @@ def test_a_killed_encoder_actor_is_restarted_and_its_batch_retried(ray_local, tm
     assert state.actors()[killed["actor_id"]]["NumRestarts"] >= 1  # Ray restarted the actor...
 
     # ...retried the batch it was working on, and the run completed with every video exactly once.
-    assert (summary.ok, summary.failed, summary.exit_code) == (VIDEOS, 0, 0)
+    assert (summary.ok, summary.failed, summary.exit_code) == (ACTOR_KILL_VIDEOS, 0, 0)
     store = OutputStore(str(tmp_path / "out"))
     expected = sorted(video_id_for(str(path)) for path in corpus)
     assert sorted(store.read_videos(columns=["video_id"]).column("video_id").to_pylist()) == expected
