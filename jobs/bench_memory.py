@@ -1,8 +1,8 @@
 """Peak memory of the compression job against corpus size: memory must not grow with the number of videos.
 
 For each corpus size (default 1,000 and 4,000 short synthetic videos: 32x32, 8 frames) the job runs in a fresh
-process, standalone (its own local Ray), with the default encoder on 2 sampled frames per video. A sampler thread
-in that process records, every --interval seconds:
+process, standalone (its own local Ray), with the default encoder on 2 sampled frames per video (--one-process:
+all sizes in turn in this process, on one Ray). A sampler thread in the driver records, every --interval seconds:
 
   driver        RSS of the driver (listing, planning, the committer that writes Parquet and LanceDB)
   workers       summed RSS of Ray's worker processes (decode and encoder actors, their decode child processes)
@@ -13,7 +13,7 @@ as they arrive, so the peaks must agree within --tolerance (15%) between the sma
 the exit status is 1 when they do not.
 
     python jobs/bench_memory.py                          # 1,000 and 4,000 videos
-    python jobs/bench_memory.py --videos 60 240          # the small version the tests run
+    python jobs/bench_memory.py --videos 40 160 --one-process --encoder DIR   # the small version the tests run
 """
 
 from __future__ import annotations
@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tolerance", type=float, default=0.15, help="Largest allowed relative difference of peaks.")
     parser.add_argument("--json", help="Also write the results to this file.")
     parser.add_argument("--workdir", help="Folder for the corpus and outputs (default: a temporary one, removed).")
+    parser.add_argument("--one-process", action="store_true",
+                        help="Run every size in this process on one Ray, smallest first (quicker; a later run starts "
+                             "from the memory the earlier ones left, so growth shows all the more).")
     # One measured run, in its own process (used by the parent).
     parser.add_argument("--run-manifest", help=argparse.SUPPRESS)
     parser.add_argument("--run-output", help=argparse.SUPPRESS)
@@ -174,12 +177,13 @@ class Sampler(threading.Thread):
         return {**self.peaks, "samples": self.samples, "by_process": self.by_process}
 
 
-def measured_run(args: argparse.Namespace) -> None:
+def measure(manifest: str, output: str, args: argparse.Namespace) -> dict:
+    """Run the job over `manifest` (starting a local Ray unless one runs here) and return its memory peaks."""
     from pipeline.config import JobConfig
     from pipeline.job import init_ray, run_job
 
     config = JobConfig.from_args([
-        "--input", args.run_manifest, "--output", args.run_output, "--frames", str(args.frames), "--k", str(args.k),
+        "--input", manifest, "--output", output, "--frames", str(args.frames), "--k", str(args.k),
         "--encoder", args.encoder, "--batch-size", str(args.batch_size), "--num-cpus", str(args.num_cpus),
         "--neighbours", "0"])
     init_ray(config)
@@ -187,8 +191,8 @@ def measured_run(args: argparse.Namespace) -> None:
     sampler.start()
     summary = run_job(config)
     peaks = sampler.stop()
-    print(json.dumps({"videos": summary.listed, "ok": summary.ok, "failed": summary.failed,
-                      "wall_s": round(summary.wall_s, 1), **peaks}))
+    return {"videos": summary.listed, "ok": summary.ok, "failed": summary.failed,
+            "wall_s": round(summary.wall_s, 1), **peaks}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -198,6 +202,8 @@ def measured_run(args: argparse.Namespace) -> None:
 def run_size(videos: list[Path], workdir: Path, args: argparse.Namespace) -> dict:
     size = len(videos)
     manifest = write_manifest(workdir / f"manifest_{size}.csv", videos)
+    if args.one_process:
+        return measure(str(manifest), str(workdir / f"out_{size}"), args)
     command = [sys.executable, __file__, "--run-manifest", str(manifest), "--run-output", str(workdir / f"out_{size}"),
                "--frames", str(args.frames), "--k", str(args.k), "--encoder", args.encoder,
                "--batch-size", str(args.batch_size), "--num-cpus", str(args.num_cpus),
@@ -213,8 +219,9 @@ def run_size(videos: list[Path], workdir: Path, args: argparse.Namespace) -> dic
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.run_manifest:
-        measured_run(args)
+        print(json.dumps(measure(args.run_manifest, args.run_output, args)))
         return 0
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     sizes = sorted(set(args.videos))
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-memory-"))

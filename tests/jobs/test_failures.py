@@ -32,7 +32,7 @@ from pipeline.sources import video_id_for
 from pipeline.storage import OutputStore
 
 REPO = Path(__file__).resolve().parents[2]
-DECODE_TIMEOUT_S = 8
+DECODE_TIMEOUT_S = 10
 FLAGS = ["--frames", "8", "--k", "8", "--batch-size", "2", "--neighbours", "0", "--rows-per-file", "4"]
 MAX_ERROR_RATE = 0.25
 HANGING_URI = "s3://stalled-bucket/hang.mp4"
@@ -183,7 +183,8 @@ def expected_outcome(name: str, zoo: Zoo):
 def test_each_zoo_input_is_written_or_an_error_row_with_its_stage_and_reason(zoo, zoo_run):
     store = OutputStore(str(zoo_run.output))
     written = store.read_videos(columns=["video_id", "uri"]).to_pylist()
-    errors = {row["uri"]: row for row in store.read_errors().to_pylist()}
+    error_rows = store.read_errors().to_pylist()
+    errors = {row["uri"]: row for row in error_rows}
     written_uris = [row["uri"] for row in written]
 
     for name, uri in zoo.uris.items():
@@ -200,7 +201,7 @@ def test_each_zoo_input_is_written_or_an_error_row_with_its_stage_and_reason(zoo
     # Nothing else was written, and nothing twice (the duplicated uri included).
     assert len(written_uris) == len(set(written_uris))
     assert set(written_uris) | set(errors) == set(zoo.uris.values())
-    assert len(errors) == sum(1 for name in zoo.uris if expected_outcome(name, zoo) is not None)
+    assert len(error_rows) == len(errors) == sum(1 for name in zoo.uris if expected_outcome(name, zoo) is not None)
 
 
 def test_short_clips_repeat_frames_and_other_containers_decode(zoo, zoo_run):
