@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from pipeline.schema import compressed_video_from_row
 from pipeline.search import nearest_to_video

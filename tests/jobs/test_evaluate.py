@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import subprocess
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from job_scripts import load_job_script
 
 ROOT = Path(__file__).resolve().parents[2]
 JOB = ROOT / "jobs" / "evaluate.py"
@@ -22,11 +22,7 @@ GRID_CELLS = FRAMES * 7 * 7  # EfficientNet-Lite0: 7x7 tokens per frame
 
 @pytest.fixture(scope="module")
 def evaluate_job():
-    spec = importlib.util.spec_from_file_location("evaluate_job", JOB)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_job_script("evaluate")
 
 
 @pytest.fixture(scope="module")

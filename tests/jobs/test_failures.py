@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import importlib.util
 import io
 import json
 import os
@@ -30,6 +29,7 @@ import pytest
 from pipeline.schema import SCHEMA_VERSION, SCHEMA_VERSION_KEY, SchemaVersionError
 from pipeline.sources import video_id_for
 from pipeline.storage import OutputStore
+from job_scripts import load_job_script
 
 REPO = Path(__file__).resolve().parents[2]
 DECODE_TIMEOUT_S = 10
@@ -60,10 +60,7 @@ UNREADABLE = "unreadable.mp4"  # chmod 000: an error row where permissions apply
 
 def load_compress_corpus():
     """jobs/compress_corpus.py as a module, so its main() runs here on the test Ray."""
-    spec = importlib.util.spec_from_file_location("compress_corpus_entry", REPO / "jobs" / "compress_corpus.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_job_script("compress_corpus")
 
 
 def write_audio_only(path: Path) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,20 +12,13 @@ import pytest
 
 from pipeline.sources import video_id_for
 from pipeline.storage import OutputStore
+from job_scripts import load_job_script
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO / "jobs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-search_cli = load_script("search")
-bench = load_script("bench_search")
+search_cli = load_job_script("search")
+bench = load_job_script("bench_search")
 
 
 def synthetic_output(root: Path, videos: int, encoder: str = "synthetic") -> OutputStore:

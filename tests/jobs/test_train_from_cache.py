@@ -6,12 +6,10 @@ a tiny vision tower so that it takes seconds.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
-import torch
 
 import tokendyn
 from pipeline.decode import decode_video
@@ -19,8 +17,8 @@ from pipeline.encoders import load_encoder
 from pipeline.schema import now_utc, video_row, video_schema
 from pipeline.sources import video_id_for
 from pipeline.storage import OutputStore
+from job_scripts import load_job_script
 
-SCRIPT = Path(__file__).resolve().parents[2] / "jobs" / "train_from_cache.py"
 CAPTIONS = {
     "bigbuckbunny": "a big rabbit wakes up in a green meadow",
     "bikes": "cyclists ride past on a city street",
@@ -34,10 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("train_from_cache", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_job_script("train_from_cache")
 
 
 @pytest.fixture(scope="module")

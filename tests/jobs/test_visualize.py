@@ -6,7 +6,6 @@ own colours present, one GIF frame per sampled frame.
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -16,17 +15,14 @@ import pytest
 from PIL import Image
 
 from pipeline import overlay
+from job_scripts import load_job_script
 
 JOB = Path(__file__).resolve().parents[2] / "jobs" / "visualize.py"
 
 
 @pytest.fixture(scope="module")
 def visualize():
-    spec = importlib.util.spec_from_file_location("visualize_job", JOB)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_job_script("visualize")
 
 
 def colours_present(image: np.ndarray, colours: np.ndarray, tolerance: int = 6) -> int:
