@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-def _flag(default: Any, help: str, **argparse_kwargs: Any) -> Any:
-    return field(default=default, metadata={"help": help, **argparse_kwargs})
+def _flag(default: Any, help: str, *, contract: bool = False, **argparse_kwargs: Any) -> Any:
+    """A config field and its command-line flag. `contract`: the value changes what an output row means, so every
+    run that writes to one output must agree on it (see `JobConfig.output_settings`)."""
+    return field(default=default, metadata={"argparse": {"help": help, **argparse_kwargs}, "contract": contract})
 
 
 @dataclass(frozen=True)
@@ -29,23 +31,30 @@ class JobConfig:
     limit: int | None = _flag(None, "Process at most this many of the listed videos (after resume filtering).")
 
     # Decoding.
-    decoder: str = _flag("decord", "Video decoder.", choices=["decord", "pyav"])
-    frames: int = _flag(16, "Frames sampled uniformly per video (ignored when --fps is given).")
-    fps: float | None = _flag(None, "Sample frames at this rate instead of a fixed count.")
+    decoder: str = _flag("decord", "Video decoder.", choices=["decord", "pyav"], contract=True)
+    frames: int = _flag(16, "Frames sampled uniformly per video (ignored when --fps is given).", contract=True)
+    fps: float | None = _flag(None, "Sample frames at this rate instead of a fixed count.", contract=True)
+    max_frames: int = _flag(256, "Frame cap with --fps: longer clips are sampled uniformly at this many frames.",
+                            contract=True)
     decode_timeout_s: float = _flag(120.0, "Per-video decode time limit; a stuck decode becomes an error row.")
 
     # Encoding.
     encoder: str = _flag("efficientnet-lite0", "Vision encoder: efficientnet-lite0 (offline default) or a "
-                         "transformers vision tower by hub id or local directory.")
-    layer: int | None = _flag(None, "Hidden layer of a transformers encoder (default: second to last).")
+                         "transformers vision tower by hub id or local directory.", contract=True)
+    layer: int | None = _flag(None, "Hidden layer of a transformers encoder (default: second to last).",
+                              contract=True)
     device: str = _flag("auto", "Encoder device: auto (cuda when the worker has a GPU), cpu or cuda.")
 
     # Compression.
-    k: int | None = _flag(32, "Token-base size K; 0 selects adaptive K within [--k-min, --k-max].")
-    k_min: int = _flag(8, "Smallest K in adaptive mode.")
-    k_max: int = _flag(64, "Largest K in adaptive mode.")
-    seed: int = _flag(0, "Seed of the k-means++ initialisation.")
-    base_dtype: str = _flag("float16", "Stored precision of the token base.", choices=["float16", "float32"])
+    k: int | None = _flag(32, "Token-base size K; 0 selects adaptive K within [--k-min, --k-max].", contract=True)
+    k_min: int = _flag(8, "Smallest K in adaptive mode.", contract=True)
+    k_max: int = _flag(64, "Largest K in adaptive mode.", contract=True)
+    k_rule: str = _flag("fidelity", "Adaptive K rule: fidelity (smallest K reaching --target-fidelity) or elbow.",
+                        choices=["fidelity", "elbow"], contract=True)
+    target_fidelity: float = _flag(0.9, "Adaptive K target of the fidelity rule.", contract=True)
+    seed: int = _flag(0, "Seed of the k-means++ initialisation.", contract=True)
+    base_dtype: str = _flag("float16", "Stored precision of the token base.", choices=["float16", "float32"],
+                            contract=True)
 
     # Ray resources.
     workers: int = _flag(1, "Encoder actors (one model each).")
@@ -71,6 +80,10 @@ class JobConfig:
             raise ValueError("--frames must be >= 1")
         if self.fps is not None and self.fps <= 0:
             raise ValueError("--fps must be > 0")
+        if self.max_frames < 1:
+            raise ValueError("--max-frames must be >= 1")
+        if not 0.0 < self.target_fidelity <= 1.0:
+            raise ValueError("--target-fidelity must be within (0, 1]")
         if not self.adaptive and self.k < 1:
             raise ValueError("--k must be >= 1 (or 0 for adaptive)")
         if not 1 <= self.k_min <= self.k_max:
@@ -81,13 +94,25 @@ class JobConfig:
             raise ValueError("--max-error-rate must be within [0, 1]")
         return self
 
+    def output_settings(self) -> dict[str, Any]:
+        """The settings that give an output row its meaning (the contract fields), without those the mode ignores:
+        sampling is `frames` or `fps` + `max_frames`; K is fixed `k` or the adaptive rule with its range."""
+        settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["contract"]}
+        ignored = {"frames"} if self.fps is not None else {"fps", "max_frames"}
+        if self.adaptive:
+            settings["k"] = 0
+            ignored |= {"target_fidelity"} if self.k_rule != "fidelity" else set()
+        else:
+            ignored |= {"k_min", "k_max", "k_rule", "target_fidelity"}
+        return {name: value for name, value in settings.items() if name not in ignored}
+
     @classmethod
     def parser(cls, description: str | None = None) -> argparse.ArgumentParser:
         parser = argparse.ArgumentParser(description=description,
                                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         for f in dataclasses.fields(cls):
             flag = "--" + f.name.replace("_", "-")
-            kwargs = dict(f.metadata)
+            kwargs = dict(f.metadata["argparse"])
             if f.type in ("bool", bool):
                 parser.add_argument(flag, action="store_true", **kwargs)
                 continue
