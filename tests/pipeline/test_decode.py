@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import io
+from fractions import Fraction
 
+import av
 import numpy as np
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from pipeline.decode import DecodeError, DecodedClip, decode_video, resize_frames, sample_frame_indices
 
@@ -122,6 +126,58 @@ def test_resize_scales_the_shorter_side_and_takes_the_centre_crop():
     assert resize_frames(frame, None) is frame
 
 
+def _centre_crop_box_expectations(height, width, target_h, target_w, box):
+    """The box is whole pixels inside the frame, at least 1x1, centred, keeps one full side, and its other side is
+    the whole number nearest to the target's aspect ratio (checked in exact integer arithmetic)."""
+    left, top, right, bottom = box
+    assert all(isinstance(value, int) for value in box)
+    assert 0 <= left < right <= width and 0 <= top < bottom <= height
+    crop_w, crop_h = right - left, bottom - top
+    assert left == (width - crop_w) // 2 and top == (height - crop_h) // 2
+    if width * target_h >= height * target_w:  # wider than the target: full height, width from the aspect
+        assert crop_h == height
+        assert crop_w == 1 or 2 * abs(crop_w * target_h - height * target_w) <= target_h
+    else:
+        assert crop_w == width
+        assert crop_h == 1 or 2 * abs(crop_h * target_w - width * target_h) <= target_w
+
+
+@settings(max_examples=500, deadline=None)
+@given(height=st.integers(1, 100_000), width=st.integers(1, 100_000),
+       target_h=st.integers(1, 4096), target_w=st.integers(1, 4096))
+@example(height=110, width=256, target_h=224, target_w=224)  # a float box put its top at -7e-15
+@example(height=4320, width=7680, target_h=224, target_w=224)
+@example(height=1, width=4000, target_h=224, target_w=224)
+def test_crop_box_is_whole_pixels_inside_the_frame_for_every_size(height, width, target_h, target_w):
+    from pipeline.decode import _centre_crop_box
+
+    box = _centre_crop_box(height, width, target_h, target_w)
+    _centre_crop_box_expectations(height, width, target_h, target_w, box)
+
+
+@settings(max_examples=150, deadline=None)
+@given(height=st.integers(1, 600), width=st.integers(1, 600), target_h=st.integers(1, 300),
+       target_w=st.integers(1, 300), level=st.integers(0, 255))
+@example(height=110, width=256, target_h=224, target_w=224, level=7)
+@example(height=2, width=2, target_h=224, target_w=224, level=200)
+@example(height=1, width=1, target_h=3, target_w=5, level=1)
+def test_resize_returns_exactly_the_target_shape_for_every_size(height, width, target_h, target_w, level):
+    frames = np.full((2, height, width, 3), level, dtype=np.uint8)
+    frames[1] = 255 - level
+    resized = resize_frames(frames, (target_h, target_w))
+    assert resized.shape == (2, target_h, target_w, 3) and resized.dtype == np.uint8
+    # A uniform frame stays that colour: nothing outside the frame (no padding) is sampled.
+    assert (resized[0] == level).all() and (resized[1] == 255 - level).all()
+
+
+@pytest.mark.parametrize("size", [(110, 256), (256, 110), (1, 4000), (4000, 1), (2, 2), (4320, 7680), (1081, 1919)])
+def test_resize_of_awkward_and_huge_frames(size):
+    frames = np.zeros((1, *size, 3), dtype=np.uint8)
+    frames[0, :, : max(1, size[1] // 2)] = 200  # left half bright: the centre crop keeps both halves
+    resized = resize_frames(frames, (224, 224))
+    assert resized.shape == (1, 224, 224, 3)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # synthetic clips: exact frame identity, inputs, containers
 
@@ -167,6 +223,117 @@ def test_decode_from_s3(s3_client, s3_bucket, moto_s3_endpoint, synthetic_clip, 
     s3_client.put_object(Bucket=s3_bucket, Key="v/clip.mp4", Body=synthetic_clip.read_bytes())
     clip = decode_video(f"s3://{s3_bucket}/v/clip.mp4", num_frames=3, size=(16, 16), s3_endpoint_url=moto_s3_endpoint)
     assert [frame_index_of(frame) for frame in clip.frames] == clip.frame_indices == [4, 12, 20]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# awkward sources: odd and extreme sizes, pixel formats, rotation, variable frame rate
+
+# (height, width, pixel format): 4:2:0 needs even sizes, so odd ones are 4:4:4 or grey. decord 0.6 fails on some
+# narrow widths (1-4, 6, 8, 12, 16 px); those frames come from PyAV.
+AWKWARD_SIZES = [(110, 256, "yuv420p"), (33, 17, "yuv444p"), (2, 2, "yuv444p"), (1, 4000, "yuv444p"),
+                 (4000, 1, "yuv444p"), (7, 5, "gray")]
+
+
+def clip_frame_index(frame: np.ndarray, pix_fmt: str) -> int:
+    """The index a decoded synthetic frame shows. Grey H.264 is limited-range luma: level L decodes to
+    (L - 16) * 255 / 219, so grey clips are read back through that mapping."""
+    if pix_fmt.startswith("gray"):
+        return int(round(float(frame.mean()) * 219 / 255 / 8))
+    return int(round((float(frame.mean()) - 16) / 8))
+
+
+@pytest.mark.parametrize("decoder", ["decord", "pyav"])
+@pytest.mark.parametrize("height, width, pix_fmt", AWKWARD_SIZES)
+def test_clips_of_awkward_sizes_decode_to_exactly_the_target_size(make_synthetic_clip, decoder, height, width,
+                                                                  pix_fmt):
+    path = make_synthetic_clip("awkward", num_frames=6, fps=10, size=(height, width), pix_fmt=pix_fmt)
+    clip = decode_video(path, num_frames=3, size=(224, 224), decoder=decoder)
+    assert clip.frames.shape == (3, 224, 224, 3)
+    assert clip.source_size == (height, width) and clip.source_frames == 6
+    assert [clip_frame_index(frame, pix_fmt) for frame in clip.frames] == clip.frame_indices == [1, 3, 5]
+
+
+@pytest.mark.parametrize("pix_fmt", ["yuv420p10le", "yuv444p", "yuv444p10le", "gray", "gray10le"])
+def test_10_bit_444_and_grey_sources_decode_alike_with_both_decoders(make_synthetic_clip, pix_fmt):
+    path = make_synthetic_clip("format", num_frames=12, fps=10, size=(48, 64), pix_fmt=pix_fmt)
+    by_decoder = {decoder: decode_video(path, num_frames=4, size=(32, 32), decoder=decoder)
+                  for decoder in ("decord", "pyav")}
+    for clip in by_decoder.values():
+        assert clip.frames.shape == (4, 32, 32, 3) and clip.source_frames == 12
+        assert [clip_frame_index(frame, pix_fmt) for frame in clip.frames] == clip.frame_indices
+    difference = np.abs(by_decoder["decord"].frames.astype(np.int16) - by_decoder["pyav"].frames)
+    assert difference.max() <= 2
+
+
+def quadrant_frames(count: int, height: int = 32, width: int = 48) -> np.ndarray:
+    """uint8 [count, h, w, 3]: red top-left, green top-right, blue bottom-left and a grey bottom-right quadrant
+    whose level tells the frame index; no two rotations of it look alike."""
+    frames = np.zeros((count, height, width, 3), dtype=np.uint8)
+    frames[:, : height // 2, : width // 2] = (220, 30, 30)
+    frames[:, : height // 2, width // 2:] = (30, 220, 30)
+    frames[:, height // 2:, : width // 2] = (30, 30, 220)
+    for index in range(count):
+        frames[index, height // 2:, width // 2:] = 40 + 40 * index
+    return frames
+
+
+def write_clip(path, frames: np.ndarray, *, rotation: int = 0, pix_fmt: str = "yuv444p", frame_ms=None):
+    """Encode RGB frames [T, h, w, 3] with H.264. rotation: counter-clockwise degrees recorded in the display
+    matrix (as phones record portrait video). frame_ms: per-frame durations, for a variable frame rate."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
+        if rotation:
+            stream.set_display_rotation(rotation)
+        if frame_ms is not None:
+            stream.codec_context.time_base = Fraction(1, 1000)
+        pts = 0
+        for index, image in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            if frame_ms is not None:
+                frame.pts, frame.time_base = pts, Fraction(1, 1000)
+                pts += frame_ms[index % len(frame_ms)]
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+@pytest.mark.parametrize("decoder", ["decord", "pyav"])
+@pytest.mark.parametrize("rotation", [90, 180, 270])
+def test_rotated_clips_come_out_upright(tmp_path, decoder, rotation):
+    source = quadrant_frames(4)
+    path = write_clip(tmp_path / f"rotated_{rotation}.mp4", source, rotation=rotation)
+    with av.open(str(path)) as container:  # the file really carries the rotation
+        assert next(container.decode(video=0)).rotation == (rotation + 180) % 360 - 180
+    # Oracle: the unrotated source frames turned with numpy (np.rot90 turns counter-clockwise, as the matrix says).
+    upright = np.rot90(source, k=rotation // 90, axes=(1, 2))
+    clip = decode_video(path, num_frames=4, size=None, decoder=decoder)
+    assert clip.frames.shape == upright.shape and clip.source_size == upright.shape[1:3]
+    difference = np.abs(clip.frames.astype(np.int16) - upright)
+    assert difference.mean() < 3, difference.mean()
+    for wrong_turn in {1, 2, 3} - {rotation // 90}:  # and it is not upright by accident
+        wrong = np.rot90(source, k=wrong_turn, axes=(1, 2))
+        if wrong.shape == clip.frames.shape:
+            assert np.abs(clip.frames.astype(np.int16) - wrong).mean() > 30
+    resized = decode_video(path, num_frames=2, size=(24, 40), decoder=decoder)
+    assert resized.frames.shape == (2, 24, 40, 3)
+
+
+@pytest.mark.parametrize("decoder", ["decord", "pyav"])
+def test_variable_frame_rate_clip_decodes_by_frame_index(tmp_path, decoder, frame_index_of):
+    levels = np.array([16 + 8 * i for i in range(20)], dtype=np.uint8)
+    frames = np.broadcast_to(levels[:, None, None, None], (20, 48, 64, 3)).copy()
+    path = write_clip(tmp_path / "vfr.mp4", frames, pix_fmt="yuv420p", frame_ms=[20, 100])  # 50 and 10 fps
+    clip = decode_video(path, num_frames=5, size=(16, 16), decoder=decoder)
+    assert clip.source_frames == 20
+    assert [frame_index_of(frame) for frame in clip.frames] == clip.frame_indices == [2, 6, 10, 14, 18]
+    # fps sampling counts frames at the container's average rate (about 17 fps here), the same with both decoders.
+    assert 10 < clip.fps < 50
+    by_rate = decode_video(path, fps=clip.fps / 4, size=(16, 16), decoder=decoder)
+    assert by_rate.frame_indices == [0, 4, 8, 12, 16]
+    assert [frame_index_of(frame) for frame in by_rate.frames] == by_rate.frame_indices
 
 
 # ---------------------------------------------------------------------------------------------------------------
