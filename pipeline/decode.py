@@ -13,8 +13,21 @@ Frame sampling (`sample_frame_indices`):
     (index = floor(k * source_fps / F)), never the same frame twice (F above the source rate gives every frame).
     T grows with the clip's length; `max_frames` caps it by thinning the list uniformly with the rule above.
 
+    The frame rate is the container's average rate, so on a variable-frame-rate source fps sampling is by frame
+    index at that average rate, not by timestamp.
+
 Resize (`resize_frames`): scale the shorter side to fit the target, then take the centre crop; the aspect ratio
-is kept and nothing is padded. Done in one PIL call (crop box + bicubic resampling, antialiased when shrinking).
+is kept and nothing is padded. The crop box is computed in whole pixels with integer arithmetic, so any source
+size (1x1, 1x4000 banners, odd sizes, 8K) gives exactly the target size. Done in one PIL call (crop box + bicubic
+resampling, antialiased when shrinking).
+
+Orientation: frames come out upright. A display matrix in the container (phones record portrait video as
+landscape frames plus a rotation) is applied in quarter turns; mirroring in the matrix is not applied.
+
+Decoders: decord 0.6 turns 90/270-degree clips itself but garbles 180-degree ones, and fails on some narrow
+frame widths (1-16 px). So a clip with a rotation is always decoded by PyAV, and a clip that decord cannot
+open or decode is decoded again by PyAV; the decord error is raised only when PyAV fails too. Any pixel format
+FFmpeg decodes works (8/10-bit 4:2:0, 4:2:2, 4:4:4, grey): both convert to RGB with FFmpeg's swscale.
 
 Indices are clamped to the frame count the decoder reports (decord's packet count; PyAV's stream metadata or
 packet count). A file whose stream ends before that count is handled by PyAV (it resamples over the frames it
@@ -96,11 +109,16 @@ def sample_frame_indices(
 # resizing
 
 
-def _centre_crop_box(height: int, width: int, target_h: int, target_w: int) -> tuple[float, float, float, float]:
-    """The largest centred region of the source with the target's aspect ratio, as a PIL box (l, t, r, b)."""
-    scale = max(target_h / height, target_w / width)
-    crop_w, crop_h = target_w / scale, target_h / scale
-    left, top = (width - crop_w) / 2, (height - crop_h) / 2
+def _centre_crop_box(height: int, width: int, target_h: int, target_w: int) -> tuple[int, int, int, int]:
+    """The largest centred region of the source with the target's aspect ratio, in whole pixels, as a PIL box
+    (l, t, r, b). Integer arithmetic only: the box is always inside the frame and at least 1x1."""
+    if width * target_h >= height * target_w:  # wider than the target: full height, width rounded to the aspect
+        crop_h = height
+        crop_w = min(width, max(1, (2 * height * target_w + target_h) // (2 * target_h)))
+    else:
+        crop_w = width
+        crop_h = min(height, max(1, (2 * width * target_h + target_w) // (2 * target_w)))
+    left, top = (width - crop_w) // 2, (height - crop_h) // 2
     return (left, top, left + crop_w, top + crop_h)
 
 
@@ -115,6 +133,13 @@ def resize_frames(frames: np.ndarray, size: tuple[int, int] | None) -> np.ndarra
         for frame in frames
     ]
     return np.stack(resized)
+
+
+def _upright(image: np.ndarray, rotation: float) -> np.ndarray:
+    """[h, w, 3] -> the image turned by `rotation` degrees counter-clockwise (a display matrix's rotation, as
+    PyAV's `VideoFrame.rotation` reports it), in quarter turns."""
+    turns = round(rotation / 90) % 4
+    return np.rot90(image, turns) if turns else image
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -176,6 +201,8 @@ class _DecordReader:
             batch = self._reader.get_batch(unique).asnumpy()
         except Exception as error:
             raise DecodeError(f"decord failed to decode frames {unique[:4]}...: {error}") from error
+        if batch.ndim != 4 or batch.shape[0] != len(unique) or batch.shape[-1] != 3:
+            raise DecodeError(f"decord returned frames of shape {batch.shape} for {len(unique)} RGB frames")
         row_of = {index: row for row, index in enumerate(unique)}
         return batch[[row_of[i] for i in indices]]
 
@@ -216,7 +243,7 @@ class _PyAVReader:
             try:
                 for last_position, frame in enumerate(container.decode(stream)):
                     if last_position in wanted:
-                        found[last_position] = frame.to_ndarray(format="rgb24")
+                        found[last_position] = _upright(frame.to_ndarray(format="rgb24"), frame.rotation)
                     if last_position >= max(wanted):
                         break
             except Exception as error:
@@ -226,12 +253,35 @@ class _PyAVReader:
         return np.stack([found[i] for i in indices])
 
 
-def _open_reader(decoder: str, source: str | io.BytesIO, num_threads: int):
-    if decoder == "decord":
-        return _DecordReader(source, num_threads)
-    if decoder == "pyav":
-        return _PyAVReader(source, num_threads)
-    raise ValueError(f"unknown decoder {decoder!r}; choose one of {DECODERS}")
+def _display_rotation(source: str | io.BytesIO) -> float:
+    """Degrees counter-clockwise that the container's display matrix turns the frames by (0 when it has none).
+    FFmpeg attaches the matrix to decoded frames, so the first frame is decoded. 0 for a file PyAV cannot read:
+    the decoder that reads it reports the error."""
+    try:
+        with av.open(_rewound(source)) as container:
+            if not container.streams.video:
+                return 0.0
+            for frame in container.decode(container.streams.video[0]):
+                return float(frame.rotation)
+    except Exception:  # any failure here is reported by the decoder itself, in its own words
+        return 0.0
+    return 0.0
+
+
+def _read_with(decoder: str, source: str | io.BytesIO, num_threads: int, read):
+    """read(reader) with the chosen decoder. A rotated clip, or one that decord cannot open or decode, is read by
+    PyAV (see the module docstring); when PyAV fails too, decord's error is raised."""
+    if decoder not in DECODERS:
+        raise ValueError(f"unknown decoder {decoder!r}; choose one of {DECODERS}")
+    if decoder == "pyav" or round(_display_rotation(source) / 90) % 4:
+        return read(_PyAVReader(source, num_threads))
+    try:
+        return read(_DecordReader(source, num_threads))
+    except DecodeError as decord_error:
+        try:
+            return read(_PyAVReader(source, num_threads))
+        except DecodeError:
+            raise decord_error from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -252,13 +302,21 @@ def decode_video(
     """Sample, decode and resize the frames of one video.
 
     source: a local path, an s3:// uri, raw bytes or a binary file object.
-    num_frames / fps / max_frames: frame sampling, see `sample_frame_indices` (fps wins over num_frames).
-    size: (height, width) of the returned frames (shorter side + centre crop); None keeps the source size.
+    num_frames / fps / max_frames: frame sampling, see `sample_frame_indices` (fps wins over num_frames;
+        max_frames caps fps sampling, None = no cap: the job always gives one).
+    size: (height, width) of the returned frames (shorter side + centre crop); None keeps the (upright) source size.
     num_threads: decoder threads; 0 lets FFmpeg choose.
     Raises FileNotFoundError for a missing file and DecodeError for anything that is not a decodable video.
     """
     data = _as_decodable(source, s3_endpoint_url)
-    reader = _open_reader(decoder, data, num_threads)
+    sampling = dict(num_frames=num_frames, fps=fps, max_frames=max_frames)
+    clip = _read_with(decoder, data, num_threads, lambda reader: _sample_and_read(reader, **sampling))
+    clip.frames = resize_frames(clip.frames, size)
+    return clip
+
+
+def _sample_and_read(reader, *, num_frames: int | None, fps: float | None, max_frames: int | None) -> DecodedClip:
+    """The sampled frames of one opened video, at the source size."""
     if reader.frame_count < 1:
         raise DecodeError("the video stream has no frames")
     if fps is not None and reader.avg_fps <= 0:
@@ -276,7 +334,7 @@ def decode_video(
         indices = sample_frame_indices(source_frames, **sampling)
         frames = reader.get_frames(indices)
     return DecodedClip(
-        frames=resize_frames(frames, size),
+        frames=frames,
         frame_indices=indices,
         fps=reader.avg_fps,
         source_frames=source_frames,
@@ -296,5 +354,6 @@ def decode_frames(
 
     -> uint8 [len(frame_indices), h, w, 3]. Raises like `decode_video`.
     """
-    reader = _open_reader(decoder, _as_decodable(source, s3_endpoint_url), 0)
-    return resize_frames(reader.get_frames(list(frame_indices)), size)
+    data = _as_decodable(source, s3_endpoint_url)
+    frames = _read_with(decoder, data, 0, lambda reader: reader.get_frames(list(frame_indices)))
+    return resize_frames(frames, size)

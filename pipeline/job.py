@@ -87,6 +87,13 @@ def init_ray(config: JobConfig) -> None:
     ray.init(address="local", num_cpus=config.num_cpus, include_dashboard=False, log_to_driver=True)
 
 
+def decoded_video_bytes(config: JobConfig, input_size: tuple[int, int]) -> int:
+    """The most bytes of uint8 RGB frames one decoded video holds: --frames of them, or up to --max-frames with
+    --fps (the count then follows the clip's length)."""
+    frames = config.max_frames if config.fps is not None else config.frames
+    return frames * input_size[0] * input_size[1] * 3
+
+
 def build_dataset(todo: list[dict], config: JobConfig) -> ray.data.Dataset:
     """The Ray Data plan over the rows still to do."""
     cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -105,7 +112,7 @@ def build_dataset(todo: list[dict], config: JobConfig) -> ray.data.Dataset:
                      batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=config.workers),
                      num_cpus=encode.num_cpus, num_gpus=encode.num_gpus)
     )
-    video_bytes = config.frames * input_size[0] * input_size[1] * 3  # uint8 RGB frames of one decoded video
+    video_bytes = decoded_video_bytes(config, input_size)
     budget = max(MIN_OBJECT_STORE_BUDGET, IN_FLIGHT_BATCHES * config.workers * config.batch_size * video_bytes)
     options = dataset.context.execution_options  # this dataset's own copy of the DataContext
     options.resource_limits = options.resource_limits.copy(

@@ -86,6 +86,7 @@ class TableSettings:
     k_max: int
     seed: int
     decoder: str
+    max_frames: int | None = None  # frame cap of fps sampling (None: none recorded, no cap)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -182,7 +183,8 @@ def read_table_settings(store: OutputStore, table) -> TableSettings:
     k, k_min, k_max = _base_size_settings(config, rows["k"])
     return TableSettings(
         encoder=encoder, layer=layer, dim=_single_value(rows["dim"], "dim", store.root), frames=frames, fps=fps,
-        k=k, k_min=k_min, k_max=k_max, seed=int(config.get("seed", 0)), decoder=config.get("decoder", "decord"))
+        k=k, k_min=k_min, k_max=k_max, seed=int(config.get("seed", 0)), decoder=config.get("decoder", "decord"),
+        max_frames=config.get("max_frames"))
 
 
 def _differs(name: str, asked: Any, held: Any) -> bool:
@@ -409,8 +411,8 @@ class VideoSearch:
         requested = {"encoder": encoder, "frames": frames, "fps": fps, "k": base_k}
         num_frames, rate = _check_query_settings(recorded, requested, self.store.root)
         model = self._encoder(recorded, layer, device)
-        clip = decode_video(source, num_frames=num_frames, fps=rate, size=tuple(model.input_size),
-                            decoder=decoder or recorded.decoder,
+        clip = decode_video(source, num_frames=num_frames, fps=rate, max_frames=recorded.max_frames,
+                            size=tuple(model.input_size), decoder=decoder or recorded.decoder,
                             s3_endpoint_url=s3_endpoint_url or self.store.s3_endpoint_url)
         tokens = model.encode(clip.frames)
         return tokendyn.compress(tokens, k=recorded.k, k_min=recorded.k_min, k_max=recorded.k_max,

@@ -56,8 +56,8 @@ class DecodeStage:
         try:
             clip = self.runner.call(
                 decode_video, row["uri"], timeout_s=self.config.decode_timeout_s,
-                num_frames=self.config.frames, fps=self.config.fps, size=self.input_size,
-                decoder=self.config.decoder, s3_endpoint_url=self.config.s3_endpoint_url)
+                num_frames=self.config.frames, fps=self.config.fps, max_frames=self.config.max_frames,
+                size=self.input_size, decoder=self.config.decoder, s3_endpoint_url=self.config.s3_endpoint_url)
         except Exception as exc:
             return {**record_failure(row, "decode", exc), "frames": b"", "frames_shape": [],
                     "frame_indices": [], "fps": None, "source_frames": None}
