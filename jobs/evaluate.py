@@ -11,7 +11,7 @@ and by MaxSim over the kept tokens; full tokens are the reference. pipeline/eval
 
 Writes <output-dir>/evaluation.md (the tables, also printed), evaluation.json and evaluation.png (fidelity and
 recall against tokens kept). A file that cannot be decoded is skipped and named in the report. Exit status: 0, or 2
-on bad arguments or inputs (fewer than two videos to retrieve among).
+on bad arguments or inputs (fewer than two videos to retrieve among), reported as one `error: ...` line.
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Imported after parsing, so that --help and argument errors answer without loading torch.
     from pipeline.decode import DecodeError
+    from pipeline.errors import one_line
     from pipeline.evaluation import evaluate_clips, list_clips
 
     started = time.perf_counter()
@@ -84,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         config = config_from(args)
         clips = list_clips(args.input or default_input())
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (ValueError, OSError) as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
 
     import torch
@@ -97,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     encoder = load_encoder(args.encoder, device=args.device)
     try:
         report = evaluate_clips(clips, encoder, config, log)
-    except (ValueError, FileNotFoundError, DecodeError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (ValueError, OSError, DecodeError) as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
 
     table, written = write_outputs(report, Path(args.output_dir))

@@ -13,7 +13,8 @@ cosine scan), maxsim (ANN candidates re-ranked by MaxSim over the token bases), 
 row; slow on large tables). Text search compares the text tower's embedding with pooled vectors taken from a
 hidden layer of the vision tower: only meaningful when that layer is the projected output.
 
-Exit status: 0, 1 when the query cannot be answered (the message says why), 2 on bad arguments.
+Exit status: 0; 1 when the query cannot be answered (the message says why); 2 on bad arguments or a query video
+that cannot be read or decoded (missing, corrupt, not a video), reported as one `error: ...` line.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
 
 from pipeline.decode import DecodeError  # noqa: E402
+from pipeline.errors import one_line  # noqa: E402
 from pipeline.search import MODES, Hit, SearchError, SearchParams, VideoSearch  # noqa: E402
 from pipeline.storage import MIN_ROWS_FOR_VECTOR_INDEX, OutputStore  # noqa: E402
 
@@ -114,8 +116,11 @@ def main(argv: list[str] | None = None) -> int:
         if not has_query:
             return 0
         hits = run_query(search, args)
-    except (SearchError, FileNotFoundError, DecodeError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (DecodeError, OSError) as error:  # the query video: missing, unreadable, a directory, not a video
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return 2
+    except SearchError as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 1
     print(json.dumps([hit.as_dict() for hit in hits], indent=2) if args.json else format_table(hits))
     return 0

@@ -9,7 +9,8 @@ as it is (base + map), and its frames are decoded again from the row's uri at th
 
 Writes <name>_dynamics.png (every frame with the map and recent trajectory steps, all trajectories over the mean
 frame, and each cluster's occupancy over time) and <name>_dynamics.gif (one GIF frame per sampled frame), and
-prints their paths. Exit status: 0, or 2 on bad arguments or inputs.
+prints their paths. Exit status: 0, or 2 on bad arguments or inputs (a video that is missing, unreadable or not
+decodable is reported as one `error: ...` line).
 """
 
 from __future__ import annotations
@@ -149,12 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Imported after parsing, so that --help and argument errors answer without loading torch.
     from pipeline.decode import DecodeError
+    from pipeline.errors import one_line
     from pipeline.schema import SchemaVersionError
 
     try:
         clip = clip_from_video_file(args) if args.video is not None else clip_from_output(args)
-    except (FileNotFoundError, LookupError, ValueError, DecodeError, SchemaVersionError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (OSError, LookupError, ValueError, DecodeError, SchemaVersionError) as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     png, gif = draw(clip, Path(args.output_dir), args.columns, args.gif_scale, args.gif_frame_ms)
     print(f"{clip.description}\nwrote {png}\nwrote {gif}")

@@ -62,3 +62,9 @@ def record_failure(row: dict, stage: str, exc: BaseException) -> dict:
     log.warning("video %s (%s) failed in %s: %s: %s", row.get("video_id"), redact(str(row.get("uri"))),
                 stage, marked["error_type"], marked["error_message"])
     return marked
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of `exc` as one redacted line, for a command line's `error: ...` (decoders' messages can span
+    lines)."""
+    return " ".join(redact(str(exc) or type(exc).__name__).split())

@@ -480,12 +480,14 @@ def evaluate_clips(clips: list[tuple[str, str]], encoder, config: EvaluationConf
         try:
             videos += decode_segments(name, uri, config, tuple(encoder.input_size))
             used.append(name)
-        except (DecodeError, FileNotFoundError) as error:  # one broken file should not void the others' results
+        except (DecodeError, OSError) as error:  # one broken or unreadable file should not void the others' results
             log(f"skipping {name}: {error}")
             skipped.append(f"{name}: {error}")
     seconds["decode"] = time.perf_counter() - started
     if len(videos) < 2:
-        raise ValueError(f"retrieval needs at least two videos, got {len(videos)}: give more clips or --segments")
+        reasons = f" (could not be decoded: {'; '.join(skipped)})" if skipped else ""
+        raise ValueError(f"retrieval needs at least two videos, got {len(videos)}: give more clips or --segments"
+                         + reasons)
     frame_count = sum(len(v.frames) + sum(len(f) for f in v.altered.values()) for v in videos)
     log(f"encoding {frame_count} frames ({len(videos)} videos x {1 + len(ALTERATIONS)} versions)")
     started = time.perf_counter()

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from bad_inputs import assert_one_line_error, bad_query_videos
 from job_scripts import load_job_script
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -153,3 +154,14 @@ def test_an_undecodable_file_is_skipped_and_named(evaluate_job, sample_clip_path
     assert report["clips"] == ["bikes", "carphone_pristine"] and report["gallery_size"] == 4
     assert len(report["skipped"]) == 1 and report["skipped"][0].startswith("broken: ")
     assert "Skipped (could not be decoded): broken: " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["missing", "corrupt", "text", "empty", "directory"])
+def test_a_bad_input_video_is_a_one_line_error_with_exit_2(evaluate_job, tmp_path, capsys, name):
+    video = bad_query_videos(tmp_path / "videos")[name]
+    code = evaluate_job.main([str(video), "--frames", "2", "--segments", "2", "--ks", "4", "--no-adaptive", "--quiet",
+                              "--output-dir", str(tmp_path / "out")])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert_one_line_error(error)
+    assert name in error  # the line names the file, or the input, that could not be used

@@ -12,6 +12,7 @@ import pytest
 
 from pipeline.sources import video_id_for
 from pipeline.storage import OutputStore
+from bad_inputs import assert_one_line_error, bad_query_videos
 from job_scripts import load_job_script
 
 REPO = Path(__file__).resolve().parents[2]
@@ -125,3 +126,36 @@ def test_query_settings_that_differ_from_the_job_output_are_refused(sample_outpu
     assert "layer=3 (table: None)" in capsys.readouterr().err
     assert search_cli.main(["--output", str(output), "--text", "a bike"]) == 1
     assert "no text tower" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# query videos that cannot be used, and awkward ones that can
+
+
+@pytest.fixture(scope="module")
+def efficientnet_shaped_output(tmp_path_factory) -> Path:
+    """An output whose table looks like the default encoder's (1280-dim rows, K=3), so a query video gets as far as
+    decoding."""
+    root = tmp_path_factory.mktemp("search") / "out"
+    rng = np.random.default_rng(0)
+    centres = bench._unit(rng.standard_normal((4, 1280), dtype=np.float32))
+    bench.write_corpus_table(OutputStore(str(root)), bench.synthetic_corpus(rng, centres, 12, base_k=3),
+                             encoder="efficientnet-lite0")
+    return root
+
+
+@pytest.mark.parametrize("name", ["missing", "corrupt", "text", "empty", "directory"])
+def test_a_bad_query_video_is_a_one_line_error_with_exit_2(efficientnet_shaped_output, tmp_path, capsys, name):
+    video = bad_query_videos(tmp_path)[name]
+    code = search_cli.main(["--output", str(efficientnet_shaped_output), "--video", str(video), "--frames", "2"])
+    assert code == 2
+    assert_one_line_error(capsys.readouterr().err)
+
+
+def test_a_query_video_of_an_awkward_size_is_answered(efficientnet_shaped_output, make_synthetic_clip, capsys):
+    # 256x110 frames once failed in the centre crop with a traceback.
+    video = make_synthetic_clip("banner", num_frames=6, size=(110, 256))
+    code = search_cli.main(["--output", str(efficientnet_shaped_output), "--video", str(video), "--frames", "2",
+                            "--k", "3", "--json"])
+    assert code == 0, capsys.readouterr().err
+    assert len(json.loads(capsys.readouterr().out)) == 3

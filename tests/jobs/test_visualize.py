@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from pipeline import overlay
+from bad_inputs import assert_one_line_error, bad_query_videos
 from job_scripts import load_job_script
 
 JOB = Path(__file__).resolve().parents[2] / "jobs" / "visualize.py"
@@ -163,3 +164,10 @@ def test_help_lists_the_options():
     assert result.returncode == 0
     for option in ("--output-root", "--video-id", "--output-dir", "--frames", "--k"):
         assert option in result.stdout
+
+
+@pytest.mark.parametrize("name", ["missing", "corrupt", "text", "empty", "directory"])
+def test_a_bad_video_is_a_one_line_error_with_exit_2(visualize, tmp_path, capsys, name):
+    video = bad_query_videos(tmp_path / "videos")[name]
+    assert visualize.main([str(video), "--frames", "2", "--k", "2", "--output-dir", str(tmp_path / "out")]) == 2
+    assert_one_line_error(capsys.readouterr().err)

@@ -33,3 +33,11 @@ def test_record_failure_logs_and_keeps_row(caplog, monkeypatch):
 def test_unreadable_input_is_a_read_failure_whatever_the_stage():
     assert failure("decode", FileNotFoundError("gone"))["error_stage"] == "read"
     assert failure("decode", PermissionError("denied"))["error_stage"] == "read"
+
+
+def test_one_line_joins_a_multi_line_message_and_redacts_it():
+    from pipeline.errors import one_line
+
+    error = RuntimeError("decord failed:\n  Check failed: size\n\nStack trace: token=abc123")
+    assert one_line(error) == "decord failed: Check failed: size Stack trace: token=***"
+    assert one_line(ValueError()) == "ValueError"
