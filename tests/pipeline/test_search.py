@@ -252,8 +252,8 @@ def compress_with_job_stages(root, clip_paths, config: JobConfig) -> OutputStore
     stage = EncodeCompressStage(config)
     rows = []
     for path in clip_paths:
-        clip = decode_video(str(path), num_frames=config.frames, fps=config.fps, size=stage.encoder.input_size,
-                            decoder=config.decoder)
+        clip = decode_video(str(path), num_frames=config.frames, fps=config.fps, max_frames=config.max_frames,
+                            size=stage.encoder.input_size, decoder=config.decoder)
         rows.append({"video_id": video_id_for(str(path)), "uri": canonical_uri(str(path)), **no_failure(),
                      "frames": clip.frames.tobytes(), "frames_shape": list(clip.frames.shape),
                      "frame_indices": clip.frame_indices, "fps": clip.fps, "source_frames": clip.source_frames})
@@ -304,3 +304,15 @@ def test_a_clip_file_queried_against_its_table_returns_itself_first(clip_table):
         hits = search.by_video(str(clips[0]), k=3, mode=mode, layer=-2, frames=4, base_k=4)
         assert hits[0].uri == str(clips[0]), mode
         assert hits[0].score == pytest.approx(1.0 if mode == "exact" else 4.0, abs=1e-2)
+
+
+def test_a_query_video_sampled_by_fps_gets_the_tables_frame_cap(tmp_path, tiny_siglip_dir, sample_clip_paths):
+    clip = str(sample_clip_paths["carphone_pristine"])
+    store = compress_with_job_stages(tmp_path / "out", [clip], tiny_config(str(tiny_siglip_dir), fps=5.0,
+                                                                          max_frames=3))
+    row = store.read_videos().to_pylist()[0]
+    assert row["num_frames"] == 3
+    query = VideoSearch(store).compress_like_table(clip)
+    # The same frames went through the same compression: the query's dynamics map is the stored one.
+    assert query.dynamics.shape[0] == 3
+    assert np.array_equal(query.dynamics.cpu().numpy().reshape(-1), np.frombuffer(row["dynamics"], np.uint8))
