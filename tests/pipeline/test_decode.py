@@ -277,11 +277,12 @@ def quadrant_frames(count: int, height: int = 32, width: int = 48) -> np.ndarray
     return frames
 
 
-def write_clip(path, frames: np.ndarray, *, rotation: int = 0, pix_fmt: str = "yuv444p", frame_ms=None):
-    """Encode RGB frames [T, h, w, 3] with H.264. rotation: counter-clockwise degrees recorded in the display
-    matrix (as phones record portrait video). frame_ms: per-frame durations, for a variable frame rate."""
+def write_clip(path, frames: np.ndarray, *, rotation: int = 0, pix_fmt: str = "yuv444p", frame_ms=None,
+               codec: str = "libx264"):
+    """Encode RGB frames [T, h, w, 3]. rotation: counter-clockwise degrees recorded in the display matrix (as phones
+    record portrait video). frame_ms: per-frame durations, for a variable frame rate."""
     with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=10)
+        stream = container.add_stream(codec, rate=10)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
         if rotation:
             stream.set_display_rotation(rotation)
@@ -334,6 +335,17 @@ def test_variable_frame_rate_clip_decodes_by_frame_index(tmp_path, decoder, fram
     by_rate = decode_video(path, fps=clip.fps / 4, size=(16, 16), decoder=decoder)
     assert by_rate.frame_indices == [0, 4, 8, 12, 16]
     assert [frame_index_of(frame) for frame in by_rate.frames] == by_rate.frame_indices
+
+
+@pytest.mark.skipif("libsvtav1" not in av.codecs_available, reason="PyAV built without an AV1 encoder")
+def test_a_codec_decord_cannot_open_is_decoded_by_pyav(tmp_path, frame_index_of):
+    # decord 0.6 bundles an FFmpeg without AV1: with --decoder decord the clip still decodes, through PyAV.
+    levels = np.array([16 + 8 * i for i in range(6)], dtype=np.uint8)
+    frames = np.broadcast_to(levels[:, None, None, None], (6, 48, 64, 3)).copy()
+    path = write_clip(tmp_path / "av1.mp4", frames, pix_fmt="yuv420p", codec="libsvtav1")
+    clip = decode_video(path, num_frames=3, size=(16, 16), decoder="decord")
+    assert clip.source_frames == 6
+    assert [frame_index_of(frame) for frame in clip.frames] == clip.frame_indices == [1, 3, 5]
 
 
 # ---------------------------------------------------------------------------------------------------------------
