@@ -11,7 +11,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from pipeline.decode import DecodeError, DecodedClip, decode_video, resize_frames, sample_frame_indices
+from pipeline.decode import (DecodeError, DecodedClip, decode_frames, decode_video, resize_frames,
+                             sample_frame_indices)
 
 # ---------------------------------------------------------------------------------------------------------------
 # sampling rules
@@ -320,6 +321,8 @@ def test_rotated_clips_come_out_upright(tmp_path, decoder, rotation):
             assert np.abs(clip.frames.astype(np.int16) - wrong).mean() > 30
     resized = decode_video(path, num_frames=2, size=(24, 40), decoder=decoder)
     assert resized.frames.shape == (2, 24, 40, 3)
+    # Frames read again at stored indices (as visualize does) are upright too.
+    np.testing.assert_array_equal(decode_frames(path, [3, 0], size=None, decoder=decoder), clip.frames[[3, 0]])
 
 
 @pytest.mark.parametrize("decoder", ["decord", "pyav"])
@@ -403,8 +406,6 @@ def test_pyav_resamples_when_the_stream_is_shorter_than_its_metadata(synthetic_c
 
 
 def test_decode_frames_reads_exactly_the_given_indices(synthetic_clip, frame_index_of):
-    from pipeline.decode import decode_frames
-
     for decoder in ("decord", "pyav"):
         frames = decode_frames(str(synthetic_clip), [5, 0, 17, 17], size=None, decoder=decoder)
         assert [frame_index_of(frame) for frame in frames] == [5, 0, 17, 17]
