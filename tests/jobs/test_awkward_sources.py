@@ -7,7 +7,6 @@ even sizes), 1-pixel banners, 2x2, a 256x110 clip (its centre crop once failed i
 from __future__ import annotations
 
 import csv
-from pathlib import Path
 
 import pytest
 
