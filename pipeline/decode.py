@@ -27,8 +27,8 @@ landscape frames plus a rotation) is applied in quarter turns; mirroring in the 
 Decoders: decord 0.6 turns 90/270-degree clips itself but garbles 180-degree ones, cannot open AV1 (its bundled
 FFmpeg predates it) and fails on some narrow frame widths (1-16 px). So a clip with a rotation is always decoded
 by PyAV, and a clip that decord cannot open or decode is decoded again by PyAV; the decord error is raised only
-when PyAV fails too. Any pixel format
-FFmpeg decodes works (8/10-bit 4:2:0, 4:2:2, 4:4:4, grey): both convert to RGB with FFmpeg's swscale.
+when PyAV fails too. Any pixel format FFmpeg decodes works (8/10-bit 4:2:0, 4:4:4, grey): both decoders convert
+to RGB with FFmpeg's swscale.
 
 Indices are clamped to the frame count the decoder reports (decord's packet count; PyAV's stream metadata or
 packet count). A file whose stream ends before that count is handled by PyAV (it resamples over the frames it
