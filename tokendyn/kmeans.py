@@ -53,12 +53,22 @@ __all__ = [
     "adaptive_kmeans",
     "adaptive_kmeans_batch",
     "select_k",
+    "fidelity_k",
     "normalize_rows",
 ]
 
 SAME_TOKEN = 1e-4
 SKETCH_DIM = 128
 OVERSEED = 2
+# Split/merge moves after the first refinement (each followed by a refinement), at most; the 2-means iterations
+# of one candidate split.
+SPLIT_MERGE_PASSES = 4
+SPLIT_ITERATIONS = 2
+# Fidelity values within this of the target count as reaching it (float32 centroids of identical rows have a
+# norm of 1 only up to rounding).
+FIDELITY_SLACK = 1e-6
+CONVERGENCE_CHECK_EVERY = 4
+K_RULES = ("fidelity", "elbow")
 # Bounds a [B, rows, K] similarity block to a few tens of MB per video. It depends on K only, so a video gives
 # bit-identical results alone or in a batch.
 _CHUNK_ELEMENTS = 1 << 22
@@ -72,7 +82,8 @@ class KMeansResult:
     labels: [N] int64 in [0, K), numbered in order of first appearance.
     sizes: [K] int64, every entry > 0.
     distortion: sum over rows of the squared L2 distance to its centroid (scikit-learn's inertia).
-    iterations: Lloyd iterations of the final refinement.
+    iterations: Lloyd iterations of the refinements.
+    fidelity: mean over rows of the cosine similarity to their centroid (in [0, 1] for non-negative clusters).
     """
 
     centroids: Tensor
@@ -80,6 +91,7 @@ class KMeansResult:
     sizes: Tensor
     distortion: float
     iterations: int
+    fidelity: float
 
     @property
     def k(self) -> int:
@@ -229,16 +241,18 @@ def _distortion(x_sq_total: Tensor, means: Tensor, sizes: Tensor) -> Tensor:
 # Ward merging and the elbow
 
 
-def _ward_merges(means: Tensor, sizes: Tensor, valid: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+def _ward_merges(means: Tensor, sizes: Tensor, valid: Tensor, steps: int) -> tuple[Tensor, Tensor, Tensor]:
     """Greedy Ward merging, `steps` merges per video.
 
     means [B, M, D], sizes [B, M], valid [B, M] -> pairs [B, steps, 2] (slot b merged into slot a < b),
-    costs [B, steps] float64 (distortion increase). Steps past a video's last valid pair are meaningless;
-    callers only read the first k_start - floor of them.
+    costs [B, steps] float64 (distortion increase), cos_losses [B, steps] float64 (decrease of the sum over rows
+    of the cosine to their centroid). Steps past a video's last valid pair are meaningless; callers only read
+    the first k_start - floor of them.
     """
     B, M, _ = means.shape
     n = torch.where(valid, sizes, 0).double().clamp_min(1e-300)  # > 0 keeps (nab + n) from vanishing
     c_sq = (means * means).sum(-1)
+    mass = n * c_sq.double()  # n |c|^2 per slot; a merge of a and b leaves mass_a + mass_b - cost
     d2 = torch.baddbmm(c_sq[:, :, None] + c_sq[:, None, :], means, means.transpose(1, 2), alpha=-2.0)
     pair_ok = valid[:, :, None] & valid[:, None, :] & ~torch.eye(M, dtype=torch.bool, device=means.device)
     n_i, n_j = n[:, :, None], n[:, None, :]
@@ -251,9 +265,14 @@ def _ward_merges(means: Tensor, sizes: Tensor, valid: Tensor, steps: int) -> tup
         row_a = cost.gather(1, a[:, :, None].expand(B, 1, M))[:, 0]  # [B, M]
         b = row_a.argmin(1, keepdim=True)
         row_b = cost.gather(1, b[:, :, None].expand(B, 1, M))[:, 0]
-        taken.append((a, b, best))
         na, nb = n.gather(1, a), n.gather(1, b)
         nab = na + nb
+        mass_a, mass_b = mass.gather(1, a), mass.gather(1, b)
+        merged_mass = (mass_a + mass_b - best).clamp_min(0.0)
+        # sum_i x_i . c_hat over a cluster is n |c| = sqrt(n * n |c|^2): the mean-cosine loss of this merge.
+        cos_loss = (na * mass_a).sqrt() + (nb * mass_b).sqrt() - (nab * merged_mass).sqrt()
+        taken.append((a, b, best, cos_loss))
+        mass.scatter_(1, a, merged_mass)
         # Lance-Williams update for Ward: the cost of merging a + b with j from the costs of a and b with j, so
         # no centroid is ever touched (O(M) per merge). The entries for a and b themselves come out inf.
         row = (n * (row_a + row_b - best)).addcmul_(na, row_a).addcmul_(nb, row_b).div_(nab + n)
@@ -263,19 +282,20 @@ def _ward_merges(means: Tensor, sizes: Tensor, valid: Tensor, steps: int) -> tup
         cost.scatter_(1, b[:, :, None].expand(B, 1, M), math.inf)
         cost.scatter_(2, b[:, :, None].expand(B, M, 1), math.inf)
     if not taken:
-        return torch.zeros(B, 0, 2, dtype=torch.int64, device=means.device), n.new_zeros(B, 0)
-    a, b, best = (torch.cat(t, 1) for t in zip(*taken))
+        empty = n.new_zeros(B, 0)
+        return torch.zeros(B, 0, 2, dtype=torch.int64, device=means.device), empty, empty
+    a, b, best, cos_loss = (torch.cat(t, 1) for t in zip(*taken))
     pairs = torch.stack([a, b], 2)
     # A video out of pairs (at most one cluster left) produced inf costs; those steps are never read.
-    costs = torch.where(torch.isfinite(best), best, 0.0)
-    return pairs, costs
+    finite = torch.isfinite(best)
+    return pairs, torch.where(finite, best, 0.0), torch.where(finite, cos_loss, 0.0)
 
 
 def _curve(start: Tensor, costs: Tensor, k_start: Tensor, k_min: int, k_max: int) -> Tensor:
-    """Distortion at K = lo .. k_max, lo = max(k_min - 1, 1).
+    """A loss (distortion, or cosine loss) at K = lo .. k_max, lo = max(k_min - 1, 1).
 
-    start [B] distortion with k_start [B] clusters, costs [B, S] in merge order -> [B, k_max - lo + 1].
-    Above k_start (fewer clusters available) the curve stays flat at the best reachable value.
+    start [B] loss with k_start [B] clusters, costs [B, S] its increase per merge, in merge order
+    -> [B, k_max - lo + 1]. Above k_start (fewer clusters available) the curve stays flat at the best reachable value.
     """
     lo = max(k_min - 1, 1)
     ks = torch.arange(lo, k_max + 1, device=costs.device)
@@ -306,6 +326,18 @@ def select_k(curve: Tensor, k_min: int, k_max: int) -> Tensor:
     k = k_min + best.indices  # first maximum: ties go to the smaller K
     # No point below the line (straight or concave curve): returns never diminish, keep the most tokens.
     return torch.where(best.values > 1e-3, k, k_max)
+
+
+def fidelity_k(fidelity: Tensor, k_min: int, k_max: int, target: float) -> Tensor:
+    """The fidelity rule of the module docstring.
+
+    fidelity: [B, k_max - lo + 1] mean cosine at K = lo .. k_max with lo = max(k_min - 1, 1) (non-decreasing in K)
+    -> [B] int64: the smallest K in [k_min, k_max] whose fidelity reaches `target` (within FIDELITY_SLACK), else k_max.
+    """
+    lo = max(k_min - 1, 1)
+    reached = (fidelity >= target - FIDELITY_SLACK)[:, k_min - lo :]  # [B, k_max - k_min + 1]
+    first = reached.to(torch.int8).argmax(1)  # first True, or 0 when none
+    return torch.where(reached.any(1), k_min + first, k_max)
 
 
 def _replay(pairs: Tensor, k_start: Tensor, k_sel: Tensor, m: int) -> Tensor:
@@ -377,18 +409,23 @@ def _fill_empty(labels: Tensor, sim: Tensor, valid: Tensor) -> Tensor:
     return labels
 
 
-def _lloyd(x: Tensor, centres: Tensor, valid: Tensor, max_iter: int, tol: float) -> tuple[Tensor, Tensor, Tensor]:
-    """x [B, N, D]; centres [B, K, D] start; valid [B, K] -> labels [B, N], means [B, K, D], iterations [B].
+def _lloyd(
+    x: Tensor, centres: Tensor, valid: Tensor, max_iter: int, tol: float, active: Tensor, labels: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """x [B, N, D]; centres [B, K, D] start; valid [B, K]; active [B] videos to refine; labels [B, N] kept for the
+    others -> labels [B, N], means [B, K, D], iterations [B].
 
-    The returned centroids are the means of the returned labels. A video that has converged is frozen, so its
-    result does not depend on the rest of the batch.
+    The returned centroids of the refined videos are the means of their labels. A video that has converged (or
+    was not active) is frozen, so its result does not depend on the rest of the batch. On an accelerator the
+    convergence test reads back to the host only every CONVERGENCE_CHECK_EVERY iterations (frozen videos make
+    the extra iterations no-ops for the result).
     """
     B, K = valid.shape
     mask = None if bool(valid.all()) else valid
-    active = torch.ones(B, dtype=torch.bool, device=x.device)
+    check_every = 1 if x.device.type == "cpu" else CONVERGENCE_CHECK_EVERY
+    active = active.clone()
     iters = torch.zeros(B, dtype=torch.int64, device=x.device)
-    labels = torch.zeros(x.shape[:2], dtype=torch.int64, device=x.device)
-    for _ in range(max_iter):
+    for i in range(max_iter):
         new_labels, sim = _assign(x, centres, mask)
         new_labels = _fill_empty(new_labels, sim, valid)
         means, _ = _cluster_means(x, new_labels, K)
@@ -397,9 +434,73 @@ def _lloyd(x: Tensor, centres: Tensor, valid: Tensor, max_iter: int, tol: float)
         labels = torch.where(active[:, None], new_labels, labels)
         iters += active.long()
         active &= shift >= tol
-        if not bool(active.any()):
+        if (i + 1) % check_every == 0 and not bool(active.any()):
             break
     return labels, centres, iters
+
+
+def _split_merge(x: Tensor, labels: Tensor, centres: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """One split/merge move per video: split the cluster whose best 2-way split lowers the distortion most and
+    merge the cheapest pair of the other clusters, when the gain beats the cost.
+
+    x [B, N, D]; labels [B, N] and centres [B, K, D] (their means) from Lloyd; valid [B, K]
+    -> new centres [B, K, D] (unchanged where no move), moved [B] bool.
+
+    The split of each cluster is a 2-means inside it (by cosine, as Lloyd), started from the centroid and the
+    member least similar to it; its gain n_a n_b / n |c_a - c_b|^2 and the Ward merge cost are exact distortion
+    changes. This recovers a small distinct cluster that seeding never hit: it sits in some cluster as its least
+    similar members, and splitting it off gains far more than merging two pieces of a diffuse background costs.
+    """
+    B, N, D = x.shape
+    K = centres.shape[1]
+    pos = torch.arange(N, device=x.device).expand(B, N)
+    at_row = labels[:, :, None].expand(B, N, D)
+
+    def cos_to(c: Tensor) -> Tensor:  # c [B, K, D] -> [B, N] cosine of each row to its own cluster's c
+        return (x * F.normalize(c, dim=-1, eps=1e-12).gather(1, at_row)).sum(-1)
+
+    sim = cos_to(centres)
+    lowest = sim.new_full((B, K), math.inf).scatter_reduce(1, labels, sim, reduce="amin")
+    far = torch.full((B, K), N, dtype=torch.int64, device=x.device).scatter_reduce(
+        1, labels, torch.where(sim <= lowest.gather(1, labels), pos, N), reduce="amin"
+    )
+    first = centres
+    second = x.gather(1, far.clamp(max=N - 1)[:, :, None].expand(B, K, D))
+    for _ in range(SPLIT_ITERATIONS):
+        halves = labels * 2 + (cos_to(second) > cos_to(first)).long()
+        half_means, half_sizes = _cluster_means(x, halves, 2 * K)
+        first, second = half_means[:, 0::2], half_means[:, 1::2]
+    n_a, n_b = half_sizes[:, 0::2].double(), half_sizes[:, 1::2].double()
+    gain = n_a * n_b / (n_a + n_b).clamp_min(1) * ((first - second) ** 2).sum(-1).double()
+    split_gain, j = torch.where(valid, gain, 0.0).max(1)  # [B]
+
+    # K + 1 clusters after the split: slot j holds one half, slot K the other. The cheapest merge among them
+    # (other than undoing the split) may take a half: a piece of background split off with an object rejoins
+    # the rest of the background.
+    rows = torch.arange(B, device=x.device)
+    ids = torch.arange(K + 1, device=x.device)
+    cand = torch.cat([centres, second[rows, j][:, None]], 1)  # [B, K + 1, D]
+    cand[rows, j] = first[rows, j]
+    n = torch.cat([torch.where(valid, _counts(labels, K), 0).double(), n_b[rows, j][:, None]], 1)
+    n[rows, j] = n_a[rows, j]
+    usable = torch.cat([valid, valid[rows, j][:, None]], 1) & (n > 0)
+    c_sq = (cand * cand).sum(-1)
+    d2 = torch.baddbmm(c_sq[:, :, None] + c_sq[:, None, :], cand, cand.transpose(1, 2), alpha=-2.0)
+    cost = n[:, :, None] * n[:, None, :] / (n[:, :, None] + n[:, None, :]).clamp_min(1) * d2.double().clamp_min(0)
+    undo = (ids[None, :, None] == j[:, None, None]) & (ids[None, None, :] == K)
+    pair_ok = usable[:, :, None] & usable[:, None, :] & (ids[:, None] < ids[None, :]) & ~undo
+    merge_cost, flat = torch.where(pair_ok, cost, math.inf).view(B, -1).min(1)
+    a, b = flat // (K + 1), flat % (K + 1)
+    # Relative margin: a move must lower the distortion by more than rounding, or the passes could cycle.
+    moved = split_gain > merge_cost * (1 + 1e-6) + 1e-9 * N
+
+    na, nb = n[rows, a][:, None], n[rows, b][:, None]
+    merged = ((na * cand[rows, a].double() + nb * cand[rows, b].double()) / (na + nb).clamp_min(1)).float()
+    new = cand.clone()
+    new[rows, a] = merged
+    new[rows, b] = cand[rows, K]  # slot b is freed: the second half moves in (a no-op when b is that half)
+    new = new[:, :K]
+    return torch.where(moved[:, None, None], new, centres), moved
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -423,10 +524,27 @@ def _canonical(labels: Tensor, centres: Tensor) -> tuple[Tensor, Tensor, Tensor]
     return labels, centres.gather(1, order[:, :, None].expand_as(centres)), _counts(labels, K)
 
 
-def _fit(
-    x: Tensor, k_top: int, k_range: tuple[int, int] | None, seed: int, max_iter: int, tol: float
-) -> tuple[list[KMeansResult], Tensor | None]:
-    """x [B, N, D] normalised -> per-video results and, in adaptive mode (k_range given), curves [B, C]."""
+@dataclass(frozen=True)
+class _Adaptive:
+    """How adaptive mode picks K: `rule` "fidelity" (with `target`) or "elbow", within [k_min, k_max]."""
+
+    k_min: int
+    k_max: int
+    rule: str
+    target: float
+
+
+def _mean_cosine(centres: Tensor, sizes: Tensor, n_rows: int) -> Tensor:
+    """centres [B, K, D] (means), sizes [B, K] -> [B] float64 mean over rows of the cosine to their centroid.
+
+    The rows of a cluster sum to n c, so their cosines to c / |c| sum to n |c|.
+    """
+    return (sizes.double() * centres.double().norm(dim=-1)).sum(1) / n_rows
+
+
+def _fit(x: Tensor, k_top: int, adaptive: _Adaptive | None, seed: int, max_iter: int, tol: float
+         ) -> tuple[list[KMeansResult], Tensor | None]:
+    """x [B, N, D] normalised -> per-video results and, in adaptive mode, distortion curves [B, C]."""
     B, N, _ = x.shape
     g = _generator(seed)
     m = min(int(OVERSEED * k_top), N)
@@ -434,16 +552,21 @@ def _fit(
     means, sizes = _cluster_means(x, seed_labels, m)
     valid = sizes > 0
     k_start = valid.sum(1)
-    floor = k_top if k_range is None else max(k_range[0] - 1, 1)
-    pairs, costs = _ward_merges(means, sizes, valid, max(m - floor, 0))
+    floor = k_top if adaptive is None else max(adaptive.k_min - 1, 1)
+    pairs, costs, cos_losses = _ward_merges(means, sizes, valid, max(m - floor, 0))
 
     x_sq_total = (x * x).sum(-1).double().sum(1)
     curve = None
-    if k_range is None:
+    if adaptive is None:
         k_sel = torch.full((B,), k_top, dtype=torch.int64, device=x.device)
     else:
-        curve = _curve(_distortion(x_sq_total, means, sizes), costs, k_start, *k_range)
-        k_sel = select_k(curve, *k_range)
+        curve = _curve(_distortion(x_sq_total, means, sizes), costs, k_start, adaptive.k_min, adaptive.k_max)
+        if adaptive.rule == "elbow":
+            k_sel = select_k(curve, adaptive.k_min, adaptive.k_max)
+        else:
+            cos_loss = _curve(N - _mean_cosine(means, sizes, N) * N, cos_losses, k_start, adaptive.k_min,
+                              adaptive.k_max)
+            k_sel = fidelity_k(1.0 - cos_loss / N, adaptive.k_min, adaptive.k_max, adaptive.target)
     owner = _replay(pairs, k_start, k_sel, m)
     centres = _merge(means, sizes, owner)
     slot_valid = valid & (owner == torch.arange(m, device=x.device))
@@ -453,29 +576,51 @@ def _fit(
     centres = centres.gather(1, keep[:, :, None].expand(-1, -1, x.shape[2]))
     slot_valid = slot_valid.gather(1, keep)
 
-    labels, centres, iters = _lloyd(x, centres, slot_valid, max_iter, tol)
+    everyone = torch.ones(B, dtype=torch.bool, device=x.device)
+    labels = torch.zeros(B, N, dtype=torch.int64, device=x.device)
+    labels, centres, iters = _lloyd(x, centres, slot_valid, max_iter, tol, everyone, labels)
+    distortion = _distortion(x_sq_total, centres, _counts(labels, centres.shape[1]))
+    for _ in range(SPLIT_MERGE_PASSES):
+        start, moved = _split_merge(x, labels, centres, slot_valid)
+        if not bool(moved.any()):
+            break
+        new_labels, new_centres, new_iters = _lloyd(x, start, slot_valid, max_iter, tol, moved, labels)
+        new_distortion = _distortion(x_sq_total, new_centres, _counts(new_labels, centres.shape[1]))
+        # Lloyd assigns by cosine, not by distance: keep a move only where it lowered the distortion.
+        better = moved & (new_distortion < distortion)
+        labels = torch.where(better[:, None], new_labels, labels)
+        centres = torch.where(better[:, None, None], new_centres, centres)
+        distortion = torch.where(better, new_distortion, distortion)
+        iters += new_iters
     labels, centres, sizes = _canonical(labels, centres)
     distortion = _distortion(x_sq_total, centres, sizes).tolist()
+    fidelity = _mean_cosine(centres, sizes, N).tolist()
     k_eff = (sizes > 0).sum(1).tolist()
     results = [
-        KMeansResult(centres[b, : k_eff[b]], labels[b], sizes[b, : k_eff[b]], distortion[b], it)
+        KMeansResult(centres[b, : k_eff[b]], labels[b], sizes[b, : k_eff[b]], distortion[b], it, fidelity[b])
         for b, it in enumerate(iters.tolist())
     ]
     return results, curve
 
 
-def _run(
-    x: Tensor, k_top: int, k_range: tuple[int, int] | None, seed: int, max_iter: int, tol: float
-) -> tuple[list[KMeansResult], Tensor | None]:
+def _run(x: Tensor, k_top: int, adaptive: _Adaptive | None, seed: int, max_iter: int, tol: float
+         ) -> tuple[list[KMeansResult], Tensor | None]:
     """`_fit` on x [B, N, D] (any float dtype) in inference mode, which trims the per-op overhead that dominates
     small fits. Inference tensors cannot join an autograd graph later, so the results are returned as clones."""
     with torch.inference_mode():
-        results, curve = _fit(normalize_rows(x), k_top, k_range, seed, max_iter, tol)
+        results, curve = _fit(normalize_rows(x), k_top, adaptive, seed, max_iter, tol)
     results = [
-        KMeansResult(r.centroids.clone(), r.labels.clone(), r.sizes.clone(), r.distortion, r.iterations)
+        KMeansResult(r.centroids.clone(), r.labels.clone(), r.sizes.clone(), r.distortion, r.iterations, r.fidelity)
         for r in results
     ]
     return results, None if curve is None else curve.clone()
+
+
+def _check_rule(rule: str, target: float) -> None:
+    if rule not in K_RULES:
+        raise ValueError(f"rule must be one of {K_RULES}, got {rule!r}")
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 < target <= 1.0:
+        raise ValueError(f"target must be a number in (0, 1], got {target!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -507,27 +652,32 @@ def spherical_kmeans(x: Tensor, k: int, *, seed: int = 0, max_iter: int = 50, to
 
 
 def adaptive_kmeans_batch(
-    x: Tensor, k_min: int = 8, k_max: int = 64, *, seed: int = 0, max_iter: int = 50, tol: float = 1e-4
+    x: Tensor, k_min: int = 8, k_max: int = 64, *, rule: str = "fidelity", target: float = 0.9, seed: int = 0,
+    max_iter: int = 50, tol: float = 1e-4
 ) -> list[tuple[KMeansResult, Tensor]]:
-    """Adaptive-K spherical k-means of B videos (criterion in the module docstring).
+    """Adaptive-K spherical k-means of B videos (rules in the module docstring).
 
     x: [B, N, D] any float dtype -> per video (result, curve), curve [k_max - lo + 1] float64 distortion at
     K = lo .. k_max with lo = max(k_min - 1, 1). The result has the selected K (fewer clusters only when the
-    video has fewer distinct tokens).
+    video has fewer distinct tokens). rule: "fidelity" (smallest K whose mean cosine reaches `target`) or "elbow"
+    (`target` unused).
     """
     _check_points(x, 3)
     _check_int("k_min", k_min)
     _check_int("k_max", k_max)
     if k_min > k_max:
         raise ValueError(f"k_min ({k_min}) must not exceed k_max ({k_max})")
+    _check_rule(rule, target)
     _check_options(max_iter, tol)
-    results, curve = _run(x, k_max, (k_min, k_max), seed, max_iter, tol)
+    results, curve = _run(x, k_max, _Adaptive(k_min, k_max, rule, float(target)), seed, max_iter, tol)
     return list(zip(results, curve.unbind(0)))
 
 
 def adaptive_kmeans(
-    x: Tensor, k_min: int = 8, k_max: int = 64, *, seed: int = 0, max_iter: int = 50, tol: float = 1e-4
+    x: Tensor, k_min: int = 8, k_max: int = 64, *, rule: str = "fidelity", target: float = 0.9, seed: int = 0,
+    max_iter: int = 50, tol: float = 1e-4
 ) -> tuple[KMeansResult, Tensor]:
     """Adaptive-K spherical k-means of one video. x: [N, D] -> (result, curve [k_max - lo + 1])."""
     _check_points(x, 2)
-    return adaptive_kmeans_batch(x[None], k_min, k_max, seed=seed, max_iter=max_iter, tol=tol)[0]
+    return adaptive_kmeans_batch(x[None], k_min, k_max, rule=rule, target=target, seed=seed, max_iter=max_iter,
+                                 tol=tol)[0]

@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from sklearn.cluster import KMeans
+from threadpoolctl import threadpool_limits
 
 import tokendyn
 from tokendyn import CompressedVideo, compress, compress_batch
@@ -102,7 +104,7 @@ def test_moving_square_is_tracked_by_the_dynamics_map():
 
 def test_adaptive_mode_picks_the_planted_k():
     tokens, truth = planted_video(11, shape=(8, 6, 6), dim=40, seed=3)
-    cv = compress(tokens, None, k_min=4, k_max=24)
+    cv = compress(tokens, None, k_min=4, k_max=24, k_rule="elbow")
     assert cv.k == 11
     assert same_partition(cv.dynamics, truth)
 
@@ -247,3 +249,51 @@ def test_cuda_tokens_stay_on_cuda_and_match_the_partition():
     assert cv.base.is_cuda and cv.dynamics.is_cuda
     assert same_partition(cv.dynamics.cpu(), truth)
     assert torch.equal(CompressedVideo.from_storage(cv.to_storage("float32")).dynamics, cv.dynamics.cpu())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# small objects in a noisy background
+
+
+def video_with_objects(shape=(12, 10, 10), dim=32, objects=2, moving=True, noise=0.05, seed=0):
+    """A background vector plus noise (std `noise` per dimension) with `objects` one-cell objects, moving one cell
+    per frame along their row (or static). An object cell is the background plus the object's own unit vector, as
+    ViT tokens share a large common component, so each object is a small, tight cluster at cosine ~0.7 from the
+    background and ~0.5 from the other objects. -> tokens [T, H, W, dim], masks [objects, T, H, W] bool."""
+    g = torch.Generator().manual_seed(seed)
+    T, H, W = shape
+    background, *directions = F.normalize(torch.randn(objects + 1, dim, generator=g), dim=-1)
+    tokens = background.expand(T, H, W, dim).clone()
+    masks = torch.zeros(objects, T, H, W, dtype=torch.bool)
+    starts = torch.randperm(H * W, generator=g)[:objects].tolist()  # distinct cells: objects never overlap
+    for o, (start, direction) in enumerate(zip(starts, directions)):
+        y, x = divmod(start, W)
+        for t in range(T):
+            masks[o, t, y, (x + t * moving) % W] = True
+        tokens[masks[o]] = background + direction
+    return tokens + noise * torch.randn(T, H, W, dim, generator=g), masks
+
+
+@pytest.mark.parametrize(
+    "shape, objects, moving, k",
+    [
+        ((12, 10, 10), 2, True, 3),  # the case where seeding used to merge both objects
+        ((12, 10, 10), 2, False, 3),
+        ((8, 9, 9), 3, True, 4),
+        ((12, 10, 10), 4, True, 8),
+        ((8, 12, 12), 3, False, 16),
+        ((8, 12, 12), 5, True, 32),
+    ],
+)
+def test_small_objects_keep_their_own_cluster_and_distortion_matches_sklearn(shape, objects, moving, k):
+    for seed in range(5):
+        tokens, masks = video_with_objects(shape, objects=objects, moving=moving, seed=seed)
+        cv = compress(tokens, k, seed=seed)
+        for mask in masks:  # all of the object in one cluster, and nothing else in it
+            ids = cv.dynamics[mask].unique()
+            assert ids.numel() == 1 and int(mask.sum()) == int((cv.dynamics == ids[0]).sum()), (seed, k)
+        xn = F.normalize(tokens.reshape(-1, tokens.shape[-1]), dim=-1)
+        distortion = float(((xn - cv.decompress().reshape(xn.shape)) ** 2).sum())
+        with threadpool_limits(1):
+            sk = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(xn.numpy())
+        assert distortion <= 1.01 * sk.inertia_, (seed, k)
