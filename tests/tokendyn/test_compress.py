@@ -297,3 +297,73 @@ def test_small_objects_keep_their_own_cluster_and_distortion_matches_sklearn(sha
         with threadpool_limits(1):
             sk = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(xn.numpy())
         assert distortion <= 1.01 * sk.inertia_, (seed, k)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# adaptive K by fidelity
+
+
+def static_scene(T=8, H=7, W=7, dim=48, seed=0):
+    """One frame of a few textures (moving_square's first frame) repeated T times: tokens [T, H, W, dim]."""
+    frame = moving_square(T=1, H=H, W=W, dim=dim, side=2, seed=seed)[0]
+    return frame.expand(T, H, W, dim).clone()
+
+
+CONTENTS = {
+    "noise": lambda seed: torch.randn(8, 7, 7, 64, generator=torch.Generator().manual_seed(seed)),
+    "static": lambda seed: static_scene(seed=seed),
+    "moving square": lambda seed: moving_square(T=6, H=8, W=8, dim=48, seed=seed)[0],
+    "textures": lambda seed: planted_video(9, shape=(6, 7, 7), dim=48, seed=seed)[0],
+}
+
+
+def fidelity_of(tokens: torch.Tensor, cv: CompressedVideo) -> float:
+    return float(tokendyn.metrics.mean_cosine(tokens, cv.decompress()))
+
+
+@pytest.mark.parametrize("k_min, k_max", [(8, 32), (8, 64), (16, 96), (2, 16)])
+def test_noise_gets_k_max_for_any_range(k_min, k_max):
+    for seed in range(2):
+        assert compress(CONTENTS["noise"](seed), None, k_min=k_min, k_max=k_max, seed=seed).k == k_max
+
+
+def test_static_clip_gets_few_tokens_and_reaches_the_target():
+    for seed in range(3):
+        tokens = static_scene(seed=seed)
+        for k_min, k_max in [(1, 64), (2, 32), (1, 16)]:
+            cv = compress(tokens, None, k_min=k_min, k_max=k_max, seed=seed)
+            assert cv.k <= 4 and fidelity_of(tokens, cv) >= 0.9
+
+
+@pytest.mark.parametrize("content", sorted(CONTENTS))
+def test_k_is_monotone_in_the_target_and_the_output_reaches_it(content):
+    for seed in range(2):
+        tokens = CONTENTS[content](seed)
+        ks = []
+        for target in (0.3, 0.6, 0.8, 0.9, 0.95, 0.99):
+            cv = compress(tokens, None, k_min=1, k_max=48, target_fidelity=target, seed=seed)
+            ks.append(cv.k)
+            assert cv.k == 48 or fidelity_of(tokens, cv) >= target - 1e-5, (content, seed, target)
+        assert ks == sorted(ks), (content, seed, ks)
+
+
+@pytest.mark.parametrize("content", ["static", "moving square", "textures"])
+def test_widening_the_range_around_the_answer_keeps_k(content):
+    for seed in range(2):
+        tokens = CONTENTS[content](seed)
+        answer = compress(tokens, None, k_min=1, k_max=64, seed=seed).k
+        assert answer < 64
+        for k_min, k_max in [(1, answer), (answer, answer + 3), (max(1, answer - 2), 2 * answer), (1, 128)]:
+            assert compress(tokens, None, k_min=k_min, k_max=k_max, seed=seed).k == answer, (seed, k_min, k_max)
+        # The range clips the answer.
+        if answer > 1:
+            assert compress(tokens, None, k_min=1, k_max=answer - 1, seed=seed).k == answer - 1
+        assert compress(tokens, None, k_min=answer + 1, k_max=answer + 4, seed=seed).k == answer + 1
+
+
+def test_bad_rule_or_target():
+    with pytest.raises(ValueError, match="rule"):
+        compress(torch.randn(2, 2, 2, 4), None, k_rule="knee")
+    for target in (0.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="target"):
+            compress(torch.randn(2, 2, 2, 4), None, target_fidelity=target)
