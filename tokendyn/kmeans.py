@@ -1,6 +1,6 @@
 """Spherical k-means over the tokens of one video (or a batch of same-shape videos), fixed or adaptive K.
 
-Rows are L2-normalised and all arithmetic is float32, whatever the input dtype. One fit has four steps:
+Rows are L2-normalised and all arithmetic is float32, whatever the input dtype. One fit has five steps:
 
 1. Over-seeding. Greedy k-means++ (as scikit-learn: 2 + ln M candidates per step drawn proportionally to the
    squared distance to the nearest chosen seed; the one that lowers the total most is kept) picks M = 2 * K_top
@@ -9,23 +9,48 @@ Rows are L2-normalised and all arithmetic is float32, whatever the input dtype. 
    D > 128. The means and sizes of these up to M clusters are then taken in full dimension.
 2. Ward merging. Repeatedly merge the two clusters whose union raises the distortion least; for mean centroids
    that increase is exactly n_a n_b / (n_a + n_b) * |c_a - c_b|^2. Merging stops at K (fixed mode) or at
-   k_min - 1 (adaptive mode, which records the distortion curve D(K) on the way). This costs O(M^2 D).
-3. (adaptive mode only) Select K on the curve, see below, and replay the merges down to it.
+   k_min - 1 (adaptive mode, which records the curves D(K) and F(K) on the way). This costs O(M^2 D).
+3. (adaptive mode only) Select K on the curves, see below, and replay the merges down to it.
 4. Lloyd refinement at K: each row goes to the centroid of highest cosine similarity, each centroid becomes the
    mean of its member rows, until no centroid moves by `tol` (L2) or after `max_iter` iterations.
+5. Split/merge moves (at most SPLIT_MERGE_PASSES): split the cluster whose 2-way split lowers the distortion
+   most and merge the cheapest pair of the K + 1 clusters that leaves, when the split gains more than
+   MOVE_GAIN_RATIO times what the merge costs; refine again and keep the move if the distortion went down.
+   Seeding is dominated by the mass of a diffuse background, so a small distinct object (a few tokens) can miss
+   every seed and end up inside a background cluster, which Ward merging and Lloyd cannot undo; it is then
+   that cluster's least similar members, and splitting it off gains several times what re-joining two
+   background pieces costs. tests/tokendyn check planted small objects against scikit-learn's KMeans(n_init=10).
 
 Over-seeding then merging makes one run about as good as the best of ten k-means++ restarts (tests/tokendyn
 check it against scikit-learn's KMeans(n_init=10)). Similarities are computed in row chunks: nothing is N x N.
 
 Distortion = sum_i |x_i - c_(l_i)|^2 over the normalised rows x_i and their centroids c (means, not
-re-normalised): scikit-learn's `inertia_` on the same rows, so the two compare directly.
+re-normalised): scikit-learn's `inertia_` on the same rows, so the two compare directly. Fidelity = the mean over
+rows of cos(x_i, c_(l_i)), i.e. how well base[dynamics] reconstructs each token's direction (the rows of a
+cluster sum to n c, so the fidelity is sum_j n_j |c_j| / N, known in closed form for every merged partition).
 
-Adaptive K (`adaptive_kmeans`): the fit above with K_top = k_max gives D(K) for every K in [k_min - 1, k_max].
-Elbow (Kneedle on a log scale): map K and log D(K) linearly onto [0, 1] (from K = k_min - 1 to k_max) and select
-the K in [k_min, k_max] lying farthest below the straight line joining the two ends of that curve. Ties go to
-the smaller K; when no K lies more than 1e-3 below the line (returns never diminish), K = k_max. The log scale
-makes a break (a large relative drop, as when the last true cluster gets its own centroid) stand out wherever it
-sits in the range; the extra point k_min - 1 lets a break right at k_min be seen. `select_k` is this rule.
+Objectives. Ward merging, the split/merge moves and the reported distortion use the squared distance; Lloyd
+assigns by cosine, which maximises the fidelity (for fixed centroid directions the cosine assignment is best, and
+for fixed members the normalised mean is the best direction). For unit rows a cluster costs n (1 - |c|^2) in
+distortion and n (1 - |c|) in fidelity; as 1 - |c|^2 = (1 - |c|)(1 + |c|) with |c| close to 1 for any cluster
+worth keeping, the two rank merges and partitions alike, and the distortion tests against scikit-learn bound
+the difference. The fidelity rule reads the exact fidelity of each merged partition, and the refinement at the
+selected K only raises it, so the output reaches the target whatever the difference.
+
+Adaptive K (`adaptive_kmeans`): the fit above with K_top = k_max gives, for every K in [k_min - 1, k_max], the
+distortion D(K) and the fidelity F(K) of the merged partition. Two rules:
+
+- "fidelity" (default): the smallest K in [k_min, k_max] with F(K) >= target (`fidelity_k`), else k_max. The
+  fidelity is absolute: a clip whose tokens barely vary reaches 0.9 with a few centroids, while structureless
+  tokens (noise) never do and get k_max. A relative measure such as D(K) / D(1) would rescale a near-static
+  clip's small variation to the full range and ask as many tokens for it as for noise. The range only clips the
+  answer; F grows with K, so K is monotone in the target.
+- "elbow" (Kneedle on a log scale, `select_k`): map K and log D(K) linearly onto [0, 1] (from K = k_min - 1 to
+  k_max) and select the K in [k_min, k_max] lying farthest below the straight line joining the two ends of that
+  curve. Ties go to the smaller K; when no K lies more than 1e-3 below the line, K = k_max. Limits: rescaling both
+  axes finds an elbow on any convex curve, so on structureless content the answer follows the range (noise gets
+  a K in the middle of it) and a clip with fewer distinct tokens than k_max gets exactly that many. It suits
+  content with a clear number of parts.
 Cost: one fixed fit at k_max plus the extra merges (O(k_max^2 D)), with the refinement at a K <= k_max.
 
 Duplicates: rows whose squared distance (on the sketch) is below `SAME_TOKEN` (cosine above 1 - SAME_TOKEN / 2)
