@@ -304,3 +304,13 @@ def test_a_clip_file_queried_against_its_table_returns_itself_first(clip_table):
         hits = search.by_video(str(clips[0]), k=3, mode=mode, layer=-2, frames=4, base_k=4)
         assert hits[0].uri == str(clips[0]), mode
         assert hits[0].score == pytest.approx(1.0 if mode == "exact" else 4.0, abs=1e-2)
+
+
+def test_a_query_video_gets_the_adaptive_k_rule_of_its_table(tmp_path, tiny_siglip_dir, sample_clip_paths):
+    clip = sample_clip_paths["bikes"]
+    for rule, target in (("fidelity", 0.95), ("elbow", 0.9)):
+        config = tiny_config(str(tiny_siglip_dir), k=0, k_min=2, k_max=9, k_rule=rule, target_fidelity=target)
+        store = compress_with_job_stages(tmp_path / rule, [clip], config)
+        row = store.read_videos(columns=["k", "dynamics"]).to_pylist()[0]
+        query = VideoSearch(store).compress_like_table(str(clip))
+        assert (query.k, query.to_storage()["dynamics"]) == (row["k"], row["dynamics"]), rule
