@@ -367,3 +367,15 @@ def test_bad_rule_or_target():
     for target in (0.0, 1.5, float("nan")):
         with pytest.raises(ValueError, match="target"):
             compress(torch.randn(2, 2, 2, 4), None, target_fidelity=target)
+
+
+def test_split_merge_moves_are_identical_in_a_batch_and_alone():
+    # At K=3 the object videos need a split/merge move (seeding puts an object in the background) and the noise
+    # video does not: videos that move and videos that stay share the batch.
+    videos = [video_with_objects(objects=2, seed=seed)[0] for seed in range(3)]
+    videos.insert(1, torch.randn(12, 10, 10, 32, generator=torch.Generator().manual_seed(0)))
+    for k in (3, None):
+        batched = compress_batch(videos, k, k_min=2, k_max=6, seed=0)
+        for video, b in zip(videos, batched):
+            alone = compress(video, k, k_min=2, k_max=6, seed=0)
+            assert torch.equal(alone.base, b.base) and torch.equal(alone.dynamics, b.dynamics)
