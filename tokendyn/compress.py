@@ -192,7 +192,8 @@ def compress_batch(
             per_chunk = 1
         for s in range(0, len(members), per_chunk):
             chunk = members[s : s + per_chunk]
-            x = torch.stack([videos[i].reshape(t * h * w, d) for i in chunk])
+            x = torch.stack([videos[i].reshape(t * h * w, d) for i in chunk]) if len(chunk) > 1 else \
+                videos[chunk[0]].reshape(1, t * h * w, d)  # a view: one video needs no copy
             if k is None:
                 results = [r for r, _ in adaptive_kmeans_batch(x, k_min, k_max, rule=k_rule, target=target_fidelity,
                                                                 seed=seed, max_iter=max_iter, tol=tol)]

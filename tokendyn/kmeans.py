@@ -578,7 +578,7 @@ def _fit(x: Tensor, k_top: int, adaptive: _Adaptive | None, seed: int, max_iter:
     floor = k_top if adaptive is None else max(adaptive.k_min - 1, 1)
     pairs, costs, cos_losses = _ward_merges(means, sizes, valid, max(m - floor, 0))
 
-    x_sq_total = (x * x).sum(-1).double().sum(1)
+    x_sq_total = torch.linalg.vector_norm(x, dim=-1).double().square().sum(1)  # no [B, N, D] temporary
     curve = None
     if adaptive is None:
         k_sel = torch.full((B,), k_top, dtype=torch.int64, device=x.device)
