@@ -604,8 +604,10 @@ def _fit(x: Tensor, k_top: int, adaptive: _Adaptive | None, seed: int, max_iter:
     sim = x.new_zeros(B, N)
     labels, centres, iters, sim = _lloyd(x, centres, slot_valid, max_iter, tol, everyone, labels, sim)
     distortion = _distortion(x_sq_total, centres, _counts(labels, centres.shape[1]))
+    searching = everyone  # videos whose last move paid off; the others would only propose it again
     for _ in range(SPLIT_MERGE_PASSES):
         start, moved = _split_merge(x, labels, centres, sim, slot_valid)
+        moved &= searching
         if not bool(moved.any()):
             break
         new_labels, new_centres, new_iters, new_sim = _lloyd(x, start, slot_valid, max_iter, tol, moved, labels,
@@ -618,6 +620,7 @@ def _fit(x: Tensor, k_top: int, adaptive: _Adaptive | None, seed: int, max_iter:
         sim = torch.where(better[:, None], new_sim, sim)
         distortion = torch.where(better, new_distortion, distortion)
         iters += new_iters
+        searching = better
     labels, centres, sizes = _canonical(labels, centres)
     distortion = _distortion(x_sq_total, centres, sizes).tolist()
     fidelity = _mean_cosine(centres, sizes, N).tolist()
