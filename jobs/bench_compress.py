@@ -159,9 +159,16 @@ T, H, W, D = tokens.shape
 print(f"clip {clip.name}: {T} frames -> tokens {T}x{H}x{W}x{D}; device {args.device}; threads {args.threads}")
 
 # ---- 2. compression cost ---------------------------------------------------------------------------------------
+reference = reference_kmeans(args.reference_rev) if args.reference_rev else None
 forward_s, fixed_s = best_times(encode, lambda: tokendyn.compress(tokens, args.k))
 rows.append((f"compress K={args.k} / encoder forward ({T} frames)",
              f"{fixed_s / forward_s:.2%}  ({ms(fixed_s)} / {ms(forward_s)})", "<= 3% on CPU"))
+if reference is not None:
+    rows_2d = tokens.reshape(-1, D)
+    forward_s, ours_s, reference_s = best_times(encode, lambda: tokendyn.spherical_kmeans(rows_2d, args.k),
+                                                lambda: reference.spherical_kmeans(rows_2d, args.k))
+    rows.append((f"k-means K={args.k} / encoder forward, ours | {args.reference_rev}",
+                 f"{ours_s / forward_s:.2%} | {reference_s / forward_s:.2%}", ""))
 
 fixed_max_s, fidelity_s, elbow_s = best_times(
     lambda: tokendyn.compress(tokens, args.k_max),
@@ -183,7 +190,6 @@ for label, shape in ((f"{T}x{H}x{W}x{D}", None), (f"{T}x{H}x{W}x256", (T, H, W, 
                  f"{batch_s / loop_s:.2f}x  ({ms(batch_s)} / {ms(loop_s)})", "<= 1x"))
 
 # ---- 3. our k-means vs a previous revision's and scikit-learn's on the same rows ------------------------------
-reference = reference_kmeans(args.reference_rev) if args.reference_rev else None
 
 
 def versus(name: str, x: torch.Tensor, k: int, repeats: int) -> None:
