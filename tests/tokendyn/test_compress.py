@@ -379,3 +379,15 @@ def test_split_merge_moves_are_identical_in_a_batch_and_alone():
         for video, b in zip(videos, batched):
             alone = compress(video, k, k_min=2, k_max=6, seed=0)
             assert torch.equal(alone.base, b.base) and torch.equal(alone.dynamics, b.dynamics)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_recovers_small_objects_and_batches_like_one_by_one():
+    videos = [video_with_objects(objects=2, seed=seed)[0].cuda() for seed in range(3)]
+    for k in (3, None):
+        batched = compress_batch(videos, k, k_min=2, k_max=6, seed=0)
+        for video, b in zip(videos, batched):
+            alone = compress(video, k, k_min=2, k_max=6, seed=0)
+            assert torch.equal(alone.dynamics, b.dynamics) and torch.equal(alone.base, b.base)
+            on_cpu = compress(video.cpu(), k, k_min=2, k_max=6, seed=0)
+            assert same_partition(on_cpu.dynamics, b.dynamics.cpu())
