@@ -44,7 +44,10 @@ distortion D(K) and the fidelity F(K) of the merged partition. Two rules:
   fidelity is absolute: a clip whose tokens barely vary reaches 0.9 with a few centroids, while structureless
   tokens (noise) never do and get k_max. A relative measure such as D(K) / D(1) would rescale a near-static
   clip's small variation to the full range and ask as many tokens for it as for noise. The range only clips the
-  answer; F grows with K, so K is monotone in the target.
+  answer; F grows with K, so K is monotone in the target. A wider range means a fit from more seeds (2 k_max),
+  hence a slightly different merge tree: where the target is crossed at a break in the curve (the content has
+  parts) K does not move, but where F creeps past the target on a flat stretch (diffuse content that just
+  reaches it) K can move by one or two (3 of 40 random planted videos when k_max went from 64 to 128).
 - "elbow" (Kneedle on a log scale, `select_k`): map K and log D(K) linearly onto [0, 1] (from K = k_min - 1 to
   k_max) and select the K in [k_min, k_max] lying farthest below the straight line joining the two ends of that
   curve. Ties go to the smaller K; when no K lies more than 1e-3 below the line, K = k_max. Limits: rescaling both
