@@ -258,8 +258,8 @@ if not args.skip_siglip:
 
 # ---- 4. adaptive K per kind of content -------------------------------------------------------------------------
 # Built from the clip's pixels, so every content has the clip's textures: the first frame held still, a slow pan
-# (a 160-pixel window moving 2 pixels a frame across it, scaled to 224), the clip's own motion (its frames span the whole
-# clip), and structureless tokens (Gaussian noise of the same shape).
+# (a 160-pixel window moving 2 pixels a frame across it, scaled to 224), the clip's own motion (its frames span
+# the whole clip), and structureless tokens (Gaussian noise of the same shape).
 first = pixels[:1]
 window = 160
 step = max(1, min(2, (224 - window) // max(T - 1, 1)))

@@ -49,7 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--k-min", type=int, default=8, help="adaptive K lower bound (default 8)")
     parser.add_argument("--k-max", type=int, default=64, help="adaptive K upper bound (default 64)")
     parser.add_argument("--k-rule", default="fidelity", choices=["fidelity", "elbow"],
-                        help="adaptive K rule: the smallest K reaching --target-fidelity, or the elbow (default fidelity)")
+                        help="adaptive K rule: the smallest K reaching --target-fidelity, or the elbow "
+                             "(default fidelity)")
     parser.add_argument("--target-fidelity", type=float, default=0.9,
                         help="mean cosine of tokens to their base vector that adaptive K must reach (default 0.9)")
     parser.add_argument("--encoder", default="efficientnet-lite0", help="encoder for a video file")
