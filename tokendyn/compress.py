@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tokendyn.kmeans import KMeansResult, _check_rule, adaptive_kmeans_batch, spherical_kmeans_batch
+from tokendyn.kmeans import KMeansResult, check_k_rule, adaptive_kmeans_batch, spherical_kmeans_batch
 
 __all__ = ["CompressedVideo", "compress", "compress_batch"]
 
@@ -177,7 +177,7 @@ def compress_batch(
     """
     _check_k(k, k_min, k_max)
     if k is None:
-        _check_rule(k_rule, target_fidelity)
+        check_k_rule(k_rule, target_fidelity)
     for tokens in videos:
         _check_video(tokens)
     groups: dict[tuple, list[int]] = defaultdict(list)

@@ -648,7 +648,8 @@ def _run(x: Tensor, k_top: int, adaptive: _Adaptive | None, seed: int, max_iter:
     return results, None if curve is None else curve.clone()
 
 
-def _check_rule(rule: str, target: float) -> None:
+def check_k_rule(rule: str, target: float) -> None:
+    """Raise ValueError unless rule is one of K_RULES and target (the fidelity rule's) lies in (0, 1]."""
     if rule not in K_RULES:
         raise ValueError(f"rule must be one of {K_RULES}, got {rule!r}")
     if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 < target <= 1.0:
@@ -699,7 +700,7 @@ def adaptive_kmeans_batch(
     _check_int("k_max", k_max)
     if k_min > k_max:
         raise ValueError(f"k_min ({k_min}) must not exceed k_max ({k_max})")
-    _check_rule(rule, target)
+    check_k_rule(rule, target)
     _check_options(max_iter, tol)
     results, curve = _run(x, k_max, _Adaptive(k_min, k_max, rule, float(target)), seed, max_iter, tol)
     return list(zip(results, curve.unbind(0)))
