@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tokendyn.kmeans import KMeansResult, check_k_rule, adaptive_kmeans_batch, spherical_kmeans_batch
+from tokendyn.kmeans import KMeansResult, adaptive_kmeans_batch, check_k_rule, spherical_kmeans_batch
 
 __all__ = ["CompressedVideo", "compress", "compress_batch"]
 
