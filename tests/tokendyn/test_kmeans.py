@@ -10,6 +10,7 @@ from tokendyn import kmeans
 from tokendyn.kmeans import (
     adaptive_kmeans,
     adaptive_kmeans_batch,
+    fidelity_k,
     select_k,
     spherical_kmeans,
     spherical_kmeans_batch,
@@ -147,6 +148,17 @@ def test_select_k_rule():
     assert select_k(flat, 4, 10).tolist() == [4]
     assert select_k(torch.zeros(1, 8), 4, 10).tolist() == [4]
     assert select_k(torch.cat([knee, flat]), 4, 10).tolist() == [6, 4]
+
+
+def test_fidelity_k_rule():
+    fidelity = torch.tensor([[0.5, 0.7, 0.85, 0.9, 0.95, 0.97, 0.99, 1.0]], dtype=torch.float64)  # K = 3 .. 10
+    assert fidelity_k(fidelity, 4, 10, 0.9).tolist() == [6]
+    assert fidelity_k(fidelity, 4, 10, 0.9 + 1e-7).tolist() == [6]  # within the slack
+    assert fidelity_k(fidelity, 4, 10, 0.5).tolist() == [4]  # reached below k_min: the range clips
+    assert fidelity_k(fidelity[:, :5], 4, 7, 0.99).tolist() == [7]  # never reached: k_max
+    assert fidelity_k(fidelity, 4, 10, 1.0).tolist() == [10]
+    ks = [int(fidelity_k(fidelity, 4, 10, t)) for t in (0.1, 0.6, 0.86, 0.9, 0.96, 0.98, 1.0)]
+    assert ks == sorted(ks)
 
 
 def test_adaptive_with_equal_bounds_is_fixed_k():
