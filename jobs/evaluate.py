@@ -45,6 +45,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-adaptive", action="store_true", help="skip adaptive K")
     parser.add_argument("--k-min", type=int, default=8, help="adaptive K lower bound (default 8)")
     parser.add_argument("--k-max", type=int, default=64, help="adaptive K upper bound (default 64)")
+    parser.add_argument("--k-rule", default="fidelity", choices=["fidelity", "elbow"],
+                        help="adaptive K rule: the smallest K reaching --target-fidelity, or the elbow "
+                             "(default fidelity)")
+    parser.add_argument("--target-fidelity", type=float, default=0.9,
+                        help="mean cosine of tokens to their base vector that adaptive K must reach (default 0.9)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--encoder", default="efficientnet-lite0")
     parser.add_argument("--device", default="cpu")
@@ -60,7 +65,8 @@ def config_from(args: argparse.Namespace):
     from pipeline.evaluation import EvaluationConfig
 
     return EvaluationConfig(frames=args.frames, segments=args.segments, ks=args.ks, adaptive=not args.no_adaptive,
-                            k_min=args.k_min, k_max=args.k_max, seed=args.seed, decoder=args.decoder,
+                            k_min=args.k_min, k_max=args.k_max, k_rule=args.k_rule,
+                            target_fidelity=args.target_fidelity, seed=args.seed, decoder=args.decoder,
                             encode_batch=args.encode_batch)
 
 

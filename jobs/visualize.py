@@ -49,6 +49,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--k", default="32", help="base size for a video file: an integer or 'adaptive' (default 32)")
     parser.add_argument("--k-min", type=int, default=8, help="adaptive K lower bound (default 8)")
     parser.add_argument("--k-max", type=int, default=64, help="adaptive K upper bound (default 64)")
+    parser.add_argument("--k-rule", default="fidelity", choices=["fidelity", "elbow"],
+                        help="adaptive K rule: the smallest K reaching --target-fidelity, or the elbow "
+                             "(default fidelity)")
+    parser.add_argument("--target-fidelity", type=float, default=0.9,
+                        help="mean cosine of tokens to their base vector that adaptive K must reach (default 0.9)")
     parser.add_argument("--encoder", default="efficientnet-lite0", help="encoder for a video file")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--decoder", default="decord", choices=["decord", "pyav"])
@@ -85,7 +90,8 @@ def clip_from_video_file(args: argparse.Namespace) -> ClipToDraw:
                         s3_endpoint_url=args.s3_endpoint_url)
     tokens = encoder.encode(clip.frames)
     k = None if args.k == "adaptive" else int(args.k)
-    video = tokendyn.compress(tokens, k=k, k_min=args.k_min, k_max=args.k_max)
+    video = tokendyn.compress(tokens, k=k, k_min=args.k_min, k_max=args.k_max, k_rule=args.k_rule,
+                              target_fidelity=args.target_fidelity)
     mode = "adaptive K" if k is None else "fixed K"
     name = Path(str(args.video).rstrip("/")).stem
     return ClipToDraw(name, clip.frames, video.dynamics.cpu().numpy(), int(video.base.shape[0]),

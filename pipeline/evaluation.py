@@ -74,6 +74,8 @@ class EvaluationConfig:
     adaptive: bool = True
     k_min: int = 8
     k_max: int = 64
+    k_rule: str = "fidelity"  # adaptive K rule, see tokendyn.kmeans
+    target_fidelity: float = 0.9
     seed: int = 0
     decoder: str = "decord"
     encode_batch: int = 8  # frames per encoder call (small batches run faster on CPU here)
@@ -91,6 +93,9 @@ class EvaluationConfig:
             raise ValueError(f"every K must be >= 1, got {list(self.ks)}")
         if self.adaptive and not 1 <= self.k_min <= self.k_max:
             raise ValueError(f"need 1 <= k_min <= k_max, got k_min={self.k_min}, k_max={self.k_max}")
+        if self.adaptive and (self.k_rule not in ("fidelity", "elbow") or not 0.0 < self.target_fidelity <= 1.0):
+            raise ValueError(f"need k_rule fidelity or elbow and 0 < target_fidelity <= 1, got {self.k_rule!r}, "
+                             f"{self.target_fidelity}")
 
     @property
     def budgets(self) -> list[int | str]:
@@ -217,7 +222,8 @@ def full_tokens(tokens: torch.Tensor) -> KeptTokens:
 
 def token_dynamics(videos: list[torch.Tensor], k: int | None, config: EvaluationConfig) -> list[KeptTokens]:
     """Token Dynamics of each video [T, H, W, D] (k=None: adaptive); batched, with the same result as one by one."""
-    compressed = tokendyn.compress_batch(videos, k, k_min=config.k_min, k_max=config.k_max, seed=config.seed)
+    compressed = tokendyn.compress_batch(videos, k, k_min=config.k_min, k_max=config.k_max, k_rule=config.k_rule,
+                                         target_fidelity=config.target_fidelity, seed=config.seed)
     return [KeptTokens(video.base.float(), video.dynamics.long(), video.pooled().float()) for video in compressed]
 
 

@@ -87,6 +87,8 @@ class TableSettings:
     seed: int
     decoder: str
     max_frames: int | None = None  # frame cap of fps sampling (None: none recorded, no cap)
+    k_rule: str = "elbow"  # adaptive K rule; tables written before the rule was recorded used the elbow
+    target_fidelity: float = 0.9
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -184,7 +186,8 @@ def read_table_settings(store: OutputStore, table) -> TableSettings:
     return TableSettings(
         encoder=encoder, layer=layer, dim=_single_value(rows["dim"], "dim", store.root), frames=frames, fps=fps,
         k=k, k_min=k_min, k_max=k_max, seed=int(config.get("seed", 0)), decoder=config.get("decoder", "decord"),
-        max_frames=config.get("max_frames"))
+        max_frames=config.get("max_frames"),
+        k_rule=config.get("k_rule", "elbow"), target_fidelity=float(config.get("target_fidelity", 0.9)))
 
 
 def _differs(name: str, asked: Any, held: Any) -> bool:
@@ -416,6 +419,7 @@ class VideoSearch:
                             s3_endpoint_url=s3_endpoint_url or self.store.s3_endpoint_url)
         tokens = model.encode(clip.frames)
         return tokendyn.compress(tokens, k=recorded.k, k_min=recorded.k_min, k_max=recorded.k_max,
+                                 k_rule=recorded.k_rule, target_fidelity=recorded.target_fidelity,
                                  seed=recorded.seed)
 
     def _encoder(self, recorded: TableSettings, layer: int | None, device: str):

@@ -4,8 +4,10 @@ tokens [T, H, W, D] -> CompressedVideo(base [K, D], dynamics [T, H, W], sizes [K
 of a spherical k-means over all T*H*W L2-normalised tokens (tokendyn.kmeans) and dynamics[t, h, w] is the id of
 the centroid that token belongs to, so base[dynamics] reconstructs every (normalised) token.
 
-Fixed length: `k` given. Adaptive length: `k=None` picks K in [k_min, k_max] per video by the elbow rule
-documented in tokendyn.kmeans. Either way K is smaller than asked when the video has fewer distinct tokens.
+Fixed length: `k` given. Adaptive length: `k=None` picks K in [k_min, k_max] per video, by default the smallest K
+whose mean cosine of tokens to their base vector reaches `target_fidelity` (`k_rule="elbow"`: the elbow of the
+distortion curve); both rules are documented in tokendyn.kmeans. Either way K is smaller than asked when the
+video has fewer distinct tokens.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tokendyn.kmeans import KMeansResult, adaptive_kmeans_batch, spherical_kmeans_batch
+from tokendyn.kmeans import KMeansResult, adaptive_kmeans_batch, check_k_rule, spherical_kmeans_batch
 
 __all__ = ["CompressedVideo", "compress", "compress_batch"]
 
@@ -161,6 +163,8 @@ def compress_batch(
     *,
     k_min: int = 8,
     k_max: int = 64,
+    k_rule: str = "fidelity",
+    target_fidelity: float = 0.9,
     seed: int = 0,
     max_iter: int = 50,
     tol: float = 1e-4,
@@ -172,6 +176,8 @@ def compress_batch(
     is much cheaper on accelerators and for small videos; large videos on CPU are fitted one by one.
     """
     _check_k(k, k_min, k_max)
+    if k is None:
+        check_k_rule(k_rule, target_fidelity)
     for tokens in videos:
         _check_video(tokens)
     groups: dict[tuple, list[int]] = defaultdict(list)
@@ -186,9 +192,11 @@ def compress_batch(
             per_chunk = 1
         for s in range(0, len(members), per_chunk):
             chunk = members[s : s + per_chunk]
-            x = torch.stack([videos[i].reshape(t * h * w, d) for i in chunk])
+            x = torch.stack([videos[i].reshape(t * h * w, d) for i in chunk]) if len(chunk) > 1 else \
+                videos[chunk[0]].reshape(1, t * h * w, d)  # a view: one video needs no copy
             if k is None:
-                results = [r for r, _ in adaptive_kmeans_batch(x, k_min, k_max, seed=seed, max_iter=max_iter, tol=tol)]
+                results = [r for r, _ in adaptive_kmeans_batch(x, k_min, k_max, rule=k_rule, target=target_fidelity,
+                                                                seed=seed, max_iter=max_iter, tol=tol)]
             else:
                 results = spherical_kmeans_batch(x, k, seed=seed, max_iter=max_iter, tol=tol)
             for i, r in zip(chunk, results):
@@ -202,6 +210,8 @@ def compress(
     *,
     k_min: int = 8,
     k_max: int = 64,
+    k_rule: str = "fidelity",
+    target_fidelity: float = 0.9,
     seed: int = 0,
     max_iter: int = 50,
     tol: float = 1e-4,
@@ -209,7 +219,10 @@ def compress(
     """Compress one video.
 
     tokens: [T, H, W, D], any float dtype, any device (the result stays there).
-    k: number of base vectors (fixed length), or None for adaptive length within [k_min, k_max].
-    Raises ValueError for a wrong rank, an empty video, NaN/Inf tokens or k < 1.
+    k: number of base vectors (fixed length), or None for adaptive length within [k_min, k_max], chosen by
+    k_rule: "fidelity" (the smallest K whose mean cosine of tokens to their base vector reaches target_fidelity;
+    k_max when none does) or "elbow" (target_fidelity unused). See tokendyn.kmeans.
+    Raises ValueError for a wrong rank, an empty video, NaN/Inf tokens, k < 1 or a bad rule or target.
     """
-    return compress_batch([tokens], k, k_min=k_min, k_max=k_max, seed=seed, max_iter=max_iter, tol=tol)[0]
+    return compress_batch([tokens], k, k_min=k_min, k_max=k_max, k_rule=k_rule, target_fidelity=target_fidelity,
+                          seed=seed, max_iter=max_iter, tol=tol)[0]

@@ -1,6 +1,6 @@
 """Spherical k-means over the tokens of one video (or a batch of same-shape videos), fixed or adaptive K.
 
-Rows are L2-normalised and all arithmetic is float32, whatever the input dtype. One fit has four steps:
+Rows are L2-normalised and all arithmetic is float32, whatever the input dtype. One fit has five steps:
 
 1. Over-seeding. Greedy k-means++ (as scikit-learn: 2 + ln M candidates per step drawn proportionally to the
    squared distance to the nearest chosen seed; the one that lowers the total most is kept) picks M = 2 * K_top
@@ -9,23 +9,51 @@ Rows are L2-normalised and all arithmetic is float32, whatever the input dtype. 
    D > 128. The means and sizes of these up to M clusters are then taken in full dimension.
 2. Ward merging. Repeatedly merge the two clusters whose union raises the distortion least; for mean centroids
    that increase is exactly n_a n_b / (n_a + n_b) * |c_a - c_b|^2. Merging stops at K (fixed mode) or at
-   k_min - 1 (adaptive mode, which records the distortion curve D(K) on the way). This costs O(M^2 D).
-3. (adaptive mode only) Select K on the curve, see below, and replay the merges down to it.
+   k_min - 1 (adaptive mode, which records the curves D(K) and F(K) on the way). This costs O(M^2 D).
+3. (adaptive mode only) Select K on the curves, see below, and replay the merges down to it.
 4. Lloyd refinement at K: each row goes to the centroid of highest cosine similarity, each centroid becomes the
    mean of its member rows, until no centroid moves by `tol` (L2) or after `max_iter` iterations.
+5. Split/merge moves (at most SPLIT_MERGE_PASSES): split the cluster whose 2-way split lowers the distortion
+   most and merge the cheapest pair of the K + 1 clusters that leaves, when the split gains more than
+   MOVE_GAIN_RATIO times what the merge costs; refine again and keep the move if the distortion went down.
+   Seeding is dominated by the mass of a diffuse background, so a small distinct object (a few tokens) can miss
+   every seed and end up inside a background cluster, which Ward merging and Lloyd cannot undo; it is then
+   that cluster's least similar members, and splitting it off gains several times what re-joining two
+   background pieces costs. tests/tokendyn check planted small objects against scikit-learn's KMeans(n_init=10).
 
 Over-seeding then merging makes one run about as good as the best of ten k-means++ restarts (tests/tokendyn
 check it against scikit-learn's KMeans(n_init=10)). Similarities are computed in row chunks: nothing is N x N.
 
 Distortion = sum_i |x_i - c_(l_i)|^2 over the normalised rows x_i and their centroids c (means, not
-re-normalised): scikit-learn's `inertia_` on the same rows, so the two compare directly.
+re-normalised): scikit-learn's `inertia_` on the same rows, so the two compare directly. Fidelity = the mean over
+rows of cos(x_i, c_(l_i)), i.e. how well base[dynamics] reconstructs each token's direction (the rows of a
+cluster sum to n c, so the fidelity is sum_j n_j |c_j| / N, known in closed form for every merged partition).
 
-Adaptive K (`adaptive_kmeans`): the fit above with K_top = k_max gives D(K) for every K in [k_min - 1, k_max].
-Elbow (Kneedle on a log scale): map K and log D(K) linearly onto [0, 1] (from K = k_min - 1 to k_max) and select
-the K in [k_min, k_max] lying farthest below the straight line joining the two ends of that curve. Ties go to
-the smaller K; when no K lies more than 1e-3 below the line (returns never diminish), K = k_max. The log scale
-makes a break (a large relative drop, as when the last true cluster gets its own centroid) stand out wherever it
-sits in the range; the extra point k_min - 1 lets a break right at k_min be seen. `select_k` is this rule.
+Objectives. Ward merging, the split/merge moves and the reported distortion use the squared distance; Lloyd
+assigns by cosine, which maximises the fidelity (for fixed centroid directions the cosine assignment is best, and
+for fixed members the normalised mean is the best direction). For unit rows a cluster costs n (1 - |c|^2) in
+distortion and n (1 - |c|) in fidelity; as 1 - |c|^2 = (1 - |c|)(1 + |c|) with |c| close to 1 for any cluster
+worth keeping, the two rank merges and partitions alike, and the distortion tests against scikit-learn bound
+the difference. The fidelity rule reads the exact fidelity of each merged partition, and the refinement at the
+selected K only raises it, so the output reaches the target whatever the difference.
+
+Adaptive K (`adaptive_kmeans`): the fit above with K_top = k_max gives, for every K in [k_min - 1, k_max], the
+distortion D(K) and the fidelity F(K) of the merged partition. Two rules:
+
+- "fidelity" (default): the smallest K in [k_min, k_max] with F(K) >= target (`fidelity_k`), else k_max. The
+  fidelity is absolute: a clip whose tokens barely vary reaches 0.9 with a few centroids, while structureless
+  tokens (noise) never do and get k_max. A relative measure such as D(K) / D(1) would rescale a near-static
+  clip's small variation to the full range and ask as many tokens for it as for noise. The range only clips the
+  answer; F grows with K, so K is monotone in the target. A wider range means a fit from more seeds (2 k_max),
+  hence a slightly different merge tree: where the target is crossed at a break in the curve (the content has
+  parts) K does not move, but where F creeps past the target on a flat stretch (diffuse content that just
+  reaches it) K can move by one or two (3 of 40 random planted videos when k_max went from 64 to 128).
+- "elbow" (Kneedle on a log scale, `select_k`): map K and log D(K) linearly onto [0, 1] (from K = k_min - 1 to
+  k_max) and select the K in [k_min, k_max] lying farthest below the straight line joining the two ends of that
+  curve. Ties go to the smaller K; when no K lies more than 1e-3 below the line, K = k_max. Limits: rescaling both
+  axes finds an elbow on any convex curve, so on structureless content the answer follows the range (noise gets
+  a K in the middle of it) and a clip with fewer distinct tokens than k_max gets exactly that many. It suits
+  content with a clear number of parts.
 Cost: one fixed fit at k_max plus the extra merges (O(k_max^2 D)), with the refinement at a K <= k_max.
 
 Duplicates: rows whose squared distance (on the sketch) is below `SAME_TOKEN` (cosine above 1 - SAME_TOKEN / 2)
@@ -53,12 +81,21 @@ __all__ = [
     "adaptive_kmeans",
     "adaptive_kmeans_batch",
     "select_k",
+    "fidelity_k",
     "normalize_rows",
 ]
 
 SAME_TOKEN = 1e-4
 SKETCH_DIM = 128
 OVERSEED = 2
+# Split/merge moves after the first refinement (each followed by a refinement), at most.
+SPLIT_MERGE_PASSES = 4
+MOVE_GAIN_RATIO = 1.5
+# Fidelity values within this of the target count as reaching it (float32 centroids of identical rows have a
+# norm of 1 only up to rounding).
+FIDELITY_SLACK = 1e-6
+CONVERGENCE_CHECK_EVERY = 4
+K_RULES = ("fidelity", "elbow")
 # Bounds a [B, rows, K] similarity block to a few tens of MB per video. It depends on K only, so a video gives
 # bit-identical results alone or in a batch.
 _CHUNK_ELEMENTS = 1 << 22
@@ -72,7 +109,8 @@ class KMeansResult:
     labels: [N] int64 in [0, K), numbered in order of first appearance.
     sizes: [K] int64, every entry > 0.
     distortion: sum over rows of the squared L2 distance to its centroid (scikit-learn's inertia).
-    iterations: Lloyd iterations of the final refinement.
+    iterations: Lloyd iterations of the refinements.
+    fidelity: mean over rows of the cosine similarity to their centroid (in [0, 1] for non-negative clusters).
     """
 
     centroids: Tensor
@@ -80,6 +118,7 @@ class KMeansResult:
     sizes: Tensor
     distortion: float
     iterations: int
+    fidelity: float
 
     @property
     def k(self) -> int:
@@ -229,16 +268,18 @@ def _distortion(x_sq_total: Tensor, means: Tensor, sizes: Tensor) -> Tensor:
 # Ward merging and the elbow
 
 
-def _ward_merges(means: Tensor, sizes: Tensor, valid: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+def _ward_merges(means: Tensor, sizes: Tensor, valid: Tensor, steps: int) -> tuple[Tensor, Tensor, Tensor]:
     """Greedy Ward merging, `steps` merges per video.
 
     means [B, M, D], sizes [B, M], valid [B, M] -> pairs [B, steps, 2] (slot b merged into slot a < b),
-    costs [B, steps] float64 (distortion increase). Steps past a video's last valid pair are meaningless;
-    callers only read the first k_start - floor of them.
+    costs [B, steps] float64 (distortion increase), cos_losses [B, steps] float64 (decrease of the sum over rows
+    of the cosine to their centroid). Steps past a video's last valid pair are meaningless; callers only read
+    the first k_start - floor of them.
     """
     B, M, _ = means.shape
     n = torch.where(valid, sizes, 0).double().clamp_min(1e-300)  # > 0 keeps (nab + n) from vanishing
     c_sq = (means * means).sum(-1)
+    mass = n * c_sq.double()  # n |c|^2 per slot; a merge of a and b leaves mass_a + mass_b - cost
     d2 = torch.baddbmm(c_sq[:, :, None] + c_sq[:, None, :], means, means.transpose(1, 2), alpha=-2.0)
     pair_ok = valid[:, :, None] & valid[:, None, :] & ~torch.eye(M, dtype=torch.bool, device=means.device)
     n_i, n_j = n[:, :, None], n[:, None, :]
@@ -251,9 +292,14 @@ def _ward_merges(means: Tensor, sizes: Tensor, valid: Tensor, steps: int) -> tup
         row_a = cost.gather(1, a[:, :, None].expand(B, 1, M))[:, 0]  # [B, M]
         b = row_a.argmin(1, keepdim=True)
         row_b = cost.gather(1, b[:, :, None].expand(B, 1, M))[:, 0]
-        taken.append((a, b, best))
         na, nb = n.gather(1, a), n.gather(1, b)
         nab = na + nb
+        mass_a, mass_b = mass.gather(1, a), mass.gather(1, b)
+        merged_mass = (mass_a + mass_b - best).clamp_min(0.0)
+        # sum_i x_i . c_hat over a cluster is n |c| = sqrt(n * n |c|^2): the mean-cosine loss of this merge.
+        cos_loss = (na * mass_a).sqrt() + (nb * mass_b).sqrt() - (nab * merged_mass).sqrt()
+        taken.append((a, b, best, cos_loss))
+        mass.scatter_(1, a, merged_mass)
         # Lance-Williams update for Ward: the cost of merging a + b with j from the costs of a and b with j, so
         # no centroid is ever touched (O(M) per merge). The entries for a and b themselves come out inf.
         row = (n * (row_a + row_b - best)).addcmul_(na, row_a).addcmul_(nb, row_b).div_(nab + n)
@@ -263,19 +309,20 @@ def _ward_merges(means: Tensor, sizes: Tensor, valid: Tensor, steps: int) -> tup
         cost.scatter_(1, b[:, :, None].expand(B, 1, M), math.inf)
         cost.scatter_(2, b[:, :, None].expand(B, M, 1), math.inf)
     if not taken:
-        return torch.zeros(B, 0, 2, dtype=torch.int64, device=means.device), n.new_zeros(B, 0)
-    a, b, best = (torch.cat(t, 1) for t in zip(*taken))
+        empty = n.new_zeros(B, 0)
+        return torch.zeros(B, 0, 2, dtype=torch.int64, device=means.device), empty, empty
+    a, b, best, cos_loss = (torch.cat(t, 1) for t in zip(*taken))
     pairs = torch.stack([a, b], 2)
     # A video out of pairs (at most one cluster left) produced inf costs; those steps are never read.
-    costs = torch.where(torch.isfinite(best), best, 0.0)
-    return pairs, costs
+    finite = torch.isfinite(best)
+    return pairs, torch.where(finite, best, 0.0), torch.where(finite, cos_loss, 0.0)
 
 
 def _curve(start: Tensor, costs: Tensor, k_start: Tensor, k_min: int, k_max: int) -> Tensor:
-    """Distortion at K = lo .. k_max, lo = max(k_min - 1, 1).
+    """A loss (distortion, or cosine loss) at K = lo .. k_max, lo = max(k_min - 1, 1).
 
-    start [B] distortion with k_start [B] clusters, costs [B, S] in merge order -> [B, k_max - lo + 1].
-    Above k_start (fewer clusters available) the curve stays flat at the best reachable value.
+    start [B] loss with k_start [B] clusters, costs [B, S] its increase per merge, in merge order
+    -> [B, k_max - lo + 1]. Above k_start (fewer clusters available) the curve stays flat at the best reachable value.
     """
     lo = max(k_min - 1, 1)
     ks = torch.arange(lo, k_max + 1, device=costs.device)
@@ -306,6 +353,18 @@ def select_k(curve: Tensor, k_min: int, k_max: int) -> Tensor:
     k = k_min + best.indices  # first maximum: ties go to the smaller K
     # No point below the line (straight or concave curve): returns never diminish, keep the most tokens.
     return torch.where(best.values > 1e-3, k, k_max)
+
+
+def fidelity_k(fidelity: Tensor, k_min: int, k_max: int, target: float) -> Tensor:
+    """The fidelity rule of the module docstring.
+
+    fidelity: [B, k_max - lo + 1] mean cosine at K = lo .. k_max with lo = max(k_min - 1, 1) (non-decreasing in K)
+    -> [B] int64: the smallest K in [k_min, k_max] whose fidelity reaches `target` (within FIDELITY_SLACK), else k_max.
+    """
+    lo = max(k_min - 1, 1)
+    reached = (fidelity >= target - FIDELITY_SLACK)[:, k_min - lo :]  # [B, k_max - k_min + 1]
+    first = reached.to(torch.int8).argmax(1)  # first True, or 0 when none
+    return torch.where(reached.any(1), k_min + first, k_max)
 
 
 def _replay(pairs: Tensor, k_start: Tensor, k_sel: Tensor, m: int) -> Tensor:
@@ -377,29 +436,97 @@ def _fill_empty(labels: Tensor, sim: Tensor, valid: Tensor) -> Tensor:
     return labels
 
 
-def _lloyd(x: Tensor, centres: Tensor, valid: Tensor, max_iter: int, tol: float) -> tuple[Tensor, Tensor, Tensor]:
-    """x [B, N, D]; centres [B, K, D] start; valid [B, K] -> labels [B, N], means [B, K, D], iterations [B].
+def _lloyd(
+    x: Tensor, centres: Tensor, valid: Tensor, max_iter: int, tol: float, active: Tensor, labels: Tensor,
+    sim: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """x [B, N, D]; centres [B, K, D] start; valid [B, K]; active [B] videos to refine; labels [B, N] and sim [B, N]
+    kept for the others -> labels [B, N], means [B, K, D], iterations [B], sim [B, N] (cosine of each row to the
+    centroid it was assigned to, at the last assignment).
 
-    The returned centroids are the means of the returned labels. A video that has converged is frozen, so its
-    result does not depend on the rest of the batch.
+    The returned centroids of the refined videos are the means of their labels. A video that has converged (or
+    was not active) is frozen, so its result does not depend on the rest of the batch. On an accelerator the
+    convergence test reads back to the host only every CONVERGENCE_CHECK_EVERY iterations (frozen videos make
+    the extra iterations no-ops for the result).
     """
     B, K = valid.shape
     mask = None if bool(valid.all()) else valid
-    active = torch.ones(B, dtype=torch.bool, device=x.device)
+    check_every = 1 if x.device.type == "cpu" else CONVERGENCE_CHECK_EVERY
+    active = active.clone()
     iters = torch.zeros(B, dtype=torch.int64, device=x.device)
-    labels = torch.zeros(x.shape[:2], dtype=torch.int64, device=x.device)
-    for _ in range(max_iter):
-        new_labels, sim = _assign(x, centres, mask)
-        new_labels = _fill_empty(new_labels, sim, valid)
+    for i in range(max_iter):
+        new_labels, new_sim = _assign(x, centres, mask)
+        new_labels = _fill_empty(new_labels, new_sim, valid)
         means, _ = _cluster_means(x, new_labels, K)
         shift = (means - centres).norm(dim=-1).amax(1)  # [B]
         centres = torch.where(active[:, None, None], means, centres)
         labels = torch.where(active[:, None], new_labels, labels)
+        sim = torch.where(active[:, None], new_sim, sim)
         iters += active.long()
         active &= shift >= tol
-        if not bool(active.any()):
+        if (i + 1) % check_every == 0 and not bool(active.any()):
             break
-    return labels, centres, iters
+    return labels, centres, iters, sim
+
+
+def _split_merge(x: Tensor, labels: Tensor, centres: Tensor, sim: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """One split/merge move per video: split the cluster whose 2-way split lowers the distortion most and
+    merge the cheapest pair of the resulting K + 1 clusters, when the gain beats the cost.
+
+    x [B, N, D]; labels [B, N], centres [B, K, D] (their means) and sim [B, N] (cosine of each row to its
+    centroid) from Lloyd; valid [B, K] -> new centres [B, K, D] (unchanged where no move), moved [B] bool.
+
+    Each cluster is split by one 2-means step inside it (by cosine, as Lloyd), from its centroid and its member
+    least similar to it; the split gain n_a n_b / n |c_a - c_b|^2 and the Ward merge cost are exact distortion
+    changes. This recovers a small distinct cluster that seeding never hit: it sits in some cluster as its least
+    similar members, and splitting it off gains far more than merging two pieces of a diffuse background costs.
+    Cost: O(N D) for the split, O(K^2 D) for the merge costs; nothing N x N.
+    """
+    B, N, D = x.shape
+    K = centres.shape[1]
+    pos = torch.arange(N, device=x.device).expand(B, N)
+    own = (labels if B == 1 else labels + torch.arange(B, device=x.device)[:, None] * K).view(-1)
+
+    lowest = sim.new_full((B, K), math.inf).scatter_reduce(1, labels, sim, reduce="amin")
+    far = torch.full((B, K), N, dtype=torch.int64, device=x.device).scatter_reduce(
+        1, labels, torch.where(sim <= lowest.gather(1, labels), pos, N), reduce="amin"
+    )
+    far_rows = x.gather(1, far.clamp(max=N - 1)[:, :, None].expand(B, K, D))  # unit rows
+    to_far = torch.einsum("bnd,bnd->bn", x, far_rows.reshape(B * K, D).index_select(0, own).view(B, N, D))
+    half_means, half_sizes = _cluster_means(x, labels * 2 + (to_far > sim).long(), 2 * K)
+    first, second = half_means[:, 0::2], half_means[:, 1::2]
+    n_a, n_b = half_sizes[:, 0::2].double(), half_sizes[:, 1::2].double()
+    gain = n_a * n_b / (n_a + n_b).clamp_min(1) * ((first - second) ** 2).sum(-1).double()
+    split_gain, j = torch.where(valid, gain, 0.0).max(1)  # [B]
+
+    # K + 1 clusters after the split: slot j holds one half, slot K the other. The cheapest merge among them
+    # (other than undoing the split) may take a half: a piece of background split off with an object rejoins
+    # the rest of the background.
+    rows = torch.arange(B, device=x.device)
+    ids = torch.arange(K + 1, device=x.device)
+    cand = torch.cat([centres, second[rows, j][:, None]], 1)  # [B, K + 1, D]
+    cand[rows, j] = first[rows, j]
+    n = torch.cat([torch.where(valid, _counts(labels, K), 0).double(), n_b[rows, j][:, None]], 1)
+    n[rows, j] = n_a[rows, j]
+    usable = torch.cat([valid, valid[rows, j][:, None]], 1) & (n > 0)
+    c_sq = (cand * cand).sum(-1)
+    d2 = torch.baddbmm(c_sq[:, :, None] + c_sq[:, None, :], cand, cand.transpose(1, 2), alpha=-2.0)
+    cost = n[:, :, None] * n[:, None, :] / (n[:, :, None] + n[:, None, :]).clamp_min(1) * d2.double().clamp_min(0)
+    undo = (ids[None, :, None] == j[:, None, None]) & (ids[None, None, :] == K)
+    pair_ok = usable[:, :, None] & usable[:, None, :] & (ids[:, None] < ids[None, :]) & ~undo
+    merge_cost, flat = torch.where(pair_ok, cost, math.inf).view(B, -1).min(1)
+    a, b = flat // (K + 1), flat % (K + 1)
+    # Splitting off a distinct cluster gains several times what the merge costs (2x to 4x on the planted-object
+    # tests); on diffuse data the moves trade nearly equal amounts (< 0.1% of the distortion) and are left out.
+    moved = split_gain > MOVE_GAIN_RATIO * merge_cost + 1e-9 * N
+
+    na, nb = n[rows, a][:, None], n[rows, b][:, None]
+    merged = ((na * cand[rows, a].double() + nb * cand[rows, b].double()) / (na + nb).clamp_min(1)).float()
+    new = cand.clone()
+    new[rows, a] = merged
+    new[rows, b] = cand[rows, K]  # slot b is freed: the second half moves in (a no-op when b is that half)
+    new = new[:, :K]
+    return torch.where(moved[:, None, None], new, centres), moved
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -423,10 +550,27 @@ def _canonical(labels: Tensor, centres: Tensor) -> tuple[Tensor, Tensor, Tensor]
     return labels, centres.gather(1, order[:, :, None].expand_as(centres)), _counts(labels, K)
 
 
-def _fit(
-    x: Tensor, k_top: int, k_range: tuple[int, int] | None, seed: int, max_iter: int, tol: float
-) -> tuple[list[KMeansResult], Tensor | None]:
-    """x [B, N, D] normalised -> per-video results and, in adaptive mode (k_range given), curves [B, C]."""
+@dataclass(frozen=True)
+class _Adaptive:
+    """How adaptive mode picks K: `rule` "fidelity" (with `target`) or "elbow", within [k_min, k_max]."""
+
+    k_min: int
+    k_max: int
+    rule: str
+    target: float
+
+
+def _mean_cosine(centres: Tensor, sizes: Tensor, n_rows: int) -> Tensor:
+    """centres [B, K, D] (means), sizes [B, K] -> [B] float64 mean over rows of the cosine to their centroid.
+
+    The rows of a cluster sum to n c, so their cosines to c / |c| sum to n |c|.
+    """
+    return (sizes.double() * centres.double().norm(dim=-1)).sum(1) / n_rows
+
+
+def _fit(x: Tensor, k_top: int, adaptive: _Adaptive | None, seed: int, max_iter: int, tol: float
+         ) -> tuple[list[KMeansResult], Tensor | None]:
+    """x [B, N, D] normalised -> per-video results and, in adaptive mode, distortion curves [B, C]."""
     B, N, _ = x.shape
     g = _generator(seed)
     m = min(int(OVERSEED * k_top), N)
@@ -434,16 +578,21 @@ def _fit(
     means, sizes = _cluster_means(x, seed_labels, m)
     valid = sizes > 0
     k_start = valid.sum(1)
-    floor = k_top if k_range is None else max(k_range[0] - 1, 1)
-    pairs, costs = _ward_merges(means, sizes, valid, max(m - floor, 0))
+    floor = k_top if adaptive is None else max(adaptive.k_min - 1, 1)
+    pairs, costs, cos_losses = _ward_merges(means, sizes, valid, max(m - floor, 0))
 
-    x_sq_total = (x * x).sum(-1).double().sum(1)
+    x_sq_total = torch.linalg.vector_norm(x, dim=-1).double().square().sum(1)  # no [B, N, D] temporary
     curve = None
-    if k_range is None:
+    if adaptive is None:
         k_sel = torch.full((B,), k_top, dtype=torch.int64, device=x.device)
     else:
-        curve = _curve(_distortion(x_sq_total, means, sizes), costs, k_start, *k_range)
-        k_sel = select_k(curve, *k_range)
+        curve = _curve(_distortion(x_sq_total, means, sizes), costs, k_start, adaptive.k_min, adaptive.k_max)
+        if adaptive.rule == "elbow":
+            k_sel = select_k(curve, adaptive.k_min, adaptive.k_max)
+        else:
+            cos_loss = _curve(N - _mean_cosine(means, sizes, N) * N, cos_losses, k_start, adaptive.k_min,
+                              adaptive.k_max)
+            k_sel = fidelity_k(1.0 - cos_loss / N, adaptive.k_min, adaptive.k_max, adaptive.target)
     owner = _replay(pairs, k_start, k_sel, m)
     centres = _merge(means, sizes, owner)
     slot_valid = valid & (owner == torch.arange(m, device=x.device))
@@ -453,29 +602,58 @@ def _fit(
     centres = centres.gather(1, keep[:, :, None].expand(-1, -1, x.shape[2]))
     slot_valid = slot_valid.gather(1, keep)
 
-    labels, centres, iters = _lloyd(x, centres, slot_valid, max_iter, tol)
+    everyone = torch.ones(B, dtype=torch.bool, device=x.device)
+    labels = torch.zeros(B, N, dtype=torch.int64, device=x.device)
+    sim = x.new_zeros(B, N)
+    labels, centres, iters, sim = _lloyd(x, centres, slot_valid, max_iter, tol, everyone, labels, sim)
+    distortion = _distortion(x_sq_total, centres, _counts(labels, centres.shape[1]))
+    searching = everyone  # videos whose last move paid off; the others would only propose it again
+    for _ in range(SPLIT_MERGE_PASSES):
+        start, moved = _split_merge(x, labels, centres, sim, slot_valid)
+        moved &= searching
+        if not bool(moved.any()):
+            break
+        new_labels, new_centres, new_iters, new_sim = _lloyd(x, start, slot_valid, max_iter, tol, moved, labels,
+                                                             sim)
+        new_distortion = _distortion(x_sq_total, new_centres, _counts(new_labels, centres.shape[1]))
+        # Lloyd assigns by cosine, not by distance: keep a move only where it lowered the distortion.
+        better = moved & (new_distortion < distortion)
+        labels = torch.where(better[:, None], new_labels, labels)
+        centres = torch.where(better[:, None, None], new_centres, centres)
+        sim = torch.where(better[:, None], new_sim, sim)
+        distortion = torch.where(better, new_distortion, distortion)
+        iters += new_iters
+        searching = better
     labels, centres, sizes = _canonical(labels, centres)
     distortion = _distortion(x_sq_total, centres, sizes).tolist()
+    fidelity = _mean_cosine(centres, sizes, N).tolist()
     k_eff = (sizes > 0).sum(1).tolist()
     results = [
-        KMeansResult(centres[b, : k_eff[b]], labels[b], sizes[b, : k_eff[b]], distortion[b], it)
+        KMeansResult(centres[b, : k_eff[b]], labels[b], sizes[b, : k_eff[b]], distortion[b], it, fidelity[b])
         for b, it in enumerate(iters.tolist())
     ]
     return results, curve
 
 
-def _run(
-    x: Tensor, k_top: int, k_range: tuple[int, int] | None, seed: int, max_iter: int, tol: float
-) -> tuple[list[KMeansResult], Tensor | None]:
+def _run(x: Tensor, k_top: int, adaptive: _Adaptive | None, seed: int, max_iter: int, tol: float
+         ) -> tuple[list[KMeansResult], Tensor | None]:
     """`_fit` on x [B, N, D] (any float dtype) in inference mode, which trims the per-op overhead that dominates
     small fits. Inference tensors cannot join an autograd graph later, so the results are returned as clones."""
     with torch.inference_mode():
-        results, curve = _fit(normalize_rows(x), k_top, k_range, seed, max_iter, tol)
+        results, curve = _fit(normalize_rows(x), k_top, adaptive, seed, max_iter, tol)
     results = [
-        KMeansResult(r.centroids.clone(), r.labels.clone(), r.sizes.clone(), r.distortion, r.iterations)
+        KMeansResult(r.centroids.clone(), r.labels.clone(), r.sizes.clone(), r.distortion, r.iterations, r.fidelity)
         for r in results
     ]
     return results, None if curve is None else curve.clone()
+
+
+def check_k_rule(rule: str, target: float) -> None:
+    """Raise ValueError unless rule is one of K_RULES and target (the fidelity rule's) lies in (0, 1]."""
+    if rule not in K_RULES:
+        raise ValueError(f"rule must be one of {K_RULES}, got {rule!r}")
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 < target <= 1.0:
+        raise ValueError(f"target must be a number in (0, 1], got {target!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -507,27 +685,32 @@ def spherical_kmeans(x: Tensor, k: int, *, seed: int = 0, max_iter: int = 50, to
 
 
 def adaptive_kmeans_batch(
-    x: Tensor, k_min: int = 8, k_max: int = 64, *, seed: int = 0, max_iter: int = 50, tol: float = 1e-4
+    x: Tensor, k_min: int = 8, k_max: int = 64, *, rule: str = "fidelity", target: float = 0.9, seed: int = 0,
+    max_iter: int = 50, tol: float = 1e-4
 ) -> list[tuple[KMeansResult, Tensor]]:
-    """Adaptive-K spherical k-means of B videos (criterion in the module docstring).
+    """Adaptive-K spherical k-means of B videos (rules in the module docstring).
 
     x: [B, N, D] any float dtype -> per video (result, curve), curve [k_max - lo + 1] float64 distortion at
     K = lo .. k_max with lo = max(k_min - 1, 1). The result has the selected K (fewer clusters only when the
-    video has fewer distinct tokens).
+    video has fewer distinct tokens). rule: "fidelity" (smallest K whose mean cosine reaches `target`) or "elbow"
+    (`target` unused).
     """
     _check_points(x, 3)
     _check_int("k_min", k_min)
     _check_int("k_max", k_max)
     if k_min > k_max:
         raise ValueError(f"k_min ({k_min}) must not exceed k_max ({k_max})")
+    check_k_rule(rule, target)
     _check_options(max_iter, tol)
-    results, curve = _run(x, k_max, (k_min, k_max), seed, max_iter, tol)
+    results, curve = _run(x, k_max, _Adaptive(k_min, k_max, rule, float(target)), seed, max_iter, tol)
     return list(zip(results, curve.unbind(0)))
 
 
 def adaptive_kmeans(
-    x: Tensor, k_min: int = 8, k_max: int = 64, *, seed: int = 0, max_iter: int = 50, tol: float = 1e-4
+    x: Tensor, k_min: int = 8, k_max: int = 64, *, rule: str = "fidelity", target: float = 0.9, seed: int = 0,
+    max_iter: int = 50, tol: float = 1e-4
 ) -> tuple[KMeansResult, Tensor]:
     """Adaptive-K spherical k-means of one video. x: [N, D] -> (result, curve [k_max - lo + 1])."""
     _check_points(x, 2)
-    return adaptive_kmeans_batch(x[None], k_min, k_max, seed=seed, max_iter=max_iter, tol=tol)[0]
+    return adaptive_kmeans_batch(x[None], k_min, k_max, rule=rule, target=target, seed=seed, max_iter=max_iter,
+                                 tol=tol)[0]

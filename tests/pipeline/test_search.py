@@ -316,3 +316,13 @@ def test_a_query_video_sampled_by_fps_gets_the_tables_frame_cap(tmp_path, tiny_s
     # The same frames went through the same compression: the query's dynamics map is the stored one.
     assert query.dynamics.shape[0] == 3
     assert np.array_equal(query.dynamics.cpu().numpy().reshape(-1), np.frombuffer(row["dynamics"], np.uint8))
+
+
+def test_a_query_video_gets_the_adaptive_k_rule_of_its_table(tmp_path, tiny_siglip_dir, sample_clip_paths):
+    clip = sample_clip_paths["bikes"]
+    for rule, target in (("fidelity", 0.95), ("elbow", 0.9)):
+        config = tiny_config(str(tiny_siglip_dir), k=0, k_min=2, k_max=9, k_rule=rule, target_fidelity=target)
+        store = compress_with_job_stages(tmp_path / rule, [clip], config)
+        row = store.read_videos(columns=["k", "dynamics"]).to_pylist()[0]
+        query = VideoSearch(store).compress_like_table(str(clip))
+        assert (query.k, query.to_storage()["dynamics"]) == (row["k"], row["dynamics"]), rule

@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from sklearn.cluster import KMeans
+from threadpoolctl import threadpool_limits
 
 import tokendyn
 from tokendyn import CompressedVideo, compress, compress_batch
@@ -102,7 +104,7 @@ def test_moving_square_is_tracked_by_the_dynamics_map():
 
 def test_adaptive_mode_picks_the_planted_k():
     tokens, truth = planted_video(11, shape=(8, 6, 6), dim=40, seed=3)
-    cv = compress(tokens, None, k_min=4, k_max=24)
+    cv = compress(tokens, None, k_min=4, k_max=24, k_rule="elbow")
     assert cv.k == 11
     assert same_partition(cv.dynamics, truth)
 
@@ -247,3 +249,145 @@ def test_cuda_tokens_stay_on_cuda_and_match_the_partition():
     assert cv.base.is_cuda and cv.dynamics.is_cuda
     assert same_partition(cv.dynamics.cpu(), truth)
     assert torch.equal(CompressedVideo.from_storage(cv.to_storage("float32")).dynamics, cv.dynamics.cpu())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# small objects in a noisy background
+
+
+def video_with_objects(shape=(12, 10, 10), dim=32, objects=2, moving=True, noise=0.05, seed=0):
+    """A background vector plus noise (std `noise` per dimension) with `objects` one-cell objects, moving one cell
+    per frame along their row (or static). An object cell is the background plus the object's own unit vector, as
+    ViT tokens share a large common component, so each object is a small, tight cluster at cosine ~0.7 from the
+    background and ~0.5 from the other objects. -> tokens [T, H, W, dim], masks [objects, T, H, W] bool."""
+    g = torch.Generator().manual_seed(seed)
+    T, H, W = shape
+    background, *directions = F.normalize(torch.randn(objects + 1, dim, generator=g), dim=-1)
+    tokens = background.expand(T, H, W, dim).clone()
+    masks = torch.zeros(objects, T, H, W, dtype=torch.bool)
+    starts = torch.randperm(H * W, generator=g)[:objects].tolist()  # distinct cells: objects never overlap
+    for o, (start, direction) in enumerate(zip(starts, directions)):
+        y, x = divmod(start, W)
+        for t in range(T):
+            masks[o, t, y, (x + t * moving) % W] = True
+        tokens[masks[o]] = background + direction
+    return tokens + noise * torch.randn(T, H, W, dim, generator=g), masks
+
+
+@pytest.mark.parametrize(
+    "shape, objects, moving, k",
+    [
+        ((12, 10, 10), 2, True, 3),  # the case where seeding used to merge both objects
+        ((12, 10, 10), 2, False, 3),
+        ((8, 9, 9), 3, True, 4),
+        ((12, 10, 10), 4, True, 8),
+        ((8, 12, 12), 3, False, 16),
+        ((8, 12, 12), 5, True, 32),
+    ],
+)
+def test_small_objects_keep_their_own_cluster_and_distortion_matches_sklearn(shape, objects, moving, k):
+    for seed in range(5):
+        tokens, masks = video_with_objects(shape, objects=objects, moving=moving, seed=seed)
+        cv = compress(tokens, k, seed=seed)
+        for mask in masks:  # all of the object in one cluster, and nothing else in it
+            ids = cv.dynamics[mask].unique()
+            assert ids.numel() == 1 and int(mask.sum()) == int((cv.dynamics == ids[0]).sum()), (seed, k)
+        xn = F.normalize(tokens.reshape(-1, tokens.shape[-1]), dim=-1)
+        distortion = float(((xn - cv.decompress().reshape(xn.shape)) ** 2).sum())
+        with threadpool_limits(1):
+            sk = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(xn.numpy())
+        assert distortion <= 1.01 * sk.inertia_, (seed, k)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# adaptive K by fidelity
+
+
+def static_scene(T=8, H=7, W=7, dim=48, seed=0):
+    """One frame of a few textures (moving_square's first frame) repeated T times: tokens [T, H, W, dim]."""
+    frame = moving_square(T=1, H=H, W=W, dim=dim, side=2, seed=seed)[0]
+    return frame.expand(T, H, W, dim).clone()
+
+
+CONTENTS = {
+    "noise": lambda seed: torch.randn(8, 7, 7, 64, generator=torch.Generator().manual_seed(seed)),
+    "static": lambda seed: static_scene(seed=seed),
+    "moving square": lambda seed: moving_square(T=6, H=8, W=8, dim=48, seed=seed)[0],
+    "textures": lambda seed: planted_video(9, shape=(6, 7, 7), dim=48, seed=seed)[0],
+}
+
+
+def fidelity_of(tokens: torch.Tensor, cv: CompressedVideo) -> float:
+    return float(tokendyn.metrics.mean_cosine(tokens, cv.decompress()))
+
+
+@pytest.mark.parametrize("k_min, k_max", [(8, 32), (8, 64), (16, 96), (2, 16)])
+def test_noise_gets_k_max_for_any_range(k_min, k_max):
+    for seed in range(2):
+        assert compress(CONTENTS["noise"](seed), None, k_min=k_min, k_max=k_max, seed=seed).k == k_max
+
+
+def test_static_clip_gets_few_tokens_and_reaches_the_target():
+    for seed in range(3):
+        tokens = static_scene(seed=seed)
+        for k_min, k_max in [(1, 64), (2, 32), (1, 16)]:
+            cv = compress(tokens, None, k_min=k_min, k_max=k_max, seed=seed)
+            assert cv.k <= 4 and fidelity_of(tokens, cv) >= 0.9
+
+
+@pytest.mark.parametrize("content", sorted(CONTENTS))
+def test_k_is_monotone_in_the_target_and_the_output_reaches_it(content):
+    for seed in range(2):
+        tokens = CONTENTS[content](seed)
+        ks = []
+        for target in (0.3, 0.6, 0.8, 0.9, 0.95, 0.99):
+            cv = compress(tokens, None, k_min=1, k_max=48, target_fidelity=target, seed=seed)
+            ks.append(cv.k)
+            assert cv.k == 48 or fidelity_of(tokens, cv) >= target - 1e-5, (content, seed, target)
+        assert ks == sorted(ks), (content, seed, ks)
+
+
+@pytest.mark.parametrize("content", ["static", "moving square", "textures"])
+def test_widening_the_range_around_the_answer_keeps_k(content):
+    for seed in range(2):
+        tokens = CONTENTS[content](seed)
+        answer = compress(tokens, None, k_min=1, k_max=64, seed=seed).k
+        assert answer < 64
+        for k_min, k_max in [(1, answer), (answer, answer + 3), (max(1, answer - 2), 2 * answer), (1, 128)]:
+            assert compress(tokens, None, k_min=k_min, k_max=k_max, seed=seed).k == answer, (seed, k_min, k_max)
+        # The range clips the answer.
+        if answer > 1:
+            assert compress(tokens, None, k_min=1, k_max=answer - 1, seed=seed).k == answer - 1
+        assert compress(tokens, None, k_min=answer + 1, k_max=answer + 4, seed=seed).k == answer + 1
+
+
+def test_bad_rule_or_target():
+    with pytest.raises(ValueError, match="rule"):
+        compress(torch.randn(2, 2, 2, 4), None, k_rule="knee")
+    for target in (0.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="target"):
+            compress(torch.randn(2, 2, 2, 4), None, target_fidelity=target)
+
+
+def test_split_merge_moves_are_identical_in_a_batch_and_alone():
+    # At K=3 the object videos need a split/merge move (seeding puts an object in the background) and the noise
+    # video does not: videos that move and videos that stay share the batch.
+    videos = [video_with_objects(objects=2, seed=seed)[0] for seed in range(3)]
+    videos.insert(1, torch.randn(12, 10, 10, 32, generator=torch.Generator().manual_seed(0)))
+    for k in (3, None):
+        batched = compress_batch(videos, k, k_min=2, k_max=6, seed=0)
+        for video, b in zip(videos, batched):
+            alone = compress(video, k, k_min=2, k_max=6, seed=0)
+            assert torch.equal(alone.base, b.base) and torch.equal(alone.dynamics, b.dynamics)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_recovers_small_objects_and_batches_like_one_by_one():
+    videos = [video_with_objects(objects=2, seed=seed)[0].cuda() for seed in range(3)]
+    for k in (3, None):
+        batched = compress_batch(videos, k, k_min=2, k_max=6, seed=0)
+        for video, b in zip(videos, batched):
+            alone = compress(video, k, k_min=2, k_max=6, seed=0)
+            assert torch.equal(alone.dynamics, b.dynamics) and torch.equal(alone.base, b.base)
+            on_cpu = compress(video.cpu(), k, k_min=2, k_max=6, seed=0)
+            assert same_partition(on_cpu.dynamics, b.dynamics.cpu())

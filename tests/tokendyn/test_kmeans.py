@@ -10,6 +10,7 @@ from tokendyn import kmeans
 from tokendyn.kmeans import (
     adaptive_kmeans,
     adaptive_kmeans_batch,
+    fidelity_k,
     select_k,
     spherical_kmeans,
     spherical_kmeans_batch,
@@ -116,9 +117,10 @@ def test_lloyd_converges_on_planted_data():
 
 
 @pytest.mark.parametrize("k_min, k_max, k_true", [(4, 32, 12), (4, 32, 4), (8, 64, 21), (2, 16, 15)])
-def test_adaptive_picks_the_planted_k(k_min, k_max, k_true):
+@pytest.mark.parametrize("rule, target", [("elbow", 0.9), ("fidelity", 0.99)])
+def test_adaptive_picks_the_planted_k(k_min, k_max, k_true, rule, target):
     x, truth = planted(k_true, 20, 48, seed=k_true)
-    r, curve = adaptive_kmeans(x, k_min, k_max)
+    r, curve = adaptive_kmeans(x, k_min, k_max, rule=rule, target=target)
     assert r.k == k_true
     assert same_partition(r.labels, truth)
     assert curve.shape == (k_max - max(k_min - 1, 1) + 1,)
@@ -146,6 +148,17 @@ def test_select_k_rule():
     assert select_k(flat, 4, 10).tolist() == [4]
     assert select_k(torch.zeros(1, 8), 4, 10).tolist() == [4]
     assert select_k(torch.cat([knee, flat]), 4, 10).tolist() == [6, 4]
+
+
+def test_fidelity_k_rule():
+    fidelity = torch.tensor([[0.5, 0.7, 0.85, 0.9, 0.95, 0.97, 0.99, 1.0]], dtype=torch.float64)  # K = 3 .. 10
+    assert fidelity_k(fidelity, 4, 10, 0.9).tolist() == [6]
+    assert fidelity_k(fidelity, 4, 10, 0.9 + 1e-7).tolist() == [6]  # within the slack
+    assert fidelity_k(fidelity, 4, 10, 0.5).tolist() == [4]  # reached below k_min: the range clips
+    assert fidelity_k(fidelity[:, :5], 4, 7, 0.99).tolist() == [7]  # never reached: k_max
+    assert fidelity_k(fidelity, 4, 10, 1.0).tolist() == [10]
+    ks = [int(fidelity_k(fidelity, 4, 10, t)) for t in (0.1, 0.6, 0.86, 0.9, 0.96, 0.98, 1.0)]
+    assert ks == sorted(ks)
 
 
 def test_adaptive_with_equal_bounds_is_fixed_k():
@@ -268,15 +281,20 @@ def test_ward_merge_costs_are_the_exact_distortion_increases():
     means, sizes = kmeans._cluster_means(x, labels, 20)
     valid = sizes > 0
     k_start = valid.sum(1)
-    pairs, costs = kmeans._ward_merges(means, sizes, valid, 17)
+    pairs, costs, cos_losses = kmeans._ward_merges(means, sizes, valid, 17)
     x_sq = (x * x).sum(-1).double().sum(1)
     start = kmeans._distortion(x_sq, means, sizes)
+    start_cos = kmeans._mean_cosine(means, sizes, 300) * 300
     for k in (19, 12, 3):
         owner = kmeans._replay(pairs, k_start, torch.tensor([k]), 20)
         merged = owner.gather(1, labels)
         assert merged.unique().numel() == k
         direct = kmeans._distortion(x_sq, *kmeans._cluster_means(x, merged, 20))
         assert float(direct) == pytest.approx(float(start + costs[0, : 20 - k].sum()), rel=1e-6)
+        # The cosine losses are the exact drops of the sum over rows of the cosine to their centroid.
+        centroids = kmeans._cluster_means(x, merged, 20)[0][0]
+        direct_cos = (x[0] * F.normalize(centroids, dim=-1)[merged[0]]).sum()
+        assert float(direct_cos) == pytest.approx(float(start_cos - cos_losses[0, : 20 - k].sum()), rel=1e-5)
         # Greedy: no other merge of the k + 1 clusters would have cost less than the one taken.
         if k < 19:
             prev = kmeans._replay(pairs, k_start, torch.tensor([k + 1]), 20).gather(1, labels)
