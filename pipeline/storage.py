@@ -7,7 +7,8 @@ Layout under the output root (a local path or s3://bucket/prefix):
     lancedb/videos.lance              the same video rows; `pooled` is the vector column, `base` a multivector
     run.json                          summary of the last run
     _staging/                         files being written (ignored by readers: the name starts with "_")
-    _lock                             held by the running job: a second job on the same output refuses to start
+    _lock                             held by the running job (a lease it renews): a second job refuses to start
+    _lock.takeover/                   one empty-ish marker per lock takeover (makes a takeover atomic)
 
 Exactly-once per video: a Parquet file becomes visible in one step (staged, then moved into videos/; an S3 object
 appears whole), and the set of video_ids in videos/ is what counts as done. LanceDB is written after Parquet with
@@ -17,11 +18,13 @@ a crash left only in Parquet.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterable
@@ -42,6 +45,10 @@ from pipeline.schema import ERROR_SCHEMA, check_schema_version
 log = logging.getLogger("tokendyn.pipeline")
 
 TABLE_NAME = "videos"
+# The lock is a lease: the running job renews it every LEASE_S / RENEWALS_PER_LEASE seconds, and a job on any host
+# may take over a lease not renewed for LEASE_S (host clocks must agree to well within that).
+LEASE_S = 300.0
+RENEWALS_PER_LEASE = 5
 # IVF partitions need enough rows to train on; below this an exact scan is fast anyway.
 MIN_ROWS_FOR_VECTOR_INDEX = 5000
 
@@ -75,6 +82,15 @@ class OutputLocked(RuntimeError):
     """Another job is writing to this output."""
 
 
+def _lease_key(holder: dict) -> str:
+    """Names one lease of one holder: a takeover claims this name, so each lease is taken over at most once."""
+    return hashlib.sha1(json.dumps(holder, sort_keys=True).encode()).hexdigest()
+
+
+def _utc(epoch_s) -> str:
+    return "?" if epoch_s is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(epoch_s)))
+
+
 def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -92,11 +108,16 @@ class OutputStore:
     root: str
     s3_endpoint_url: str | None = None
     run_id: str = field(default_factory=lambda: time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6])
+    host: str = field(default_factory=socket.gethostname)
+    lease_s: float = LEASE_S
 
     def __post_init__(self) -> None:
         self.fs, self.path = filesystem_for(self.root, self.s3_endpoint_url)
         self._seq = {"videos": 0, "errors": 0}
         self._db = None
+        self._holder: dict | None = None  # our lock's content while we hold it
+        self._renewer: threading.Thread | None = None
+        self._lease_lost = False
 
     # ---- locations -------------------------------------------------------------------------------------------
     def _dir(self, name: str) -> str:
@@ -149,6 +170,7 @@ class OutputStore:
     # ---- writing ---------------------------------------------------------------------------------------------
     def _write_parquet(self, kind: str, table: pa.Table) -> str:
         """Write `table` as one new file under `kind`/, visible to readers only once complete."""
+        self._check_lease()
         name = f"part-{self.run_id}-{self._seq[kind]:05d}.parquet"
         self._seq[kind] += 1
         staged = f"{self._dir('_staging')}/{kind}-{name}"
@@ -234,35 +256,87 @@ class OutputStore:
         return f"{self.path}/_lock"
 
     def acquire_lock(self, break_lock: bool = False) -> None:
-        """Take the output's lock, or raise OutputLocked naming the job that holds it.
+        """Take the output's lock (a lease this store then renews in a background thread), or raise OutputLocked
+        naming the job that holds it.
 
-        A lock left by a dead process on this host is taken over; one from another host is only broken when asked
-        (`break_lock`), since this host cannot tell whether that job still runs.
+        A lock is taken over when its holder is known to be gone: a dead process on this host, or a lease not
+        renewed for `lease_s` (from any host); otherwise only when asked (`break_lock`). A takeover is claimed by
+        creating `_lock.takeover/<holder's lease>` if absent, so of several jobs that judge the same lock stale
+        exactly one replaces it.
         """
-        holder = {"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(),
-                  "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        if self._create_exclusive(json.dumps(holder).encode()):
-            return
-        current = self._read_lock()
-        stale = current.get("host") == holder["host"] and not _process_alive(int(current.get("pid", -1)))
-        if stale or break_lock:
-            log.warning("taking over the lock of run %s (%s)", current.get("run_id"),
-                        "its process is gone" if stale else "--break-lock")
-            self.fs.delete_file(self._lock_path)
-            if self._create_exclusive(json.dumps(holder).encode()):
-                return
+        holder = {"run_id": self.run_id, "host": self.host, "pid": os.getpid(), "token": uuid.uuid4().hex,
+                  "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                  "expires_at": time.time() + self.lease_s}
+        content = json.dumps(holder).encode()
+        for _ in range(3):  # the holder may release between our attempts
+            if self._create_exclusive(self._lock_path, content):
+                return self._start_lease(holder)
             current = self._read_lock()
+            if not current:
+                continue
+            reason = self._takeover_reason(current, break_lock)
+            if reason is None:
+                break
+            claim = f"{self.path}/_lock.takeover/{_lease_key(current)}"
+            if self._create_exclusive(claim, content):
+                log.warning("taking over the lock of run %s (%s)", current.get("run_id"), reason)
+                self._replace(self._lock_path, content)
+                return self._start_lease(holder)
+            current = self._read_lock()  # another job claimed this takeover first
+            break
         raise OutputLocked(
             f"{self.root} is being written by run {current.get('run_id')} (pid {current.get('pid')} on "
-            f"{current.get('host')}, since {current.get('started_at')}). Wait for it to finish; if that job is dead, "
-            "re-run with --break-lock.")
+            f"{current.get('host')}, since {current.get('started_at')}, lease until "
+            f"{_utc(current.get('expires_at'))}). Wait for it to finish or for its lease to expire; if that job is "
+            "dead, re-run with --break-lock.")
 
-    def _create_exclusive(self, content: bytes) -> bool:
-        """Create the lock file only if it does not exist (O_EXCL locally, If-None-Match on S3)."""
-        self.fs.create_dir(self.path, recursive=True)
+    def _takeover_reason(self, current: dict, break_lock: bool) -> str | None:
+        """Why the lock `current` may be taken over, or None when its holder may still be running."""
+        if current.get("host") == self.host and not _process_alive(int(current.get("pid", -1))):
+            return "its process is gone"
+        expires_at = current.get("expires_at")
+        if expires_at is not None and float(expires_at) < time.time():
+            return f"its lease expired at {_utc(expires_at)}"
+        return "--break-lock" if break_lock else None
+
+    def _start_lease(self, holder: dict) -> None:
+        self._holder, self._lease_lost = holder, False
+        self._stop_renewing = threading.Event()
+        self._renewer = threading.Thread(target=self._renew_lease, args=(self._stop_renewing,), daemon=True,
+                                         name="tokendyn-lease")
+        self._renewer.start()
+
+    def _renew_lease(self, stop: threading.Event) -> None:
+        """Push the lease's expiry forward every lease_s / RENEWALS_PER_LEASE until stopped or taken over."""
+        while not stop.wait(self.lease_s / RENEWALS_PER_LEASE):
+            if self._read_lock().get("token") != self._holder["token"]:
+                self._lease_lost = True
+                log.error("the lock of %s was taken over by another job; this run writes nothing more", self.root)
+                return
+            self._holder["expires_at"] = time.time() + self.lease_s
+            try:
+                self._replace(self._lock_path, json.dumps(self._holder).encode())
+            except OSError as error:  # a storage hiccup: the next renewal tries again, well before expiry
+                log.warning("could not renew the lease on %s: %s", self.root, error)
+
+    def stop_lease(self) -> None:
+        """Stop renewing the lease (the lock itself stays until released or expired)."""
+        if self._renewer is not None:
+            self._stop_renewing.set()
+            self._renewer.join()
+            self._renewer = None
+
+    def _check_lease(self) -> None:
+        if self._lease_lost:
+            raise OutputLocked(f"this job's lock on {self.root} was taken over (its lease was not renewed within "
+                               f"{self.lease_s:.0f} s); stopped before writing more")
+
+    def _create_exclusive(self, path: str, content: bytes) -> bool:
+        """Create the file `path` only if it does not exist (O_EXCL locally, If-None-Match on S3)."""
+        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         if not is_s3(self.root):
             try:
-                fd = os.open(self._lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
                 return False
             with os.fdopen(fd, "wb") as out:
@@ -272,7 +346,7 @@ class OutputStore:
 
         from pipeline.sources import s3_client, split_s3_uri
 
-        bucket, key = split_s3_uri(f"s3://{self._lock_path}")
+        bucket, key = split_s3_uri(f"s3://{path}")
         try:
             s3_client(self.s3_endpoint_url).put_object(Bucket=bucket, Key=key, Body=content, IfNoneMatch="*")
         except ClientError as error:
@@ -280,6 +354,17 @@ class OutputStore:
                 return False
             raise
         return True
+
+    def _replace(self, path: str, content: bytes) -> None:
+        """Write `path` whole in one step: readers see the old or the new content, never a part."""
+        if is_s3(self.root):  # one PUT: an S3 object appears whole
+            with self.fs.open_output_stream(path) as out:
+                out.write(content)
+            return
+        temporary = f"{path}.{uuid.uuid4().hex}.tmp"
+        with open(temporary, "wb") as out:
+            out.write(content)
+        os.replace(temporary, path)
 
     def _read_lock(self) -> dict:
         try:
@@ -289,8 +374,10 @@ class OutputStore:
             return {}
 
     def release_lock(self) -> None:
-        if self._read_lock().get("run_id") == self.run_id:
+        self.stop_lease()
+        if self._holder is not None and self._read_lock().get("token") == self._holder["token"]:
             self.fs.delete_file(self._lock_path)
+        self._holder = None
 
     def write_run_summary(self, summary: dict) -> None:
         self.fs.create_dir(self.path, recursive=True)

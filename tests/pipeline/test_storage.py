@@ -1,3 +1,7 @@
+import socket
+import threading
+import time
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -170,3 +174,88 @@ def test_s3_lock_is_exclusive(moto_s3_endpoint, s3_bucket):
         OutputStore(root, s3_endpoint_url=moto_s3_endpoint).acquire_lock()
     first.release_lock()
     OutputStore(root, s3_endpoint_url=moto_s3_endpoint).acquire_lock()
+
+
+def _slow_lock_reads(monkeypatch, seconds: float = 0.3) -> None:
+    """Every contender reads the lock, then pauses: all of them judge the same lock stale before any acts."""
+    read = OutputStore._read_lock
+
+    def slow(self):
+        found = read(self)
+        time.sleep(seconds)
+        return found
+
+    monkeypatch.setattr(OutputStore, "_read_lock", slow)
+
+
+def _contend(root: str, contenders: int, **store_kwargs) -> list[OutputStore]:
+    """Let `contenders` stores try to take the lock at once (threads); returns those that got it."""
+    stores = [OutputStore(root, **store_kwargs) for _ in range(contenders)]
+    start = threading.Barrier(contenders)
+    winners = []
+
+    def take(store: OutputStore) -> None:
+        start.wait()
+        try:
+            store.acquire_lock()
+        except OutputLocked:
+            return
+        winners.append(store)
+
+    threads = [threading.Thread(target=take, args=(store,)) for store in stores]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for store in winners:
+        store.stop_lease()
+    return winners
+
+
+def test_concurrent_takeovers_of_a_stale_lock_leave_exactly_one_holder(tmp_path, monkeypatch):
+    import json
+    import subprocess
+    import sys
+
+    _slow_lock_reads(monkeypatch)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "_lock").write_text(json.dumps(
+        {"run_id": "old", "host": socket.gethostname(), "pid": int(dead.stdout), "started_at": "then"}))
+    winners = _contend(str(out), 4)
+    assert len(winners) == 1
+    assert json.loads((out / "_lock").read_text())["run_id"] == winners[0].run_id
+
+
+def test_concurrent_takeovers_of_an_expired_lease_on_s3_leave_exactly_one_holder(
+        moto_s3_endpoint, s3_bucket, s3_client, monkeypatch):
+    import json
+
+    _slow_lock_reads(monkeypatch)
+    s3_client.put_object(Bucket=s3_bucket, Key="out/_lock", Body=json.dumps(
+        {"run_id": "old", "host": "elsewhere", "pid": 1, "token": "t", "expires_at": time.time() - 1}).encode())
+    winners = _contend(f"s3://{s3_bucket}/out", 3, s3_endpoint_url=moto_s3_endpoint)
+    assert len(winners) == 1
+    held = json.loads(s3_client.get_object(Bucket=s3_bucket, Key="out/_lock")["Body"].read())
+    assert held["run_id"] == winners[0].run_id
+
+
+def test_an_expired_lease_from_another_host_is_taken_over_a_live_one_is_not(tmp_path):
+    import json
+
+    out = tmp_path / "out"
+    remote = OutputStore(str(out), host="pod-a", lease_s=0.6)
+    remote.acquire_lock()
+    try:
+        time.sleep(1.5)  # more than two lease times: only the holder's renewals keep the lease alive
+        with pytest.raises(OutputLocked, match=remote.run_id):
+            OutputStore(str(out), host="pod-b").acquire_lock()
+    finally:
+        remote.stop_lease()  # the holder dies without releasing: its lease is no longer renewed
+    time.sleep(0.8)
+    retry = OutputStore(str(out), host="pod-b")
+    retry.acquire_lock()  # no --break-lock needed
+    assert json.loads((out / "_lock").read_text())["run_id"] == retry.run_id
+    retry.release_lock()
+    assert not (out / "_lock").exists()
