@@ -138,7 +138,7 @@ class Committer:
     def flush(self) -> None:
         if self.videos:
             videos = pa.concat_tables(self.videos)
-            self.store.write_videos(videos)
+            self.store.write_videos(videos, replace=self.config.overwrite)
             self._count_videos(videos)
         if self.errors:
             errors = pa.concat_tables(self.errors)
@@ -190,10 +190,9 @@ def run_job(config: JobConfig, on_batch: Callable[[int], None] | None = None) ->
 def _run_locked(config: JobConfig, store: OutputStore, listed: list[dict], summary: RunSummary,
                 on_batch: Callable[[int], None] | None) -> None:
     store.reconcile()
-    if config.overwrite:
-        store.remove_videos(row["video_id"] for row in listed)
     done = store.done_ids()
-    todo = [row for row in listed if row["video_id"] not in done]
+    # --overwrite recomputes done videos too; a video's old row is replaced only once its new row is committed.
+    todo = list(listed) if config.overwrite else [row for row in listed if row["video_id"] not in done]
     summary.skipped = len(listed) - len(todo)
     if config.limit is not None:
         summary.deferred = max(0, len(todo) - config.limit)

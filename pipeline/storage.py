@@ -87,6 +87,11 @@ def _lease_key(holder: dict) -> str:
     return hashlib.sha1(json.dumps(holder, sort_keys=True).encode()).hexdigest()
 
 
+def _created_at_by_id(table: pa.Table):
+    """(video_id, created_at) pairs of a table's rows."""
+    return zip(table.column("video_id").to_pylist(), table.column("created_at").to_pylist())
+
+
 def _utc(epoch_s) -> str:
     return "?" if epoch_s is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(epoch_s)))
 
@@ -181,11 +186,18 @@ class OutputStore:
         self.fs.move(staged, final)
         return final
 
-    def write_videos(self, table: pa.Table) -> None:
-        """Commit video rows: Parquet first (the record of what is done), then LanceDB."""
+    def write_videos(self, table: pa.Table, replace: bool = False) -> None:
+        """Commit video rows: Parquet first (the record of what is done), then LanceDB.
+
+        replace: the rows may supersede committed rows of the same videos (--overwrite); those are removed only
+        after the new rows are committed, so a video always has a row. `reconcile` finishes what a crash between
+        the steps leaves (two rows of a video in Parquet, or an old row in LanceDB).
+        """
         if table.num_rows == 0:
             return
-        self._write_parquet("videos", table)
+        committed = self._write_parquet("videos", table)
+        if replace:
+            self._remove_parquet_rows(table.column("video_id").to_pylist(), skip_file=committed)
         self._upsert_lance(table)
 
     def write_errors(self, table: pa.Table) -> None:
@@ -200,30 +212,61 @@ class OutputStore:
         lance.merge_insert("video_id").when_matched_update_all().when_not_matched_insert_all().execute(table)
 
     def reconcile(self) -> int:
-        """Copy into LanceDB the committed Parquet rows it lacks (left by a crash between the two writes)."""
-        committed = self.read_videos(columns=["video_id"])
-        if committed is None:
+        """Bring LanceDB in step with the committed Parquet rows after a crash between the writes.
+
+        A video with two Parquet rows (a crash during a replacement) keeps its newest; LanceDB gets every row it
+        lacks or holds in an older version, and loses rows Parquet no longer has. Returns the rows copied.
+        """
+        latest = self._drop_superseded_rows()
+        if not latest:
             return 0
         lance = self.lance_table()
-        in_lance = set() if lance is None else set(
-            lance.search().select(["video_id"]).limit(None).to_arrow().column("video_id").to_pylist())
-        missing = set(committed.column("video_id").to_pylist()) - in_lance
-        if missing:
-            rows = self.read_videos(filter=pc.field("video_id").isin(sorted(missing)))
-            self._upsert_lance(rows)
-            log.info("reconciled %d video(s) from Parquet into LanceDB", len(missing))
-        return len(missing)
+        in_lance = {} if lance is None else dict(_created_at_by_id(
+            lance.search().select(["video_id", "created_at"]).limit(None).to_arrow()))
+        stale = sorted(video_id for video_id, created in latest.items() if in_lance.get(video_id) != created)
+        if stale:
+            self._upsert_lance(self.read_videos(filter=pc.field("video_id").isin(stale)))
+            log.info("reconciled %d video(s) from Parquet into LanceDB", len(stale))
+        extra = sorted(set(in_lance) - set(latest))
+        if extra:
+            self._delete_from_lance(extra)
+        return len(stale)
+
+    def _drop_superseded_rows(self) -> dict:
+        """Keep one Parquet row per video (the newest, by created_at then file name); -> {video_id: created_at}."""
+        latest: dict[str, tuple] = {}  # video_id -> (created_at, file)
+        superseded: dict[str, list[str]] = {}  # file -> video_ids whose row there is older than another
+        for path in self._parquet_files("videos"):
+            rows = pq.read_table(path, columns=["video_id", "created_at"], filesystem=self.fs)
+            for video_id, created in _created_at_by_id(rows):
+                if video_id in latest:
+                    older = min(latest[video_id], (created, path))
+                    superseded.setdefault(older[1], []).append(video_id)
+                latest[video_id] = max(latest.get(video_id, (created, path)), (created, path))
+        for path, video_ids in superseded.items():
+            self._remove_parquet_rows(video_ids, only_file=path)
+        return {video_id: created for video_id, (created, _) in latest.items()}
 
     def remove_videos(self, video_ids: Iterable[str]) -> int:
-        """Delete these videos from Parquet and LanceDB (for --overwrite). Returns how many rows were removed."""
+        """Delete these videos from Parquet and LanceDB. Returns how many rows were removed."""
+        ids = sorted(set(video_ids))
+        removed = self._remove_parquet_rows(ids)
+        if ids and self.lance_table() is not None:
+            self._delete_from_lance(ids)
+        return removed
+
+    def _remove_parquet_rows(self, video_ids: list[str], *, skip_file: str | None = None,
+                             only_file: str | None = None) -> int:
+        """Rewrite the Parquet files holding rows of these videos without them (each file replaced whole)."""
         ids = pa.array(sorted(set(video_ids)), pa.string())
         if len(ids) == 0:
             return 0
         removed = 0
-        for path in self._parquet_files("videos"):
+        for path in [only_file] if only_file else self._parquet_files("videos"):
+            if path == skip_file:
+                continue
             table = pq.read_table(path, filesystem=self.fs)
-            keep = pc.invert(pc.is_in(table.column("video_id"), value_set=ids))
-            kept = table.filter(keep)
+            kept = table.filter(pc.invert(pc.is_in(table.column("video_id"), value_set=ids)))
             if kept.num_rows == table.num_rows:
                 continue
             removed += table.num_rows - kept.num_rows
@@ -234,11 +277,11 @@ class OutputStore:
                 self.fs.move(staged, path)
             else:
                 self.fs.delete_file(path)
-        lance = self.lance_table()
-        if lance is not None:
-            quoted = ", ".join("'" + v.replace("'", "''") + "'" for v in ids.to_pylist())
-            lance.delete(f"video_id IN ({quoted})")
         return removed
+
+    def _delete_from_lance(self, video_ids: list[str]) -> None:
+        quoted = ", ".join("'" + v.replace("'", "''") + "'" for v in video_ids)
+        self.lance_table().delete(f"video_id IN ({quoted})")
 
     def build_vector_index(self, min_rows: int = MIN_ROWS_FOR_VECTOR_INDEX) -> bool:
         """(Re)build the ANN index on `pooled` once the table is large enough. Returns whether it did."""

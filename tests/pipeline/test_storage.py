@@ -259,3 +259,23 @@ def test_an_expired_lease_from_another_host_is_taken_over_a_live_one_is_not(tmp_
     assert json.loads((out / "_lock").read_text())["run_id"] == retry.run_id
     retry.release_lock()
     assert not (out / "_lock").exists()
+
+
+def test_replacing_rows_keeps_every_video_and_reconcile_finishes_an_interrupted_replacement(tmp_path):
+    store = OutputStore(str(tmp_path / "out"))
+    store.write_videos(video_table(["a", "b"]))
+    first = {row["video_id"]: row["created_at"] for row in store.read_videos().to_pylist()}
+
+    store.write_videos(video_table(["b"], seed=1), replace=True)
+    rows = {row["video_id"]: row["created_at"] for row in store.read_videos().to_pylist()}
+    assert store.read_videos().num_rows == 2 and rows["a"] == first["a"] and rows["b"] > first["b"]
+
+    # A crash right after committing a new row for "a": Parquet holds two rows of it, LanceDB the old one.
+    store._write_parquet("videos", video_table(["a"], seed=2))
+    assert OutputStore(str(tmp_path / "out")).reconcile() == 1
+    rows = store.read_videos().to_pylist()
+    assert sorted(row["video_id"] for row in rows) == ["a", "b"]
+    newest = {row["video_id"]: row["created_at"] for row in rows}
+    assert newest["a"] > first["a"]
+    in_lance = store.lance_table().search().select(["video_id", "created_at"]).limit(None).to_arrow().to_pylist()
+    assert {row["video_id"]: row["created_at"] for row in in_lance} == newest
