@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 import ray
 
 from pipeline.config import JobConfig
+from pipeline.contract import OutputContract, check_rows, check_run, contract_of_rows
 from pipeline.encoders import encoder_input_size
 from pipeline.errors import ERROR_COLUMNS
 from pipeline.schema import now_utc
@@ -116,8 +117,9 @@ def build_dataset(todo: list[dict], config: JobConfig) -> ray.data.Dataset:
 class Committer:
     """Buffers result rows and commits them in files of `rows_per_file`, or sooner after `flush_interval_s`."""
 
-    def __init__(self, store: OutputStore, config: JobConfig, summary: RunSummary) -> None:
-        self.store, self.config, self.summary = store, config, summary
+    def __init__(self, store: OutputStore, config: JobConfig, summary: RunSummary,
+                 contract: OutputContract | None) -> None:
+        self.store, self.config, self.summary, self.contract = store, config, summary, contract
         self.videos: list[pa.Table] = []
         self.errors: list[pa.Table] = []
         self.last_flush = time.monotonic()
@@ -138,6 +140,7 @@ class Committer:
     def flush(self) -> None:
         if self.videos:
             videos = pa.concat_tables(self.videos)
+            self._record_contract(videos)
             self.store.write_videos(videos, replace=self.config.overwrite)
             self._count_videos(videos)
         if self.errors:
@@ -148,6 +151,13 @@ class Committer:
             self._count_errors(errors)
         self.videos, self.errors = [], []
         self.last_flush = time.monotonic()
+
+    def _record_contract(self, videos: pa.Table) -> None:
+        """The output's first rows record its settings before they are committed; later rows must match them."""
+        if self.contract is None:
+            self.contract = contract_of_rows(self.config, videos)
+            self.store.write_settings(self.contract.as_json(self.summary.run_id))
+        check_rows(self.contract, videos, self.store.root)
 
     def _count_videos(self, videos: pa.Table) -> None:
         s = self.summary
@@ -175,9 +185,17 @@ def run_job(config: JobConfig, on_batch: Callable[[int], None] | None = None) ->
 
     listed = list_videos(source, s3_endpoint_url=config.s3_endpoint_url)
     summary.listed = len(listed)
+    if not config.rebuild:
+        check_run(store, config)  # refuses other settings before anything is touched, the lock included
     store.acquire_lock(break_lock=config.break_lock)
     try:
-        _run_locked(config, store, listed, summary, on_batch)
+        if config.rebuild:
+            store.start_over()
+        # Again under the lock: another job may have recorded settings since the check above.
+        contract = check_run(store, config)
+        if contract is not None and contract.adopted:
+            store.write_settings(contract.as_json(store.run_id))
+        _run_locked(config, store, listed, summary, contract, on_batch)
         summary.wall_s = time.monotonic() - started
         if summary.attempted and summary.failed / summary.attempted > config.max_error_rate:
             summary.exit_code = 1
@@ -188,7 +206,7 @@ def run_job(config: JobConfig, on_batch: Callable[[int], None] | None = None) ->
 
 
 def _run_locked(config: JobConfig, store: OutputStore, listed: list[dict], summary: RunSummary,
-                on_batch: Callable[[int], None] | None) -> None:
+                contract: OutputContract | None, on_batch: Callable[[int], None] | None) -> None:
     store.reconcile()
     done = store.done_ids()
     # --overwrite recomputes done videos too; a video's old row is replaced only once its new row is committed.
@@ -200,7 +218,7 @@ def _run_locked(config: JobConfig, store: OutputStore, listed: list[dict], summa
     log.info("%d listed, %d already in the output, %d to do", summary.listed, summary.skipped, len(todo))
 
     if todo:
-        committer = Committer(store, config, summary)
+        committer = Committer(store, config, summary, contract)
         for batch in build_dataset(todo, config).iter_batches(batch_size=None, batch_format="pyarrow"):
             committer.add(batch)
             if on_batch is not None:

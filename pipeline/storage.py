@@ -5,6 +5,7 @@ Layout under the output root (a local path or s3://bucket/prefix):
     videos/part-<run>-<seq>.parquet   one row per compressed video (schema.video_schema)
     errors/part-<run>-<seq>.parquet   one row per failure (schema.ERROR_SCHEMA)
     lancedb/videos.lance              the same video rows; `pooled` is the vector column, `base` a multivector
+    settings.json                     the settings every video row was made with (pipeline.contract)
     run.json                          summary of the last run
     _staging/                         files being written (ignored by readers: the name starts with "_")
     _lock                             held by the running job (a lease it renews): a second job refuses to start
@@ -421,6 +422,35 @@ class OutputStore:
         if self._holder is not None and self._read_lock().get("token") == self._holder["token"]:
             self.fs.delete_file(self._lock_path)
         self._holder = None
+
+    # ---- the settings contract (see pipeline.contract) -----------------------------------------------------------
+    SETTINGS_FILE = "settings.json"
+
+    def read_settings(self) -> dict | None:
+        try:
+            with self.fs.open_input_stream(f"{self.path}/{self.SETTINGS_FILE}") as src:
+                return json.loads(src.read())
+        except FileNotFoundError:
+            return None
+
+    def write_settings(self, settings: dict) -> None:
+        """Record the output's settings, whole in one step."""
+        self.fs.create_dir(self.path, recursive=True)
+        self._replace(f"{self.path}/{self.SETTINGS_FILE}", json.dumps(settings, indent=2).encode())
+
+    def video_file_schemas(self) -> list[pa.Schema]:
+        return [pq.read_schema(path, filesystem=self.fs) for path in self._parquet_files("videos")]
+
+    def start_over(self) -> None:
+        """Delete everything the output holds except its lock (--rebuild). The recorded settings go last, so a crash
+        part-way leaves them in force and a plain re-run is still refused."""
+        for name in ("videos", "errors", "lancedb", "_staging"):
+            if self.fs.get_file_info(self._dir(name)).type != pafs.FileType.NotFound:
+                self.fs.delete_dir(self._dir(name))
+        for name in ("run.json", self.SETTINGS_FILE):
+            if self.fs.get_file_info(self._dir(name)).type != pafs.FileType.NotFound:
+                self.fs.delete_file(self._dir(name))
+        self._db = None
 
     def write_run_summary(self, summary: dict) -> None:
         self.fs.create_dir(self.path, recursive=True)

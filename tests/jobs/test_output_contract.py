@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
+from job_scripts import load_job_script
 from pipeline.sources import video_id_for
 from pipeline.storage import OutputStore
 
 SMALL = ["--frames", "2", "--k", "2"]
+SAMPLE_OUTPUT_FLAGS = ["--frames", "8", "--k", "8", "--neighbours", "0"]  # what `sample_output` was made with
 
 
 def small_corpus(folder: Path, make_synthetic_clip, count: int) -> Path:
@@ -48,3 +51,51 @@ def test_overwrite_with_limit_replaces_only_what_it_recomputed(tmp_path, run_job
     assert lance.num_rows == 6 and created_at_by_id(lance) == after
     errors = store.read_errors().to_pylist()
     assert [(e["video_id"], e["stage"]) for e in errors] == [(ids[0], "decode")]  # failed recompute recorded
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+def test_a_rerun_with_other_settings_is_refused_before_touching_the_output(
+        sample_output, tmp_path, ray_local, tiny_siglip_dir, capsys):
+    main = load_job_script("compress_corpus").main
+    source, _ = sample_output
+    output = tmp_path / "out"
+    shutil.copytree(source, output)
+    corpus = tmp_path / "corpus"  # the refusal comes before any video is looked at
+    corpus.mkdir()
+    before = snapshot(output)
+    assert json.loads((output / "settings.json").read_text())["settings"]["k"] == 8
+
+    def refused(*flags: str) -> str:
+        assert main(["--input", str(corpus), "--output", str(output), *SAMPLE_OUTPUT_FLAGS, *flags]) == 2
+        assert snapshot(output) == before  # no lock file, no reconcile, no change of any byte
+        return capsys.readouterr().err
+
+    err = refused("--k", "16")
+    assert "k: 8 -> 16" in err and "another --output" in err and "--rebuild" in err
+    err = refused("--encoder", str(tiny_siglip_dir), "--seed", "3")
+    assert f"encoder: 'efficientnet-lite0' -> '{tiny_siglip_dir}'" in err and "seed: 0 -> 3" in err
+    assert err.count("\n") == 1  # one line, no traceback
+
+    # An output written before settings were recorded is adopted from its rows and run.json, then held to them.
+    (output / "settings.json").unlink()
+    before = snapshot(output)
+    err = refused("--base-dtype", "float32")
+    assert "base_dtype: 'float16' -> 'float32'" in err
+
+
+def test_rebuild_starts_the_output_over_with_the_new_settings(tmp_path, run_job_on, make_synthetic_clip):
+    corpus = small_corpus(tmp_path / "corpus", make_synthetic_clip, 2)
+    output = tmp_path / "out"
+    run_job_on(corpus, output, *SMALL)
+    old_files = set((output / "videos").iterdir())
+    summary = run_job_on(corpus, output, *SMALL, "--k", "3", "--rebuild")
+    assert summary.ok == 2 and summary.skipped == 0
+    assert not old_files & set((output / "videos").iterdir())
+    store = OutputStore(str(output))
+    assert store.read_videos().num_rows == 2 and lance_rows(store).num_rows == 2
+    recorded = json.loads((output / "settings.json").read_text())
+    assert recorded["settings"]["k"] == 3 and recorded["encoder"] == {"name": "efficientnet-lite0", "layer": None,
+                                                                      "dim": 1280}
