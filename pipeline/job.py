@@ -29,8 +29,8 @@ from pipeline.encoders import encoder_input_size
 from pipeline.errors import ERROR_COLUMNS
 from pipeline.schema import now_utc
 from pipeline.sample_clips import write_sample_manifest
-from pipeline.sources import list_videos
-from pipeline.stages import DecodeStage, EncodeCompressStage
+from pipeline.sources import Listing, list_input
+from pipeline.stages import DecodeStage, EncodeCompressStage, check_extra_columns
 from pipeline.storage import OutputStore
 
 log = logging.getLogger("tokendyn.pipeline")
@@ -88,8 +88,8 @@ def init_ray(config: JobConfig) -> None:
     ray.init(address="local", num_cpus=config.num_cpus, include_dashboard=False, log_to_driver=True)
 
 
-def build_dataset(todo: list[dict], config: JobConfig) -> ray.data.Dataset:
-    """The Ray Data plan over the rows still to do."""
+def build_dataset(todo: list[dict], config: JobConfig, extra_fields: list[pa.Field] = ()) -> ray.data.Dataset:
+    """The Ray Data plan over the rows still to do; `extra_fields` types the columns the rows carry."""
     cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
     encoder_cpus = math.ceil(config.workers * config.cpus_per_worker)
     decode_actors = max(1, cluster_cpus - encoder_cpus) if config.gpus_per_worker == 0 else max(1, cluster_cpus)
@@ -102,7 +102,8 @@ def build_dataset(todo: list[dict], config: JobConfig) -> ray.data.Dataset:
         ray.data.from_items(todo, override_num_blocks=blocks)
         .map(DecodeStage, fn_constructor_kwargs={"config": config, "input_size": input_size},
              compute=ray.data.ActorPoolStrategy(min_size=1, max_size=decode_actors), num_cpus=decode.num_cpus)
-        .map_batches(EncodeCompressStage, fn_constructor_kwargs={"config": config}, batch_size=config.batch_size,
+        .map_batches(EncodeCompressStage, fn_constructor_kwargs={"config": config, "extra_fields": list(extra_fields)},
+                     batch_size=config.batch_size,
                      batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=config.workers),
                      num_cpus=encode.num_cpus, num_gpus=encode.num_gpus)
     )
@@ -183,7 +184,9 @@ def run_job(config: JobConfig, on_batch: Callable[[int], None] | None = None) ->
     store = OutputStore(config.output, config.s3_endpoint_url)
     summary = RunSummary(run_id=store.run_id, input=source, output=config.output, encoder=config.encoder)
 
-    listed = list_videos(source, s3_endpoint_url=config.s3_endpoint_url)
+    listing = list_input(source, s3_endpoint_url=config.s3_endpoint_url)
+    check_extra_columns(listing.extra_fields)
+    listed = listing.rows
     summary.listed = len(listed)
     if not config.rebuild:
         check_run(store, config)  # refuses other settings before anything is touched, the lock included
@@ -195,7 +198,7 @@ def run_job(config: JobConfig, on_batch: Callable[[int], None] | None = None) ->
         contract = check_run(store, config)
         if contract is not None and contract.adopted:
             store.write_settings(contract.as_json(store.run_id))
-        _run_locked(config, store, listed, summary, contract, on_batch)
+        _run_locked(config, store, listing, summary, contract, on_batch)
         summary.wall_s = time.monotonic() - started
         if summary.attempted and summary.failed / summary.attempted > config.max_error_rate:
             summary.exit_code = 1
@@ -205,8 +208,9 @@ def run_job(config: JobConfig, on_batch: Callable[[int], None] | None = None) ->
     return summary
 
 
-def _run_locked(config: JobConfig, store: OutputStore, listed: list[dict], summary: RunSummary,
+def _run_locked(config: JobConfig, store: OutputStore, listing: Listing, summary: RunSummary,
                 contract: OutputContract | None, on_batch: Callable[[int], None] | None) -> None:
+    listed = listing.rows
     store.reconcile()
     done = store.done_ids()
     # --overwrite recomputes done videos too; a video's old row is replaced only once its new row is committed.
@@ -219,7 +223,8 @@ def _run_locked(config: JobConfig, store: OutputStore, listed: list[dict], summa
 
     if todo:
         committer = Committer(store, config, summary, contract)
-        for batch in build_dataset(todo, config).iter_batches(batch_size=None, batch_format="pyarrow"):
+        dataset = build_dataset(todo, config, listing.extra_fields)
+        for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
             committer.add(batch)
             if on_batch is not None:
                 on_batch(batch.num_rows)

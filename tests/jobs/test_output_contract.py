@@ -6,6 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
+import pyarrow as pa
+
 from job_scripts import load_job_script
 from pipeline.sources import video_id_for
 from pipeline.storage import OutputStore
@@ -99,3 +101,37 @@ def test_rebuild_starts_the_output_over_with_the_new_settings(tmp_path, run_job_
     recorded = json.loads((output / "settings.json").read_text())
     assert recorded["settings"]["k"] == 3 and recorded["encoder"] == {"name": "efficientnet-lite0", "layer": None,
                                                                       "dim": 1280}
+
+
+def test_a_manifest_column_set_in_one_row_of_eight_is_carried_through(tmp_path, run_job_on, make_synthetic_clip):
+    corpus = small_corpus(tmp_path / "corpus", make_synthetic_clip, 8)
+    manifest = tmp_path / "manifest.jsonl"
+    lines = [{"uri": str(corpus / f"v{index}.mp4"), "rating": None, "empty": None} for index in range(8)]
+    lines[5] = {**lines[5], "caption": "the only caption", "rating": 4}
+    manifest.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    output = tmp_path / "out"
+
+    summary = run_job_on(manifest, output, *SMALL, "--batch-size", "1")  # one video per block
+    assert (summary.ok, summary.failed) == (8, 0)
+    store = OutputStore(str(output))
+    for table in (store.read_videos(), store.lance_table().search().limit(None).to_arrow()):
+        assert table.num_rows == 8
+        assert table.schema.field("caption").type == pa.string()
+        assert table.schema.field("rating").type == pa.int64()
+        assert table.schema.field("empty").type == pa.string()  # a column empty everywhere is kept, as strings
+        by_uri = {row["uri"]: row for row in table.to_pylist()}
+        assert by_uri[str(corpus / "v5.mp4")]["caption"] == "the only caption"
+        assert by_uri[str(corpus / "v5.mp4")]["rating"] == 4
+        assert sum(row["caption"] is not None for row in by_uri.values()) == 1
+
+
+def test_a_manifest_column_named_like_an_output_column_is_refused(tmp_path, ray_local, make_synthetic_clip, capsys):
+    corpus = small_corpus(tmp_path / "corpus", make_synthetic_clip, 1)
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(f"uri,k,caption\n{corpus / 'v0.mp4'},3,a clip\n")
+    output = tmp_path / "out"
+    main = load_job_script("compress_corpus").main
+    assert main(["--input", str(manifest), "--output", str(output), *SMALL, "--neighbours", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "manifest column(s) ['k']" in err and err.count("\n") == 1
+    assert not output.exists()
