@@ -9,7 +9,7 @@ Layout under the output root (a local path or s3://bucket/prefix):
     run.json                          summary of the last run
     _staging/                         files being written (ignored by readers: the name starts with "_")
     _lock                             held by the running job (a lease it renews): a second job refuses to start
-    _lock.takeover/                   one empty-ish marker per lock takeover (makes a takeover atomic)
+    _takeovers/                       one small marker per lock takeover (makes a takeover atomic)
 
 Exactly-once per video: a Parquet file becomes visible in one step (staged, then moved into videos/; an S3 object
 appears whole), and the set of video_ids in videos/ is what counts as done. LanceDB is written after Parquet with
@@ -305,7 +305,7 @@ class OutputStore:
 
         A lock is taken over when its holder is known to be gone: a dead process on this host, or a lease not
         renewed for `lease_s` (from any host); otherwise only when asked (`break_lock`). A takeover is claimed by
-        creating `_lock.takeover/<holder's lease>` if absent, so of several jobs that judge the same lock stale
+        creating `_takeovers/<holder's lease>` if absent, so of several jobs that judge the same lock stale
         exactly one replaces it.
         """
         holder = {"run_id": self.run_id, "host": self.host, "pid": os.getpid(), "token": uuid.uuid4().hex,
@@ -321,7 +321,7 @@ class OutputStore:
             reason = self._takeover_reason(current, break_lock)
             if reason is None:
                 break
-            claim = f"{self.path}/_lock.takeover/{_lease_key(current)}"
+            claim = f"{self.path}/_takeovers/{_lease_key(current)}"
             if self._create_exclusive(claim, content):
                 log.warning("taking over the lock of run %s (%s)", current.get("run_id"), reason)
                 self._replace(self._lock_path, content)
@@ -377,8 +377,8 @@ class OutputStore:
 
     def _create_exclusive(self, path: str, content: bytes) -> bool:
         """Create the file `path` only if it does not exist (O_EXCL locally, If-None-Match on S3)."""
-        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         if not is_s3(self.root):
+            self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
             try:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
