@@ -68,7 +68,6 @@ def test_a_rerun_with_other_settings_is_refused_before_touching_the_output(
     corpus = tmp_path / "corpus"  # the refusal comes before any video is looked at
     corpus.mkdir()
     before = snapshot(output)
-    assert json.loads((output / "settings.json").read_text())["settings"]["k"] == 8
 
     def refused(*flags: str) -> str:
         assert main(["--input", str(corpus), "--output", str(output), *SAMPLE_OUTPUT_FLAGS, *flags]) == 2
@@ -76,6 +75,7 @@ def test_a_rerun_with_other_settings_is_refused_before_touching_the_output(
         return capsys.readouterr().err
 
     err = refused("--k", "16")
+    assert json.loads((output / "settings.json").read_text())["settings"]["k"] == 8
     assert "k: 8 -> 16" in err and "another --output" in err and "--rebuild" in err
     err = refused("--encoder", str(tiny_siglip_dir), "--seed", "3")
     assert f"encoder: 'efficientnet-lite0' -> '{tiny_siglip_dir}'" in err and "seed: 0 -> 3" in err

@@ -279,3 +279,19 @@ def test_replacing_rows_keeps_every_video_and_reconcile_finishes_an_interrupted_
     assert newest["a"] > first["a"]
     in_lance = store.lance_table().search().select(["video_id", "created_at"]).limit(None).to_arrow().to_pylist()
     assert {row["video_id"]: row["created_at"] for row in in_lance} == newest
+
+
+def test_a_job_whose_lease_was_taken_over_writes_nothing_more(tmp_path):
+    import json
+
+    out = tmp_path / "out"
+    holder = OutputStore(str(out), lease_s=0.3)
+    holder.acquire_lock()
+    (out / "_lock").write_text(json.dumps({"run_id": "usurper", "host": "elsewhere", "pid": 1, "token": "other",
+                                           "expires_at": time.time() + 60}))
+    time.sleep(0.5)  # the holder's next renewal finds another job's lease
+    with pytest.raises(OutputLocked, match="was taken over"):
+        holder.write_videos(video_table(["a"]))
+    holder.release_lock()
+    assert json.loads((out / "_lock").read_text())["run_id"] == "usurper"  # not ours to delete
+    assert not (out / "videos").exists()
