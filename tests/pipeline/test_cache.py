@@ -219,7 +219,7 @@ def test_settings_are_the_outputs_recorded_contract(tmp_path):
     store = OutputStore(str(tmp_path / "out"))
     table = video_table(range(2))
     store.write_videos(table)
-    with pytest.raises(SettingsUnknown, match="records no settings"):  # rows alone do not say seed or sampling
+    with pytest.raises(SettingsUnknown, match="records no settings"):  # rows alone do not tell seed, sampling
         CachedTokenDataset(store.root).settings()
     job = JobConfig(input="unused", encoder="test-encoder", frames=FRAMES, k=0, k_min=3, k_max=5, seed=7)
     store.write_settings(contract_of_rows(job, table).as_json("test"))

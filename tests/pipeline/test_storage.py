@@ -295,3 +295,18 @@ def test_a_job_whose_lease_was_taken_over_writes_nothing_more(tmp_path):
     holder.release_lock()
     assert json.loads((out / "_lock").read_text())["run_id"] == "usurper"  # not ours to delete
     assert not (out / "videos").exists()
+
+
+def test_start_over_leaves_only_the_lock_on_s3(moto_s3_endpoint, s3_bucket, s3_client):
+    store = OutputStore(f"s3://{s3_bucket}/out", s3_endpoint_url=moto_s3_endpoint)
+    store.acquire_lock()
+    store.write_videos(video_table(["a", "b"]))
+    store.write_errors(pa.Table.from_pylist([{"video_id": "x", "uri": "/x.mp4", "stage": "decode", "error_type": "E",
+                                              "message": "bad", "run_id": store.run_id, "created_at": now_utc()}]))
+    store.write_settings({"schema_version": 1})
+    store.write_run_summary({"ok": 2})
+    store.start_over()
+    keys = [item["Key"] for item in s3_client.list_objects_v2(Bucket=s3_bucket).get("Contents", [])]
+    assert [key for key in keys if not key.endswith("/")] == ["out/_lock"]  # (and maybe an empty folder marker)
+    assert store.done_ids() == set() and store.lance_table() is None and store.read_settings() is None
+    store.release_lock()
