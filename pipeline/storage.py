@@ -322,11 +322,13 @@ class OutputStore:
             if reason is None:
                 break
             claim = f"{self.path}/_takeovers/{_lease_key(current)}"
-            if self._create_exclusive(claim, content):
+            # Only the one job that creates the claim may replace this lock; the others read the new holder. The
+            # lock is read once more in case its holder released it meanwhile and a new job created it.
+            if self._create_exclusive(claim, content) and self._read_lock() == current:
                 log.warning("taking over the lock of run %s (%s)", current.get("run_id"), reason)
                 self._replace(self._lock_path, content)
                 return self._start_lease(holder)
-            current = self._read_lock()  # another job claimed this takeover first
+            current = self._read_lock() or current
             break
         raise OutputLocked(
             f"{self.root} is being written by run {current.get('run_id')} (pid {current.get('pid')} on "
