@@ -190,8 +190,8 @@ def train(args, model, optimizer, videos: Subset, tokenizer, start_step: int) ->
 
 def tokens_from_raw_video(row: dict, encoder, settings: OutputContract, args) -> tuple[dict, dict]:
     """decode + encode + compress one video as the job did: (an item shaped like the cache's, time marks)."""
-    clip = decode_video(row["uri"], num_frames=settings.frames, fps=settings.fps, size=encoder.input_size,
-                        decoder=args.decoder or settings.decoder, s3_endpoint_url=args.s3_endpoint_url)
+    sampling = {**settings.decode_kwargs(), "decoder": args.decoder or settings.decoder}
+    clip = decode_video(row["uri"], **sampling, size=encoder.input_size, s3_endpoint_url=args.s3_endpoint_url)
     marks = {"decode_s": time.perf_counter()}  # when each stage ended
     tokens = encoder.encode(clip.frames)
     marks["encode_s"] = time.perf_counter()

@@ -97,6 +97,10 @@ class OutputContract:
     def base_dtype(self) -> str:
         return self.settings["base_dtype"]
 
+    def decode_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of pipeline.decode.decode_video that sample a video as this output's videos were."""
+        return {"num_frames": self.frames, "fps": self.fps, "decoder": self.decoder}
+
     def compress_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of tokendyn.compress that compress a video as this output's videos were."""
         if self.k is not None:

@@ -327,8 +327,8 @@ class VideoSearch:
         recorded = self.settings()
         _check_requested(recorded, {"encoder": encoder, "frames": frames, "fps": fps, "k": base_k}, self.store.root)
         model = self._encoder(recorded, layer, device)
-        clip = decode_video(source, num_frames=recorded.frames, fps=recorded.fps, size=tuple(model.input_size),
-                            decoder=decoder or recorded.decoder,
+        sampling = {**recorded.decode_kwargs(), "decoder": decoder or recorded.decoder}
+        clip = decode_video(source, **sampling, size=tuple(model.input_size),
                             s3_endpoint_url=s3_endpoint_url or self.store.s3_endpoint_url)
         tokens = model.encode(clip.frames)
         return tokendyn.compress(tokens, **recorded.compress_kwargs())
