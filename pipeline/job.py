@@ -103,8 +103,8 @@ def build_dataset(todo: list[dict], config: JobConfig, extra_fields: list[pa.Fie
         .map(DecodeStage, fn_constructor_kwargs={"config": config, "input_size": input_size},
              compute=ray.data.ActorPoolStrategy(min_size=1, max_size=decode_actors), num_cpus=decode.num_cpus)
         .map_batches(EncodeCompressStage, fn_constructor_kwargs={"config": config, "extra_fields": list(extra_fields)},
-                     batch_size=config.batch_size,
-                     batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=config.workers),
+                     batch_size=config.batch_size, batch_format="pyarrow",
+                     compute=ray.data.ActorPoolStrategy(size=config.workers),
                      num_cpus=encode.num_cpus, num_gpus=encode.num_gpus)
     )
     video_bytes = config.frames * input_size[0] * input_size[1] * 3  # uint8 RGB frames of one decoded video
