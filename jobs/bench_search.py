@@ -36,6 +36,8 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
 
+from pipeline.config import JobConfig  # noqa: E402
+from pipeline.contract import OutputContract  # noqa: E402
 from pipeline.schema import now_utc, video_schema  # noqa: E402
 from pipeline.search import SearchParams, VideoSearch  # noqa: E402
 from pipeline.storage import TABLE_NAME, OutputStore  # noqa: E402
@@ -95,8 +97,11 @@ def corpus_rows(corpus: Corpus, start: int, stop: int, schema: pa.Schema, encode
 
 
 def write_corpus_table(store: OutputStore, corpus: Corpus, encoder: str = "synthetic") -> None:
-    """The LanceDB table of an output root (no Parquet copy: search reads only LanceDB)."""
-    schema = video_schema(corpus.bases.shape[2], base_dtype="float16")
+    """The LanceDB table of an output root (no Parquet copy: search reads only LanceDB) and its settings.json."""
+    dim = corpus.bases.shape[2]
+    store.write_settings(OutputContract(JobConfig(encoder=encoder, k=corpus.bases.shape[1]).output_settings(),
+                                        encoder=encoder, layer=None, dim=dim).as_json("bench"))
+    schema = video_schema(dim, base_dtype="float16")
     table = lancedb.connect(store.lancedb_uri).create_table(TABLE_NAME, schema=schema, mode="overwrite")
     for start in range(0, corpus.size, WRITE_BATCH_ROWS):
         table.add(corpus_rows(corpus, start, min(start + WRITE_BATCH_ROWS, corpus.size), schema, encoder))

@@ -3,9 +3,11 @@
 On a Ray cluster:   ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/compress_corpus.py ...
 On one machine:     python jobs/compress_corpus.py --input videos/ --output out/   (starts a local Ray on 127.0.0.1)
 
-Re-running with the same --output skips the videos it already holds. Exit status: 0, or 1 when the share of
-failed videos exceeds --max-error-rate (the good ones are written either way), 2 on bad arguments, a missing
-input, or an output that another job holds or that another schema version wrote.
+Re-running with the same --output skips the videos it already holds; the output records the settings its rows were
+made with (settings.json), and a run with other settings is refused (--rebuild starts the output over). Exit status:
+0, or 1 when the share of failed videos exceeds --max-error-rate (the good ones are written either way), 2 on bad
+arguments, a missing input, or an output that another job holds, that holds other settings, or that another schema
+version wrote.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ projector, as the prefix of a tiny causal LM built from a config, and learns to 
 Checkpoints go to --checkpoint-dir; a re-run resumes from the last one and trains up to --steps in total.
 
 In the same run, --raw-steps training steps are repeated on a copy of the model with tokens produced from the
-raw videos instead (decode + encode + compress, with the encoder, K and frame count each row records), and
+raw videos instead (decode + encode + compress, with the settings the cache's output records), and
 the two rates are printed side by side. Nothing of that comparison touches the trained model.
 """
 
@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Subset  # noqa: E402
 
 import tokendyn  # noqa: E402
 from pipeline.cache import HEAVY_COLUMNS, SOURCES, CachedTokenDataset, EmptyCacheError, collate_videos  # noqa: E402
+from pipeline.contract import ContractError, OutputContract  # noqa: E402
 from pipeline.decode import DECODERS, DecodeError, decode_video  # noqa: E402
 from pipeline.encoders import load_encoder  # noqa: E402
 from pipeline.schema import SchemaVersionError  # noqa: E402
@@ -64,7 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--video-heads", type=int, default=8, help="Heads of the cross-dynamics attention.")
     raw = parser.add_argument_group("cache vs raw throughput")
     raw.add_argument("--raw-steps", type=int, default=3, help="Steps timed from raw videos (0 skips the comparison).")
-    raw.add_argument("--decoder", default="decord", choices=DECODERS, help="Decoder for the raw videos.")
+    raw.add_argument("--decoder", default=None, choices=DECODERS,
+                     help="Decoder for the raw videos (default: the one the output records).")
     args = parser.parse_args(argv)
     for name in ("steps", "batch_size", "save_every", "log_every", "max_caption_bytes", "video_width"):
         if getattr(args, name) < 1:
@@ -186,14 +188,14 @@ def train(args, model, optimizer, videos: Subset, tokenizer, start_step: int) ->
 # the same steps, with tokens produced from the raw videos
 
 
-def tokens_from_raw_video(row: dict, encoder, args) -> tuple[dict, dict]:
+def tokens_from_raw_video(row: dict, encoder, settings: OutputContract, args) -> tuple[dict, dict]:
     """decode + encode + compress one video as the job did: (an item shaped like the cache's, time marks)."""
-    clip = decode_video(row["uri"], num_frames=row["num_frames"], size=encoder.input_size, decoder=args.decoder,
-                        s3_endpoint_url=args.s3_endpoint_url)
+    sampling = {**settings.decode_kwargs(), "decoder": args.decoder or settings.decoder}
+    clip = decode_video(row["uri"], **sampling, size=encoder.input_size, s3_endpoint_url=args.s3_endpoint_url)
     marks = {"decode_s": time.perf_counter()}  # when each stage ended
     tokens = encoder.encode(clip.frames)
     marks["encode_s"] = time.perf_counter()
-    video = tokendyn.compress(tokens, k=row["k"], seed=0)
+    video = tokendyn.compress(tokens, **settings.compress_kwargs())
     marks["compress_s"] = time.perf_counter()
     item = {**row, "base": video.base.float(), "dynamics": video.dynamics.long(), "cluster_sizes": video.sizes}
     return item, marks
@@ -203,12 +205,9 @@ def raw_throughput(args, model, optimizer, videos: Subset, tokenizer) -> dict:
     """--raw-steps training steps whose tokens come from the raw videos: time getting batches vs training."""
     metadata = videos.dataset.rows.drop_columns(list(HEAVY_COLUMNS))
     rows = [metadata.slice(index, 1).to_pylist()[0] for index in videos.indices]
-    encoders = {(row["encoder"], row["encoder_layer"]) for row in rows}
-    if len(encoders) != 1:
-        raise ValueError(f"the cache mixes encoders {sorted(encoders, key=str)}; the raw comparison needs one")
-    name, layer = encoders.pop()
-    encoder = load_encoder(name, layer=layer, device=args.device)
-    tokens_from_raw_video(rows[0], encoder, args)  # warm-up, not timed: first calls pay one-off set-up costs
+    settings = videos.dataset.settings()  # what the output's rows were made with (pipeline.contract)
+    encoder = load_encoder(settings.encoder, layer=settings.layer, device=args.device)
+    tokens_from_raw_video(rows[0], encoder, settings, args)  # warm-up, not timed: first calls pay one-off set-up costs
     # A copy, so the comparison leaves the trained model and its optimizer state as they were.
     model, optimizer = copy.deepcopy(model), copy.deepcopy(optimizer)
     timings = {"samples": 0, "tokens_s": 0.0, "train_s": 0.0, "decode_s": 0.0, "encode_s": 0.0, "compress_s": 0.0}
@@ -218,7 +217,7 @@ def raw_throughput(args, model, optimizer, videos: Subset, tokenizer) -> dict:
         items = []
         for row in chosen:
             before = time.perf_counter()
-            item, marks = tokens_from_raw_video(row, encoder, args)
+            item, marks = tokens_from_raw_video(row, encoder, settings, args)
             items.append(item)
             timings["decode_s"] += marks["decode_s"] - before
             timings["encode_s"] += marks["encode_s"] - marks["decode_s"]
@@ -272,7 +271,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.raw_steps:
         try:
             result["raw"] = raw_throughput(args, model, optimizer, videos, tokenizer)
-        except (OSError, DecodeError) as error:  # the raw videos may be gone; training itself has succeeded
+        except (OSError, DecodeError, ContractError) as error:  # training itself has succeeded either way
             print(f"\nraw-video throughput not measured: {type(error).__name__}: {error}")
             return result
         result["ratios"] = print_throughput_table(result["cache"], result["raw"])
@@ -283,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         run(args)
-    except (EmptyCacheError, SchemaVersionError) as error:
+    except (EmptyCacheError, SchemaVersionError, ContractError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

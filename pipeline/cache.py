@@ -32,6 +32,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
+from pipeline.contract import OutputContract, read_contract
 from pipeline.schema import SCHEMA_VERSION, SchemaVersionError, compressed_video_from_row
 from pipeline.storage import OutputStore
 
@@ -163,9 +164,9 @@ class CachedTokenDataset(Dataset):
             raise ValueError(f"unknown source {source!r}; choose one of {SOURCES}")
         self.root, self.source = root, source
         self.rank, self.world_size = _default_rank_and_world_size(rank, world_size)
-        store = OutputStore(root, s3_endpoint_url=s3_endpoint_url)
+        self.store = OutputStore(root, s3_endpoint_url=s3_endpoint_url)
         read_shard = _read_parquet_shard if source == "parquet" else _read_lancedb_shard
-        rows = read_shard(store, metadata_columns, self.rank, self.world_size)
+        rows = read_shard(self.store, metadata_columns, self.rank, self.world_size)
         self.rows = rows.sort_by("video_id").combine_chunks()
 
     def __len__(self) -> int:
@@ -175,6 +176,11 @@ class CachedTokenDataset(Dataset):
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} videos")
         return item_from_row(_row_values(self.rows, index % len(self)))
+
+    def settings(self) -> OutputContract:
+        """What the cached videos were made with (encoder, sampling, K, seed): the output's recorded contract.
+        Raises pipeline.contract.SettingsUnknown for an old output whose settings cannot be told for sure."""
+        return read_contract(self.store)
 
     @property
     def dim(self) -> int:

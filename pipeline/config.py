@@ -27,7 +27,10 @@ class JobConfig:
     output: str = _flag("output", "Output root, local path or s3://bucket/prefix.")
     s3_endpoint_url: str | None = _flag(None, "Endpoint of an S3-compatible store (MinIO, moto, ...).")
     overwrite: bool = _flag(False, "Recompute and replace videos that the output already holds.")
-    break_lock: bool = _flag(False, "Take over the output's lock left by a job that died on another host.")
+    rebuild: bool = _flag(False, "Delete what the output holds (videos, errors, LanceDB table, recorded settings) "
+                          "and start it over with this run's settings.")
+    break_lock: bool = _flag(False, "Take over the output's lock before its lease expires (the lease of a job that "
+                             "died is taken over without this once it expires).")
     limit: int | None = _flag(None, "Process at most this many of the listed videos (after resume filtering).")
 
     # Decoding.

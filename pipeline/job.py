@@ -24,12 +24,13 @@ import pyarrow.compute as pc
 import ray
 
 from pipeline.config import JobConfig
+from pipeline.contract import OutputContract, check_rows, check_run, contract_of_rows
 from pipeline.encoders import encoder_input_size
 from pipeline.errors import ERROR_COLUMNS
 from pipeline.schema import now_utc
 from pipeline.sample_clips import write_sample_manifest
-from pipeline.sources import list_videos
-from pipeline.stages import DecodeStage, EncodeCompressStage
+from pipeline.sources import Listing, list_input
+from pipeline.stages import DecodeStage, EncodeCompressStage, check_extra_columns
 from pipeline.storage import OutputStore
 
 log = logging.getLogger("tokendyn.pipeline")
@@ -94,8 +95,8 @@ def decoded_video_bytes(config: JobConfig, input_size: tuple[int, int]) -> int:
     return frames * input_size[0] * input_size[1] * 3
 
 
-def build_dataset(todo: list[dict], config: JobConfig) -> ray.data.Dataset:
-    """The Ray Data plan over the rows still to do."""
+def build_dataset(todo: list[dict], config: JobConfig, extra_fields: list[pa.Field] = ()) -> ray.data.Dataset:
+    """The Ray Data plan over the rows still to do; `extra_fields` types the columns the rows carry."""
     cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
     encoder_cpus = math.ceil(config.workers * config.cpus_per_worker)
     decode_actors = max(1, cluster_cpus - encoder_cpus) if config.gpus_per_worker == 0 else max(1, cluster_cpus)
@@ -108,8 +109,9 @@ def build_dataset(todo: list[dict], config: JobConfig) -> ray.data.Dataset:
         ray.data.from_items(todo, override_num_blocks=blocks)
         .map(DecodeStage, fn_constructor_kwargs={"config": config, "input_size": input_size},
              compute=ray.data.ActorPoolStrategy(min_size=1, max_size=decode_actors), num_cpus=decode.num_cpus)
-        .map_batches(EncodeCompressStage, fn_constructor_kwargs={"config": config}, batch_size=config.batch_size,
-                     batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=config.workers),
+        .map_batches(EncodeCompressStage, fn_constructor_kwargs={"config": config, "extra_fields": list(extra_fields)},
+                     batch_size=config.batch_size, batch_format="pyarrow",
+                     compute=ray.data.ActorPoolStrategy(size=config.workers),
                      num_cpus=encode.num_cpus, num_gpus=encode.num_gpus)
     )
     video_bytes = decoded_video_bytes(config, input_size)
@@ -123,8 +125,9 @@ def build_dataset(todo: list[dict], config: JobConfig) -> ray.data.Dataset:
 class Committer:
     """Buffers result rows and commits them in files of `rows_per_file`, or sooner after `flush_interval_s`."""
 
-    def __init__(self, store: OutputStore, config: JobConfig, summary: RunSummary) -> None:
-        self.store, self.config, self.summary = store, config, summary
+    def __init__(self, store: OutputStore, config: JobConfig, summary: RunSummary,
+                 contract: OutputContract | None) -> None:
+        self.store, self.config, self.summary, self.contract = store, config, summary, contract
         self.videos: list[pa.Table] = []
         self.errors: list[pa.Table] = []
         self.last_flush = time.monotonic()
@@ -145,7 +148,8 @@ class Committer:
     def flush(self) -> None:
         if self.videos:
             videos = pa.concat_tables(self.videos)
-            self.store.write_videos(videos)
+            self._record_contract(videos)
+            self.store.write_videos(videos, replace=self.config.overwrite)
             self._count_videos(videos)
         if self.errors:
             errors = pa.concat_tables(self.errors)
@@ -155,6 +159,13 @@ class Committer:
             self._count_errors(errors)
         self.videos, self.errors = [], []
         self.last_flush = time.monotonic()
+
+    def _record_contract(self, videos: pa.Table) -> None:
+        """The output's first rows record its settings before they are committed; later rows must match them."""
+        if self.contract is None:
+            self.contract = contract_of_rows(self.config, videos)
+            self.store.write_settings(self.contract.as_json(self.summary.run_id))
+        check_rows(self.contract, videos, self.store.root)
 
     def _count_videos(self, videos: pa.Table) -> None:
         s = self.summary
@@ -180,11 +191,21 @@ def run_job(config: JobConfig, on_batch: Callable[[int], None] | None = None) ->
     store = OutputStore(config.output, config.s3_endpoint_url)
     summary = RunSummary(run_id=store.run_id, input=source, output=config.output, encoder=config.encoder)
 
-    listed = list_videos(source, s3_endpoint_url=config.s3_endpoint_url)
+    listing = list_input(source, s3_endpoint_url=config.s3_endpoint_url)
+    check_extra_columns(listing.extra_fields)
+    listed = listing.rows
     summary.listed = len(listed)
+    if not config.rebuild:
+        check_run(store, config)  # refuses other settings before anything is touched, the lock included
     store.acquire_lock(break_lock=config.break_lock)
     try:
-        _run_locked(config, store, listed, summary, on_batch)
+        if config.rebuild:
+            store.start_over()
+        # Again under the lock: another job may have recorded settings since the check above.
+        contract = check_run(store, config)
+        if contract is not None and contract.adopted:
+            store.write_settings(contract.as_json(store.run_id))
+        _run_locked(config, store, listing, summary, contract, on_batch)
         summary.wall_s = time.monotonic() - started
         if summary.attempted and summary.failed / summary.attempted > config.max_error_rate:
             summary.exit_code = 1
@@ -194,13 +215,13 @@ def run_job(config: JobConfig, on_batch: Callable[[int], None] | None = None) ->
     return summary
 
 
-def _run_locked(config: JobConfig, store: OutputStore, listed: list[dict], summary: RunSummary,
-                on_batch: Callable[[int], None] | None) -> None:
+def _run_locked(config: JobConfig, store: OutputStore, listing: Listing, summary: RunSummary,
+                contract: OutputContract | None, on_batch: Callable[[int], None] | None) -> None:
+    listed = listing.rows
     store.reconcile()
-    if config.overwrite:
-        store.remove_videos(row["video_id"] for row in listed)
     done = store.done_ids()
-    todo = [row for row in listed if row["video_id"] not in done]
+    # --overwrite recomputes done videos too; a video's old row is replaced only once its new row is committed.
+    todo = list(listed) if config.overwrite else [row for row in listed if row["video_id"] not in done]
     summary.skipped = len(listed) - len(todo)
     if config.limit is not None:
         summary.deferred = max(0, len(todo) - config.limit)
@@ -208,8 +229,9 @@ def _run_locked(config: JobConfig, store: OutputStore, listed: list[dict], summa
     log.info("%d listed, %d already in the output, %d to do", summary.listed, summary.skipped, len(todo))
 
     if todo:
-        committer = Committer(store, config, summary)
-        for batch in build_dataset(todo, config).iter_batches(batch_size=None, batch_format="pyarrow"):
+        committer = Committer(store, config, summary, contract)
+        dataset = build_dataset(todo, config, listing.extra_fields)
+        for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
             committer.add(batch)
             if on_batch is not None:
                 on_batch(batch.num_rows)

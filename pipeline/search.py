@@ -26,7 +26,6 @@ through the vision projection's transpose W^T t, which ranks like the inner prod
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.contract import ContractError, OutputContract, read_contract, same_encoder
 from pipeline.storage import MIN_ROWS_FOR_VECTOR_INDEX, OutputStore
 
 MODES = ("ann", "exact", "maxsim", "maxsim-exact")
@@ -70,25 +70,6 @@ class SearchParams:
     nprobes: int = 20  # IVF partitions visited per query
     refine_factor: int | None = 10  # re-score refine_factor * limit candidates with the full vectors
     candidates: int = 100  # pooled-ANN candidates re-ranked by MaxSim (at least k)
-
-
-@dataclass(frozen=True)
-class TableSettings:
-    """How the table's videos were compressed: what a query video must go through to be comparable."""
-
-    encoder: str
-    layer: int | None  # resolved hidden-state index; None for efficientnet-lite0
-    dim: int
-    frames: int | None  # frames sampled per video (the cap when fps is set)
-    fps: float | None  # sampling rate, when the job sampled by rate
-    k: int | None  # token-base size; None = adaptive within [k_min, k_max]
-    k_min: int
-    k_max: int
-    seed: int
-    decoder: str
-    max_frames: int | None = None  # frame cap of fps sampling (None: none recorded, no cap)
-    k_rule: str = "elbow"  # adaptive K rule; tables written before the rule was recorded used the elbow
-    target_fidelity: float = 0.9
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -133,72 +114,15 @@ def _quote(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def _same_encoder(a: str, b: str) -> bool:
-    """Same name, or two spellings of the same local checkpoint directory."""
-    if a == b:
-        return True
-    return os.path.exists(a) and os.path.exists(b) and os.path.realpath(a) == os.path.realpath(b)
-
-
-def _single_value(values: list, what: str, root: str):
-    distinct = sorted(set(values), key=repr)
-    if len(distinct) != 1:
-        raise SearchError(f"{root} holds videos with several {what} values {distinct}; a query can only be "
-                          f"compared within one of them: write each setting to its own --output")
-    return distinct[0]
-
-
-def _sampling_settings(config: dict, num_frames: list[int]) -> tuple[int | None, float | None]:
-    """(frames, fps) the job sampled with: from run.json's config, else inferred from the rows, else unknown."""
-    if config:
-        frames, fps = config.get("frames"), config.get("fps")
-        if fps is None and set(num_frames) != {frames}:
-            # run.json describes the last run only; rows from an earlier run may have been sampled otherwise.
-            return None, None
-        return frames, fps
-    if len(set(num_frames)) == 1:
-        return num_frames[0], None
-    return None, None  # sampled by rate (frame counts vary) at a rate nothing records, or runs disagree
-
-
-def _base_size_settings(config: dict, ks: list[int]) -> tuple[int | None, int, int]:
-    """(k or None for adaptive, k_min, k_max): from run.json's config, else from the rows' K values."""
-    if config:
-        k = config.get("k") or None
-        return k, int(config.get("k_min", min(ks))), int(config.get("k_max", max(ks)))
-    if len(set(ks)) == 1:
-        return ks[0], ks[0], ks[0]
-    return None, min(ks), max(ks)
-
-
-def read_table_settings(store: OutputStore, table) -> TableSettings:
-    """The compression settings of the table's rows, completed by the output's run.json `config` if present."""
-    rows = (table.search().select(["encoder", "encoder_layer", "dim", "num_frames", "k"])
-            .limit(None).to_arrow().to_pydict())
-    if not rows["encoder"]:
-        raise SearchError(f"{store.root} holds no videos yet")
-    summary = store.read_run_summary() or {}
-    config = summary.get("config") or {}
-    encoder = _single_value(rows["encoder"], "encoder", store.root)
-    layer = _single_value(rows["encoder_layer"], "encoder_layer", store.root)
-    frames, fps = _sampling_settings(config, rows["num_frames"])
-    k, k_min, k_max = _base_size_settings(config, rows["k"])
-    return TableSettings(
-        encoder=encoder, layer=layer, dim=_single_value(rows["dim"], "dim", store.root), frames=frames, fps=fps,
-        k=k, k_min=k_min, k_max=k_max, seed=int(config.get("seed", 0)), decoder=config.get("decoder", "decord"),
-        max_frames=config.get("max_frames"),
-        k_rule=config.get("k_rule", "elbow"), target_fidelity=float(config.get("target_fidelity", 0.9)))
-
-
 def _differs(name: str, asked: Any, held: Any) -> bool:
     if name == "encoder":
-        return not _same_encoder(asked, held)
+        return not same_encoder(asked, held)
     if name == "k":
         return (asked or None) != held  # k=0 asks for adaptive K, recorded as None
     return asked != held
 
 
-def _check_requested(recorded: TableSettings, requested: dict[str, Any], root: str) -> None:
+def _check_requested(recorded: OutputContract, requested: dict[str, Any], root: str) -> None:
     """Raise SettingsMismatchError naming every requested setting that differs from the recorded one."""
     differences = [f"{name}={asked!r} (table: {getattr(recorded, name)!r})" for name, asked in requested.items()
                    if asked is not None and _differs(name, asked, getattr(recorded, name))]
@@ -207,22 +131,6 @@ def _check_requested(recorded: TableSettings, requested: dict[str, Any], root: s
             f"the query asks for {', '.join(differences)}, but the videos in {root} were compressed otherwise; "
             "a query video must be compressed the same way to be comparable (leave these out to use the "
             "table's settings)")
-
-
-def _check_query_settings(recorded: TableSettings, requested: dict[str, Any], root: str) -> tuple:
-    """(frames, fps) to sample a query video with, after checking the caller's settings against the table's.
-
-    Where the table records no sampling (no run.json config and varying frame counts), the caller's is used.
-    """
-    if recorded.frames is not None or recorded.fps is not None:
-        _check_requested(recorded, requested, root)
-        return recorded.frames, recorded.fps
-    frames, fps = requested["frames"], requested["fps"]
-    if frames is None and fps is None:
-        raise SearchError(f"how the videos in {root} were sampled is unknown (no run.json config, or one that "
-                          "disagrees with the rows' frame counts): pass the frames or fps the job ran with")
-    _check_requested(recorded, {name: requested[name] for name in ("encoder", "k")}, root)
-    return frames, fps
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -309,7 +217,7 @@ class VideoSearch:
 
     def __post_init__(self) -> None:
         self._table = None
-        self._settings: TableSettings | None = None
+        self._settings: OutputContract | None = None
         self._encoders: dict[tuple, Any] = {}
         self._text_tower: TextTower | None = None
 
@@ -330,9 +238,15 @@ class VideoSearch:
     def dim(self) -> int:
         return self.table.schema.field("pooled").type.list_size
 
-    def settings(self) -> TableSettings:
+    def settings(self) -> OutputContract:
+        """The settings the table's videos were made with: the output's recorded contract (pipeline.contract)."""
         if self._settings is None:
-            self._settings = read_table_settings(self.store, self.table)
+            try:
+                self._settings = read_contract(self.store)
+            except ContractError as error:
+                raise SearchError(str(error)) from error
+            if self._settings is None:
+                raise SearchError(f"{self.store.root} holds no videos yet")
         return self._settings
 
     def build_index(self, min_rows: int = MIN_ROWS_FOR_VECTOR_INDEX) -> bool:
@@ -411,18 +325,15 @@ class VideoSearch:
         from pipeline.decode import decode_video
 
         recorded = self.settings()
-        requested = {"encoder": encoder, "frames": frames, "fps": fps, "k": base_k}
-        num_frames, rate = _check_query_settings(recorded, requested, self.store.root)
+        _check_requested(recorded, {"encoder": encoder, "frames": frames, "fps": fps, "k": base_k}, self.store.root)
         model = self._encoder(recorded, layer, device)
-        clip = decode_video(source, num_frames=num_frames, fps=rate, max_frames=recorded.max_frames,
-                            size=tuple(model.input_size), decoder=decoder or recorded.decoder,
+        sampling = {**recorded.decode_kwargs(), "decoder": decoder or recorded.decoder}
+        clip = decode_video(source, **sampling, size=tuple(model.input_size),
                             s3_endpoint_url=s3_endpoint_url or self.store.s3_endpoint_url)
         tokens = model.encode(clip.frames)
-        return tokendyn.compress(tokens, k=recorded.k, k_min=recorded.k_min, k_max=recorded.k_max,
-                                 k_rule=recorded.k_rule, target_fidelity=recorded.target_fidelity,
-                                 seed=recorded.seed)
+        return tokendyn.compress(tokens, **recorded.compress_kwargs())
 
-    def _encoder(self, recorded: TableSettings, layer: int | None, device: str):
+    def _encoder(self, recorded: OutputContract, layer: int | None, device: str):
         """The table's encoder at the table's layer; a requested layer must resolve to the recorded one."""
         from pipeline.encoders import load_encoder
 

@@ -16,10 +16,12 @@ import hashlib
 import io
 import os
 import posixpath
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import boto3
+import pyarrow as pa
 from botocore.exceptions import ClientError
 
 VIDEO_EXTENSIONS: frozenset[str] = frozenset(
@@ -173,7 +175,14 @@ def _resolve_manifest_uri(uri: str, manifest: str) -> str:
     return canonical_uri(os.path.join(os.path.dirname(canonical_uri(manifest)), uri))
 
 
-def _manifest_rows(manifest: str, s3_endpoint_url: str | None) -> list[dict[str, Any]]:
+def _manifest_fields(table: pa.Table) -> list[pa.Field]:
+    """Arrow fields of a manifest's extra columns, typed from the whole manifest; a column empty everywhere is
+    typed string (an Arrow `null` column could not take a value later)."""
+    return [pa.field(f.name, pa.string()) if pa.types.is_null(f.type) else f.with_nullable(True)
+            for f in table.schema if f.name not in ("uri", "video_id")]
+
+
+def _manifest_rows(manifest: str, s3_endpoint_url: str | None) -> Listing:
     """Rows of a manifest: uri resolved, video_id kept or derived, extra columns carried; repeated uris once."""
     table = _read_manifest_table(manifest, s3_endpoint_url)
     if "uri" not in table.column_names:
@@ -189,7 +198,7 @@ def _manifest_rows(manifest: str, s3_endpoint_url: str | None) -> list[dict[str,
         video_id = str(given_id) if given_id not in (None, "") else video_id_for(uri)
         rows[uri] = {**record, "video_id": video_id, "uri": uri}
     _check_unique_ids(rows.values(), manifest)
-    return list(rows.values())
+    return Listing(list(rows.values()), _manifest_fields(table))
 
 
 def _check_unique_ids(rows, source: str) -> None:
@@ -209,8 +218,23 @@ def _row(uri: str) -> dict[str, Any]:
     return {"video_id": video_id_for(uri), "uri": uri}
 
 
+@dataclass
+class Listing:
+    """The videos of an input and the Arrow types of the extra columns their rows carry (from a manifest)."""
+
+    rows: list[dict[str, Any]]
+    extra_fields: list[pa.Field] = field(default_factory=list)
+
+
 def list_videos(input: str, *, s3_endpoint_url: str | None = None) -> list[dict[str, Any]]:
     """All videos of an input, as rows {"video_id", "uri", **extra manifest columns}, sorted by video_id.
+    See `list_input`, which also gives the extra columns' Arrow types."""
+    return list_input(input, s3_endpoint_url=s3_endpoint_url).rows
+
+
+def list_input(input: str, *, s3_endpoint_url: str | None = None) -> Listing:
+    """All videos of an input, as rows {"video_id", "uri", **extra manifest columns}, sorted by video_id, with the
+    extra columns' Arrow types taken once from the whole manifest (so a column empty in some rows keeps its type).
 
     `input` is one of:
       - a local folder: every file with a video extension under it, recursively;
@@ -224,30 +248,31 @@ def list_videos(input: str, *, s3_endpoint_url: str | None = None) -> list[dict[
     """
     input = str(input)
     if is_s3_uri(input):
-        rows = _list_s3_input(input, s3_endpoint_url)
+        listing = _list_s3_input(input, s3_endpoint_url)
     else:
-        rows = _list_local_input(input, s3_endpoint_url)
-    return sorted(rows, key=lambda row: row["video_id"])
+        listing = _list_local_input(input, s3_endpoint_url)
+    listing.rows.sort(key=lambda row: row["video_id"])
+    return listing
 
 
-def _list_s3_input(input: str, s3_endpoint_url: str | None) -> list[dict[str, Any]]:
+def _list_s3_input(input: str, s3_endpoint_url: str | None) -> Listing:
     if _is_manifest(input):
         return _manifest_rows(input, s3_endpoint_url)
     if has_video_extension(input):
-        return [_row(input)]
-    return _list_s3_videos(input, s3_endpoint_url)
+        return Listing([_row(input)])
+    return Listing(_list_s3_videos(input, s3_endpoint_url))
 
 
-def _list_local_input(input: str, s3_endpoint_url: str | None) -> list[dict[str, Any]]:
+def _list_local_input(input: str, s3_endpoint_url: str | None) -> Listing:
     path = Path(canonical_uri(input))
     if not path.exists():
         raise FileNotFoundError(f"input not found: {input}")
     if path.is_dir():
-        return _list_local_videos(path)
+        return Listing(_list_local_videos(path))
     if _is_manifest(path.name):
         return _manifest_rows(str(path), s3_endpoint_url)
     if has_video_extension(path.name):
-        return [_row(str(path))]
+        return Listing([_row(str(path))])
     raise ValueError(
         f"input {input} is neither a folder, a manifest ({sorted(MANIFEST_EXTENSIONS)}) nor a video "
         f"({sorted(VIDEO_EXTENSIONS)})"

@@ -69,6 +69,16 @@ class DecodeStage:
         self.runner.close()
 
 
+def check_extra_columns(extra_fields: list[pa.Field]) -> None:
+    """Refuse carried (manifest) columns named like a column the stages add: one would silently replace the
+    other."""
+    taken = {*video_schema(1).names, *FRAME_COLUMNS, *ERROR_COLUMNS}
+    clashes = sorted(f.name for f in extra_fields if f.name in taken)
+    if clashes:
+        raise ValueError(f"manifest column(s) {clashes} have the name of an output column; rename them in the "
+                         "manifest (the output's columns are listed in the README)")
+
+
 def _device_for(config: JobConfig) -> str:
     if config.device != "auto":
         return config.device
@@ -78,8 +88,11 @@ def _device_for(config: JobConfig) -> str:
 class EncodeCompressStage:
     """Encode the frames of a batch of videos in one forward pass and compress their tokens in one batched fit."""
 
-    def __init__(self, config: JobConfig) -> None:
+    def __init__(self, config: JobConfig, extra_fields: list[pa.Field] | None = None) -> None:
+        """extra_fields: the Arrow types of the carried (manifest) columns, fixed for the whole run; None takes
+        them from each batch."""
         self.config = config
+        self.extra_fields = extra_fields
         self.encoder = load_encoder(config.encoder, layer=config.layer, device=_device_for(config))
 
     @staticmethod
@@ -146,8 +159,10 @@ class EncodeCompressStage:
 
     def output_schema(self, input_schema: pa.Schema) -> pa.Schema:
         """Video columns, the manifest columns of the input, and the error columns."""
-        known = {*FRAME_COLUMNS, *ERROR_COLUMNS, "video_id", "uri"}
-        extra = [f for f in input_schema if f.name not in known]
+        extra = self.extra_fields
+        if extra is None:
+            known = {*FRAME_COLUMNS, *ERROR_COLUMNS, "video_id", "uri"}
+            extra = [f for f in input_schema if f.name not in known]
         schema = video_schema(self.encoder.dim, self.config.base_dtype, extra)
         for f in ERROR_FIELDS:
             schema = schema.append(f)

@@ -5,9 +5,11 @@ Layout under the output root (a local path or s3://bucket/prefix):
     videos/part-<run>-<seq>.parquet   one row per compressed video (schema.video_schema)
     errors/part-<run>-<seq>.parquet   one row per failure (schema.ERROR_SCHEMA)
     lancedb/videos.lance              the same video rows; `pooled` is the vector column, `base` a multivector
+    settings.json                     the settings every video row was made with (pipeline.contract)
     run.json                          summary of the last run
     _staging/                         files being written (ignored by readers: the name starts with "_")
-    _lock                             held by the running job: a second job on the same output refuses to start
+    _lock                             held by the running job (a lease it renews): a second job refuses to start
+    _takeovers/                       one small marker per lock takeover (makes a takeover atomic)
 
 Exactly-once per video: a Parquet file becomes visible in one step (staged, then moved into videos/; an S3 object
 appears whole), and the set of video_ids in videos/ is what counts as done. LanceDB is written after Parquet with
@@ -17,11 +19,13 @@ a crash left only in Parquet.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterable
@@ -42,6 +46,10 @@ from pipeline.schema import ERROR_SCHEMA, check_schema_version
 log = logging.getLogger("tokendyn.pipeline")
 
 TABLE_NAME = "videos"
+# The lock is a lease: the running job renews it every LEASE_S / RENEWALS_PER_LEASE seconds, and a job on any host
+# may take over a lease not renewed for LEASE_S (host clocks must agree to well within that).
+LEASE_S = 300.0
+RENEWALS_PER_LEASE = 5
 # IVF partitions need enough rows to train on; below this an exact scan is fast anyway.
 MIN_ROWS_FOR_VECTOR_INDEX = 5000
 
@@ -75,6 +83,20 @@ class OutputLocked(RuntimeError):
     """Another job is writing to this output."""
 
 
+def _lease_key(holder: dict) -> str:
+    """Names one lease of one holder: a takeover claims this name, so each lease is taken over at most once."""
+    return hashlib.sha1(json.dumps(holder, sort_keys=True).encode()).hexdigest()
+
+
+def _created_at_by_id(table: pa.Table):
+    """(video_id, created_at) pairs of a table's rows."""
+    return zip(table.column("video_id").to_pylist(), table.column("created_at").to_pylist())
+
+
+def _utc(epoch_s) -> str:
+    return "?" if epoch_s is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(epoch_s)))
+
+
 def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -92,11 +114,16 @@ class OutputStore:
     root: str
     s3_endpoint_url: str | None = None
     run_id: str = field(default_factory=lambda: time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6])
+    host: str = field(default_factory=socket.gethostname)
+    lease_s: float = LEASE_S
 
     def __post_init__(self) -> None:
         self.fs, self.path = filesystem_for(self.root, self.s3_endpoint_url)
         self._seq = {"videos": 0, "errors": 0}
         self._db = None
+        self._holder: dict | None = None  # our lock's content while we hold it
+        self._renewer: threading.Thread | None = None
+        self._lease_lost = False
 
     # ---- locations -------------------------------------------------------------------------------------------
     def _dir(self, name: str) -> str:
@@ -149,6 +176,7 @@ class OutputStore:
     # ---- writing ---------------------------------------------------------------------------------------------
     def _write_parquet(self, kind: str, table: pa.Table) -> str:
         """Write `table` as one new file under `kind`/, visible to readers only once complete."""
+        self._check_lease()
         name = f"part-{self.run_id}-{self._seq[kind]:05d}.parquet"
         self._seq[kind] += 1
         staged = f"{self._dir('_staging')}/{kind}-{name}"
@@ -159,11 +187,18 @@ class OutputStore:
         self.fs.move(staged, final)
         return final
 
-    def write_videos(self, table: pa.Table) -> None:
-        """Commit video rows: Parquet first (the record of what is done), then LanceDB."""
+    def write_videos(self, table: pa.Table, replace: bool = False) -> None:
+        """Commit video rows: Parquet first (the record of what is done), then LanceDB.
+
+        replace: the rows may supersede committed rows of the same videos (--overwrite); those are removed only
+        after the new rows are committed, so a video always has a row. `reconcile` finishes what a crash between
+        the steps leaves (two rows of a video in Parquet, or an old row in LanceDB).
+        """
         if table.num_rows == 0:
             return
-        self._write_parquet("videos", table)
+        committed = self._write_parquet("videos", table)
+        if replace:
+            self._remove_parquet_rows(table.column("video_id").to_pylist(), skip_file=committed)
         self._upsert_lance(table)
 
     def write_errors(self, table: pa.Table) -> None:
@@ -178,30 +213,61 @@ class OutputStore:
         lance.merge_insert("video_id").when_matched_update_all().when_not_matched_insert_all().execute(table)
 
     def reconcile(self) -> int:
-        """Copy into LanceDB the committed Parquet rows it lacks (left by a crash between the two writes)."""
-        committed = self.read_videos(columns=["video_id"])
-        if committed is None:
+        """Bring LanceDB in step with the committed Parquet rows after a crash between the writes.
+
+        A video with two Parquet rows (a crash during a replacement) keeps its newest; LanceDB gets every row it
+        lacks or holds in an older version, and loses rows Parquet no longer has. Returns the rows copied.
+        """
+        latest = self._drop_superseded_rows()
+        if not latest:
             return 0
         lance = self.lance_table()
-        in_lance = set() if lance is None else set(
-            lance.search().select(["video_id"]).limit(None).to_arrow().column("video_id").to_pylist())
-        missing = set(committed.column("video_id").to_pylist()) - in_lance
-        if missing:
-            rows = self.read_videos(filter=pc.field("video_id").isin(sorted(missing)))
-            self._upsert_lance(rows)
-            log.info("reconciled %d video(s) from Parquet into LanceDB", len(missing))
-        return len(missing)
+        in_lance = {} if lance is None else dict(_created_at_by_id(
+            lance.search().select(["video_id", "created_at"]).limit(None).to_arrow()))
+        stale = sorted(video_id for video_id, created in latest.items() if in_lance.get(video_id) != created)
+        if stale:
+            self._upsert_lance(self.read_videos(filter=pc.field("video_id").isin(stale)))
+            log.info("reconciled %d video(s) from Parquet into LanceDB", len(stale))
+        extra = sorted(set(in_lance) - set(latest))
+        if extra:
+            self._delete_from_lance(extra)
+        return len(stale)
+
+    def _drop_superseded_rows(self) -> dict:
+        """Keep one Parquet row per video (the newest, by created_at then file name); -> {video_id: created_at}."""
+        latest: dict[str, tuple] = {}  # video_id -> (created_at, file)
+        superseded: dict[str, list[str]] = {}  # file -> video_ids whose row there is older than another
+        for path in self._parquet_files("videos"):
+            rows = pq.read_table(path, columns=["video_id", "created_at"], filesystem=self.fs)
+            for video_id, created in _created_at_by_id(rows):
+                if video_id in latest:
+                    older = min(latest[video_id], (created, path))
+                    superseded.setdefault(older[1], []).append(video_id)
+                latest[video_id] = max(latest.get(video_id, (created, path)), (created, path))
+        for path, video_ids in superseded.items():
+            self._remove_parquet_rows(video_ids, only_file=path)
+        return {video_id: created for video_id, (created, _) in latest.items()}
 
     def remove_videos(self, video_ids: Iterable[str]) -> int:
-        """Delete these videos from Parquet and LanceDB (for --overwrite). Returns how many rows were removed."""
+        """Delete these videos from Parquet and LanceDB. Returns how many rows were removed."""
+        ids = sorted(set(video_ids))
+        removed = self._remove_parquet_rows(ids)
+        if ids and self.lance_table() is not None:
+            self._delete_from_lance(ids)
+        return removed
+
+    def _remove_parquet_rows(self, video_ids: list[str], *, skip_file: str | None = None,
+                             only_file: str | None = None) -> int:
+        """Rewrite the Parquet files holding rows of these videos without them (each file replaced whole)."""
         ids = pa.array(sorted(set(video_ids)), pa.string())
         if len(ids) == 0:
             return 0
         removed = 0
-        for path in self._parquet_files("videos"):
+        for path in [only_file] if only_file else self._parquet_files("videos"):
+            if path == skip_file:
+                continue
             table = pq.read_table(path, filesystem=self.fs)
-            keep = pc.invert(pc.is_in(table.column("video_id"), value_set=ids))
-            kept = table.filter(keep)
+            kept = table.filter(pc.invert(pc.is_in(table.column("video_id"), value_set=ids)))
             if kept.num_rows == table.num_rows:
                 continue
             removed += table.num_rows - kept.num_rows
@@ -212,11 +278,11 @@ class OutputStore:
                 self.fs.move(staged, path)
             else:
                 self.fs.delete_file(path)
-        lance = self.lance_table()
-        if lance is not None:
-            quoted = ", ".join("'" + v.replace("'", "''") + "'" for v in ids.to_pylist())
-            lance.delete(f"video_id IN ({quoted})")
         return removed
+
+    def _delete_from_lance(self, video_ids: list[str]) -> None:
+        quoted = ", ".join("'" + v.replace("'", "''") + "'" for v in video_ids)
+        self.lance_table().delete(f"video_id IN ({quoted})")
 
     def build_vector_index(self, min_rows: int = MIN_ROWS_FOR_VECTOR_INDEX) -> bool:
         """(Re)build the ANN index on `pooled` once the table is large enough. Returns whether it did."""
@@ -234,35 +300,89 @@ class OutputStore:
         return f"{self.path}/_lock"
 
     def acquire_lock(self, break_lock: bool = False) -> None:
-        """Take the output's lock, or raise OutputLocked naming the job that holds it.
+        """Take the output's lock (a lease this store then renews in a background thread), or raise OutputLocked
+        naming the job that holds it.
 
-        A lock left by a dead process on this host is taken over; one from another host is only broken when asked
-        (`break_lock`), since this host cannot tell whether that job still runs.
+        A lock is taken over when its holder is known to be gone: a dead process on this host, or a lease not
+        renewed for `lease_s` (from any host); otherwise only when asked (`break_lock`). A takeover is claimed by
+        creating `_takeovers/<holder's lease>` if absent, so of several jobs that judge the same lock stale
+        exactly one replaces it.
         """
-        holder = {"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(),
-                  "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        if self._create_exclusive(json.dumps(holder).encode()):
-            return
-        current = self._read_lock()
-        stale = current.get("host") == holder["host"] and not _process_alive(int(current.get("pid", -1)))
-        if stale or break_lock:
-            log.warning("taking over the lock of run %s (%s)", current.get("run_id"),
-                        "its process is gone" if stale else "--break-lock")
-            self.fs.delete_file(self._lock_path)
-            if self._create_exclusive(json.dumps(holder).encode()):
-                return
+        holder = {"run_id": self.run_id, "host": self.host, "pid": os.getpid(), "token": uuid.uuid4().hex,
+                  "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                  "expires_at": time.time() + self.lease_s}
+        content = json.dumps(holder).encode()
+        for _ in range(3):  # the holder may release between our attempts
+            if self._create_exclusive(self._lock_path, content):
+                return self._start_lease(holder)
             current = self._read_lock()
+            if not current:
+                continue
+            reason = self._takeover_reason(current, break_lock)
+            if reason is None:
+                break
+            claim = f"{self.path}/_takeovers/{_lease_key(current)}"
+            # Only the one job that creates the claim may replace this lock; the others read the new holder. The
+            # lock is read once more in case its holder released it meanwhile and a new job created it.
+            if self._create_exclusive(claim, content) and self._read_lock() == current:
+                log.warning("taking over the lock of run %s (%s)", current.get("run_id"), reason)
+                self._replace(self._lock_path, content)
+                return self._start_lease(holder)
+            current = self._read_lock() or current
+            break
         raise OutputLocked(
             f"{self.root} is being written by run {current.get('run_id')} (pid {current.get('pid')} on "
-            f"{current.get('host')}, since {current.get('started_at')}). Wait for it to finish; if that job is dead, "
-            "re-run with --break-lock.")
+            f"{current.get('host')}, since {current.get('started_at')}, lease until "
+            f"{_utc(current.get('expires_at'))}). Wait for it to finish or for its lease to expire; if that job is "
+            "dead, re-run with --break-lock.")
 
-    def _create_exclusive(self, content: bytes) -> bool:
-        """Create the lock file only if it does not exist (O_EXCL locally, If-None-Match on S3)."""
-        self.fs.create_dir(self.path, recursive=True)
-        if not is_s3(self.root):
+    def _takeover_reason(self, current: dict, break_lock: bool) -> str | None:
+        """Why the lock `current` may be taken over, or None when its holder may still be running."""
+        if current.get("host") == self.host and not _process_alive(int(current.get("pid", -1))):
+            return "its process is gone"
+        expires_at = current.get("expires_at")
+        if expires_at is not None and float(expires_at) < time.time():
+            return f"its lease expired at {_utc(expires_at)}"
+        return "--break-lock" if break_lock else None
+
+    def _start_lease(self, holder: dict) -> None:
+        self._holder, self._lease_lost = holder, False
+        self._stop_renewing = threading.Event()
+        self._renewer = threading.Thread(target=self._renew_lease, args=(self._stop_renewing,), daemon=True,
+                                         name="tokendyn-lease")
+        self._renewer.start()
+
+    def _renew_lease(self, stop: threading.Event) -> None:
+        """Push the lease's expiry forward every lease_s / RENEWALS_PER_LEASE until stopped or taken over."""
+        while not stop.wait(self.lease_s / RENEWALS_PER_LEASE):
+            if self._read_lock().get("token") != self._holder["token"]:
+                self._lease_lost = True
+                log.error("the lock of %s was taken over by another job; this run writes nothing more", self.root)
+                return
+            self._holder["expires_at"] = time.time() + self.lease_s
             try:
-                fd = os.open(self._lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                self._replace(self._lock_path, json.dumps(self._holder).encode())
+            except OSError as error:  # a storage hiccup: the next renewal tries again, well before expiry
+                log.warning("could not renew the lease on %s: %s", self.root, error)
+
+    def stop_lease(self) -> None:
+        """Stop renewing the lease (the lock itself stays until released or expired)."""
+        if self._renewer is not None:
+            self._stop_renewing.set()
+            self._renewer.join()
+            self._renewer = None
+
+    def _check_lease(self) -> None:
+        if self._lease_lost:
+            raise OutputLocked(f"this job's lock on {self.root} was taken over (its lease was not renewed within "
+                               f"{self.lease_s:.0f} s); stopped before writing more")
+
+    def _create_exclusive(self, path: str, content: bytes) -> bool:
+        """Create the file `path` only if it does not exist (O_EXCL locally, If-None-Match on S3)."""
+        if not is_s3(self.root):
+            self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
                 return False
             with os.fdopen(fd, "wb") as out:
@@ -272,7 +392,7 @@ class OutputStore:
 
         from pipeline.sources import s3_client, split_s3_uri
 
-        bucket, key = split_s3_uri(f"s3://{self._lock_path}")
+        bucket, key = split_s3_uri(f"s3://{path}")
         try:
             s3_client(self.s3_endpoint_url).put_object(Bucket=bucket, Key=key, Body=content, IfNoneMatch="*")
         except ClientError as error:
@@ -280,6 +400,17 @@ class OutputStore:
                 return False
             raise
         return True
+
+    def _replace(self, path: str, content: bytes) -> None:
+        """Write `path` whole in one step: readers see the old or the new content, never a part."""
+        if is_s3(self.root):  # one PUT: an S3 object appears whole
+            with self.fs.open_output_stream(path) as out:
+                out.write(content)
+            return
+        temporary = f"{path}.{uuid.uuid4().hex}.tmp"
+        with open(temporary, "wb") as out:
+            out.write(content)
+        os.replace(temporary, path)
 
     def _read_lock(self) -> dict:
         try:
@@ -289,8 +420,39 @@ class OutputStore:
             return {}
 
     def release_lock(self) -> None:
-        if self._read_lock().get("run_id") == self.run_id:
+        self.stop_lease()
+        if self._holder is not None and self._read_lock().get("token") == self._holder["token"]:
             self.fs.delete_file(self._lock_path)
+        self._holder = None
+
+    # ---- the settings contract (see pipeline.contract) -----------------------------------------------------------
+    SETTINGS_FILE = "settings.json"
+
+    def read_settings(self) -> dict | None:
+        try:
+            with self.fs.open_input_stream(f"{self.path}/{self.SETTINGS_FILE}") as src:
+                return json.loads(src.read())
+        except FileNotFoundError:
+            return None
+
+    def write_settings(self, settings: dict) -> None:
+        """Record the output's settings, whole in one step."""
+        self.fs.create_dir(self.path, recursive=True)
+        self._replace(f"{self.path}/{self.SETTINGS_FILE}", json.dumps(settings, indent=2).encode())
+
+    def video_file_schemas(self) -> list[pa.Schema]:
+        return [pq.read_schema(path, filesystem=self.fs) for path in self._parquet_files("videos")]
+
+    def start_over(self) -> None:
+        """Delete everything the output holds except its lock (--rebuild). The recorded settings go last, so a crash
+        part-way leaves them in force and a plain re-run is still refused."""
+        for name in ("videos", "errors", "lancedb", "_staging"):
+            if self.fs.get_file_info(self._dir(name)).type != pafs.FileType.NotFound:
+                self.fs.delete_dir(self._dir(name))
+        for name in ("run.json", self.SETTINGS_FILE):
+            if self.fs.get_file_info(self._dir(name)).type != pafs.FileType.NotFound:
+                self.fs.delete_file(self._dir(name))
+        self._db = None
 
     def write_run_summary(self, summary: dict) -> None:
         self.fs.create_dir(self.path, recursive=True)

@@ -147,7 +147,7 @@ def efficientnet_shaped_output(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("name", ["missing", "corrupt", "text", "empty", "directory"])
 def test_a_bad_query_video_is_a_one_line_error_with_exit_2(efficientnet_shaped_output, tmp_path, capsys, name):
     video = bad_query_videos(tmp_path)[name]
-    code = search_cli.main(["--output", str(efficientnet_shaped_output), "--video", str(video), "--frames", "2"])
+    code = search_cli.main(["--output", str(efficientnet_shaped_output), "--video", str(video)])
     assert code == 2
     assert_one_line_error(capsys.readouterr().err)
 
@@ -155,7 +155,7 @@ def test_a_bad_query_video_is_a_one_line_error_with_exit_2(efficientnet_shaped_o
 def test_a_query_video_of_an_awkward_size_is_answered(efficientnet_shaped_output, make_synthetic_clip, capsys):
     # 256x110 frames once failed in the centre crop with a traceback.
     video = make_synthetic_clip("banner", num_frames=6, size=(110, 256))
-    code = search_cli.main(["--output", str(efficientnet_shaped_output), "--video", str(video), "--frames", "2",
-                            "--k", "3", "--json"])
+    code = search_cli.main(["--output", str(efficientnet_shaped_output), "--video", str(video), "--k", "3",
+                            "--json"])
     assert code == 0, capsys.readouterr().err
     assert len(json.loads(capsys.readouterr().out)) == 3

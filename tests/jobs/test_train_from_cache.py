@@ -12,6 +12,8 @@ import pyarrow as pa
 import pytest
 
 import tokendyn
+from pipeline.config import JobConfig
+from pipeline.contract import contract_of_rows
 from pipeline.decode import decode_video
 from pipeline.encoders import load_encoder
 from pipeline.schema import now_utc, video_row, video_schema
@@ -48,7 +50,11 @@ def captioned_cache(tmp_path_factory, sample_clip_paths, tiny_siglip_dir) -> str
                                  base_dtype="float16", created_at=now_utc())})
     root = str(tmp_path_factory.mktemp("captioned_cache"))
     schema = video_schema(encoder.dim, "float16", [pa.field("caption", pa.string())])
-    OutputStore(root).write_videos(pa.Table.from_pylist(rows, schema=schema))
+    table = pa.Table.from_pylist(rows, schema=schema)
+    OutputStore(root).write_videos(table)
+    # As the job records them: the raw-video comparison compresses with these settings.
+    settings = JobConfig(input="unused", encoder=str(tiny_siglip_dir), frames=FRAMES, k=K)
+    OutputStore(root).write_settings(contract_of_rows(settings, table).as_json("test"))
     return root
 
 

@@ -210,3 +210,22 @@ def test_ray_dataset_batches_match_the_torch_dataset(cache_root, local_ray):
             assert batch["caption"][row] == item["caption"]
             seen.append(video_id)
     assert sorted(seen) == sorted(ALL_IDS)
+
+
+def test_settings_are_the_outputs_recorded_contract(tmp_path):
+    from pipeline.config import JobConfig
+    from pipeline.contract import SettingsUnknown, contract_of_rows
+
+    store = OutputStore(str(tmp_path / "out"))
+    table = video_table(range(2))
+    store.write_videos(table)
+    with pytest.raises(SettingsUnknown, match="records no settings"):  # rows alone do not tell seed, sampling
+        CachedTokenDataset(store.root).settings()
+    job = JobConfig(input="unused", encoder="test-encoder", frames=FRAMES, k=0, k_min=3, k_max=5, seed=7)
+    store.write_settings(contract_of_rows(job, table).as_json("test"))
+    store.write_run_summary({"config": {"frames": 99, "k": 1, "seed": 1}})  # the last run.json does not count
+    settings = CachedTokenDataset(store.root).settings()
+    assert (settings.encoder, settings.dim, settings.frames, settings.k, settings.seed) == (
+        "test-encoder", DIM, FRAMES, None, 7)
+    assert settings.compress_kwargs() == {"k": None, "k_min": 3, "k_max": 5, "k_rule": "fidelity",
+                                          "target_fidelity": 0.9, "seed": 7}

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline.config import JobConfig
+from pipeline.contract import contract_of_rows
 from pipeline.schema import SCHEMA_VERSION, now_utc, video_schema
 from pipeline.search import (NoTextTowerError, SearchError, SearchParams, SettingsMismatchError, VideoSearch,
                              maxsim_scores, nearest_to_video)
@@ -48,11 +49,19 @@ def vector_table(pooled: np.ndarray, bases: list[np.ndarray], *, encoder: str = 
     return pa.Table.from_arrays([columns.get(f.name, pa.nulls(n, f.type)) for f in schema], schema=schema)
 
 
-def write_store(root, pooled, bases, *, config: dict | None = None, **row_values) -> OutputStore:
+def write_store(root, pooled, bases, *, config: dict | None = None, record: bool = True,
+                **row_values) -> OutputStore:
+    """An output holding these vectors. With `config`: as written before outputs recorded their settings (a run.json
+    only); else with recorded settings, as the job writes it (unless record=False)."""
     store = OutputStore(str(root))
-    store.write_videos(vector_table(pooled, bases, **row_values))
+    table = vector_table(pooled, bases, **row_values)
+    store.write_videos(table)
     if config is not None:
         store.write_run_summary({"config": config})
+    elif record:
+        encoder = row_values.get("encoder", "efficientnet-lite0")
+        job = JobConfig(input="unused", encoder=encoder, frames=row_values.get("num_frames", 4), k=0)
+        store.write_settings(contract_of_rows(job, table).as_json("test"))
     return store
 
 
@@ -191,12 +200,24 @@ def test_mismatched_encoder_settings_error_before_anything_is_decoded(tmp_path, 
         search.by_video(missing_file, layer=0)
 
 
-def test_settings_come_from_the_rows_without_run_json(tmp_path):
+def test_settings_come_from_the_recorded_contract_not_the_last_run_json(tmp_path):
     rng = np.random.default_rng(7)
     pooled, bases = random_vectors(rng, 6, 8, base_sizes=(3, 5))
-    settings = VideoSearch(write_store(tmp_path / "out", pooled, bases, num_frames=12)).settings()
+    store = write_store(tmp_path / "out", pooled, bases, num_frames=12)
+    store.write_run_summary({"config": dataclasses.asdict(tiny_config("other-encoder", frames=3, k=9, seed=5))})
+    settings = VideoSearch(store).settings()
     assert (settings.encoder, settings.frames, settings.fps, settings.k, settings.k_min, settings.k_max) == (
-        "efficientnet-lite0", 12, None, None, 3, 5)
+        "efficientnet-lite0", 12, None, None, 8, 64)
+    assert settings.compress_kwargs() == {"k": None, "k_min": 8, "k_max": 64, "k_rule": "fidelity",
+                                          "target_fidelity": 0.9, "seed": 0}
+
+
+def test_an_old_output_whose_settings_cannot_be_told_is_refused_clearly(tmp_path):
+    rng = np.random.default_rng(7)
+    pooled, bases = random_vectors(rng, 6, 8, base_sizes=(3, 5))
+    search = VideoSearch(write_store(tmp_path / "out", pooled, bases, num_frames=12, record=False))
+    with pytest.raises(SearchError, match=r"records no settings \(settings.json\), and it has no run.json"):
+        search.settings()
 
 
 def test_text_query_on_an_efficientnet_table_errors_clearly(tmp_path):

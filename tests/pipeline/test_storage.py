@@ -1,3 +1,7 @@
+import socket
+import threading
+import time
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -170,3 +174,139 @@ def test_s3_lock_is_exclusive(moto_s3_endpoint, s3_bucket):
         OutputStore(root, s3_endpoint_url=moto_s3_endpoint).acquire_lock()
     first.release_lock()
     OutputStore(root, s3_endpoint_url=moto_s3_endpoint).acquire_lock()
+
+
+def _slow_lock_reads(monkeypatch, seconds: float = 0.3) -> None:
+    """Every contender reads the lock, then pauses: all of them judge the same lock stale before any acts."""
+    read = OutputStore._read_lock
+
+    def slow(self):
+        found = read(self)
+        time.sleep(seconds)
+        return found
+
+    monkeypatch.setattr(OutputStore, "_read_lock", slow)
+
+
+def _contend(root: str, contenders: int, **store_kwargs) -> list[OutputStore]:
+    """Let `contenders` stores try to take the lock at once (threads); returns those that got it."""
+    stores = [OutputStore(root, **store_kwargs) for _ in range(contenders)]
+    start = threading.Barrier(contenders)
+    winners = []
+
+    def take(store: OutputStore) -> None:
+        start.wait()
+        try:
+            store.acquire_lock()
+        except OutputLocked:
+            return
+        winners.append(store)
+
+    threads = [threading.Thread(target=take, args=(store,)) for store in stores]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for store in winners:
+        store.stop_lease()
+    return winners
+
+
+def test_concurrent_takeovers_of_a_stale_lock_leave_exactly_one_holder(tmp_path, monkeypatch):
+    import json
+    import subprocess
+    import sys
+
+    _slow_lock_reads(monkeypatch)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "_lock").write_text(json.dumps(
+        {"run_id": "old", "host": socket.gethostname(), "pid": int(dead.stdout), "started_at": "then"}))
+    winners = _contend(str(out), 4)
+    assert len(winners) == 1
+    assert json.loads((out / "_lock").read_text())["run_id"] == winners[0].run_id
+
+
+def test_concurrent_takeovers_of_an_expired_lease_on_s3_leave_exactly_one_holder(
+        moto_s3_endpoint, s3_bucket, s3_client, monkeypatch):
+    import json
+
+    _slow_lock_reads(monkeypatch)
+    s3_client.put_object(Bucket=s3_bucket, Key="out/_lock", Body=json.dumps(
+        {"run_id": "old", "host": "elsewhere", "pid": 1, "token": "t", "expires_at": time.time() - 1}).encode())
+    winners = _contend(f"s3://{s3_bucket}/out", 3, s3_endpoint_url=moto_s3_endpoint)
+    assert len(winners) == 1
+    held = json.loads(s3_client.get_object(Bucket=s3_bucket, Key="out/_lock")["Body"].read())
+    assert held["run_id"] == winners[0].run_id
+
+
+def test_an_expired_lease_from_another_host_is_taken_over_a_live_one_is_not(tmp_path):
+    import json
+
+    out = tmp_path / "out"
+    remote = OutputStore(str(out), host="pod-a", lease_s=0.6)
+    remote.acquire_lock()
+    try:
+        time.sleep(1.5)  # more than two lease times: only the holder's renewals keep the lease alive
+        with pytest.raises(OutputLocked, match=remote.run_id):
+            OutputStore(str(out), host="pod-b").acquire_lock()
+    finally:
+        remote.stop_lease()  # the holder dies without releasing: its lease is no longer renewed
+    time.sleep(0.8)
+    retry = OutputStore(str(out), host="pod-b")
+    retry.acquire_lock()  # no --break-lock needed
+    assert json.loads((out / "_lock").read_text())["run_id"] == retry.run_id
+    retry.release_lock()
+    assert not (out / "_lock").exists()
+
+
+def test_replacing_rows_keeps_every_video_and_reconcile_finishes_an_interrupted_replacement(tmp_path):
+    store = OutputStore(str(tmp_path / "out"))
+    store.write_videos(video_table(["a", "b"]))
+    first = {row["video_id"]: row["created_at"] for row in store.read_videos().to_pylist()}
+
+    store.write_videos(video_table(["b"], seed=1), replace=True)
+    rows = {row["video_id"]: row["created_at"] for row in store.read_videos().to_pylist()}
+    assert store.read_videos().num_rows == 2 and rows["a"] == first["a"] and rows["b"] > first["b"]
+
+    # A crash right after committing a new row for "a": Parquet holds two rows of it, LanceDB the old one.
+    store._write_parquet("videos", video_table(["a"], seed=2))
+    assert OutputStore(str(tmp_path / "out")).reconcile() == 1
+    rows = store.read_videos().to_pylist()
+    assert sorted(row["video_id"] for row in rows) == ["a", "b"]
+    newest = {row["video_id"]: row["created_at"] for row in rows}
+    assert newest["a"] > first["a"]
+    in_lance = store.lance_table().search().select(["video_id", "created_at"]).limit(None).to_arrow().to_pylist()
+    assert {row["video_id"]: row["created_at"] for row in in_lance} == newest
+
+
+def test_a_job_whose_lease_was_taken_over_writes_nothing_more(tmp_path):
+    import json
+
+    out = tmp_path / "out"
+    holder = OutputStore(str(out), lease_s=0.3)
+    holder.acquire_lock()
+    (out / "_lock").write_text(json.dumps({"run_id": "usurper", "host": "elsewhere", "pid": 1, "token": "other",
+                                           "expires_at": time.time() + 60}))
+    time.sleep(0.5)  # the holder's next renewal finds another job's lease
+    with pytest.raises(OutputLocked, match="was taken over"):
+        holder.write_videos(video_table(["a"]))
+    holder.release_lock()
+    assert json.loads((out / "_lock").read_text())["run_id"] == "usurper"  # not ours to delete
+    assert not (out / "videos").exists()
+
+
+def test_start_over_leaves_only_the_lock_on_s3(moto_s3_endpoint, s3_bucket, s3_client):
+    store = OutputStore(f"s3://{s3_bucket}/out", s3_endpoint_url=moto_s3_endpoint)
+    store.acquire_lock()
+    store.write_videos(video_table(["a", "b"]))
+    store.write_errors(pa.Table.from_pylist([{"video_id": "x", "uri": "/x.mp4", "stage": "decode", "error_type": "E",
+                                              "message": "bad", "run_id": store.run_id, "created_at": now_utc()}]))
+    store.write_settings({"schema_version": 1})
+    store.write_run_summary({"ok": 2})
+    store.start_over()
+    keys = [item["Key"] for item in s3_client.list_objects_v2(Bucket=s3_bucket).get("Contents", [])]
+    assert [key for key in keys if not key.endswith("/")] == ["out/_lock"]  # (and maybe an empty folder marker)
+    assert store.done_ids() == set() and store.lance_table() is None and store.read_settings() is None
+    store.release_lock()
