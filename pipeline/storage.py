@@ -7,12 +7,17 @@ Layout under the output root (a local path or s3://bucket/prefix):
     lancedb/videos.lance              the same video rows; `pooled` is the vector column, `base` a multivector
     run.json                          summary of the last run
     _staging/                         files being written (ignored by readers: the name starts with "_")
+    _lancedb_unsynced                 present from a run's start until it ends cleanly (see reconcile)
     _lock                             held by the running job: a second job on the same output refuses to start
 
 Exactly-once per video: a Parquet file becomes visible in one step (staged, then moved into videos/; an S3 object
 appears whole), and the set of video_ids in videos/ is what counts as done. LanceDB is written after Parquet with
 merge_insert on video_id, so repeating a write never duplicates a row; `reconcile()` copies into LanceDB whatever
 a crash left only in Parquet.
+
+Flat with size: merge_insert finds ids through a scalar index on video_id, small fragments are compacted as they
+pile up, the vector index is trained once and then extended, and a resume looks the listed ids up in that index
+instead of reading every id.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import lancedb
-from lancedb.index import IvfSq
+from lancedb.index import BTree, IvfSq
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
@@ -44,6 +49,21 @@ log = logging.getLogger("tokendyn.pipeline")
 TABLE_NAME = "videos"
 # IVF partitions need enough rows to train on; below this an exact scan is fast anyway.
 MIN_ROWS_FOR_VECTOR_INDEX = 5000
+# Each LanceDB commit adds a fragment (data file). Once this many small ones pile up they are compacted and the
+# indexes take in the new rows, so commits (merge_insert looks ids up through the video_id index and scans only the
+# rows not yet indexed) and searches cost the same at any table size.
+COMPACT_AT_SMALL_FRAGMENTS = 32
+# The IVF index is trained once, then new rows join its existing partitions; it is retrained (sqrt(rows)
+# partitions) only once the table has outgrown the partitions it was trained with by this factor.
+RETRAIN_AT_PARTITION_GROWTH = 2
+VECTOR_INDEX_PREFIX = "pooled_ivf"  # the index's name ends with the partition count it was trained with
+ID_INDEX_NAME = "video_id_idx"
+# Present while a run may have left LanceDB out of step with Parquet (from its start until it ends cleanly).
+UNSYNCED_MARKER = "_lancedb_unsynced"
+# Listed ids are looked up in LanceDB's video_id index in chunks of this many; a listing this large relative to
+# the table (LOOKUP_FRACTION) reads the id column whole instead.
+ID_LOOKUP_CHUNK = 2048
+LOOKUP_FRACTION = 0.25
 
 
 def is_s3(uri: str) -> bool:
@@ -69,6 +89,16 @@ def lance_storage_options(s3_endpoint_url: str | None) -> dict[str, str]:
     if not s3_endpoint_url:
         return {}
     return {"aws_endpoint": s3_endpoint_url, "allow_http": str(s3_endpoint_url.startswith("http://")).lower()}
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _trained_partitions(index_name: str) -> int | None:
+    """Partition count recorded in the vector index's name (None for an index this code did not name)."""
+    suffix = index_name.removeprefix(VECTOR_INDEX_PREFIX)
+    return int(suffix) if index_name.startswith(VECTOR_INDEX_PREFIX) and suffix.isdigit() else None
 
 
 class OutputLocked(RuntimeError):
@@ -97,6 +127,8 @@ class OutputStore:
         self.fs, self.path = filesystem_for(self.root, self.s3_endpoint_url)
         self._seq = {"videos": 0, "errors": 0}
         self._db = None
+        self._in_step = False  # LanceDB known to hold exactly Parquet's video ids (set by reconcile)
+        self._marked_unsynced = False
 
     # ---- locations -------------------------------------------------------------------------------------------
     def _dir(self, name: str) -> str:
@@ -127,9 +159,34 @@ class OutputStore:
             return ERROR_SCHEMA.empty_table()
         return pads.dataset(files, filesystem=self.fs, format="parquet", schema=ERROR_SCHEMA).to_table()
 
-    def done_ids(self) -> set[str]:
+    def done_ids(self, among: Iterable[str] | None = None) -> set[str]:
+        """Ids of the committed videos (only those in `among`, when given).
+
+        With `among`, after `reconcile()` has brought LanceDB in step with Parquet, the ids are looked up in
+        LanceDB's video_id index: the cost follows the listing, not the size of the output.
+        """
+        if among is not None and self._in_step:
+            return self._lance_ids_among(set(among))
         table = self.read_videos(columns=["video_id"])
-        return set() if table is None else set(table.column("video_id").to_pylist())
+        done = set() if table is None else set(table.column("video_id").to_pylist())
+        return done if among is None else done & set(among)
+
+    def _lance_ids_among(self, wanted: set[str]) -> set[str]:
+        lance = self.lance_table()
+        if lance is None or not wanted:
+            return set()
+        if len(wanted) > LOOKUP_FRACTION * lance.count_rows():
+            return self._lance_ids(lance) & wanted
+        ordered, found = sorted(wanted), set()
+        for start in range(0, len(ordered), ID_LOOKUP_CHUNK):
+            chunk = ", ".join(_quote(v) for v in ordered[start:start + ID_LOOKUP_CHUNK])
+            rows = lance.search().where(f"video_id IN ({chunk})").select(["video_id"]).limit(None).to_arrow()
+            found.update(rows.column("video_id").to_pylist())
+        return found
+
+    @staticmethod
+    def _lance_ids(lance) -> set[str]:
+        return set(lance.search().select(["video_id"]).limit(None).to_arrow().column("video_id").to_pylist())
 
     def lance_table(self):
         """The LanceDB table, or None when nothing was written yet."""
@@ -163,6 +220,8 @@ class OutputStore:
         """Commit video rows: Parquet first (the record of what is done), then LanceDB."""
         if table.num_rows == 0:
             return
+        if not self._marked_unsynced:
+            self._set_unsynced_marker(True)
         self._write_parquet("videos", table)
         self._upsert_lance(table)
 
@@ -176,21 +235,64 @@ class OutputStore:
             db.create_table(TABLE_NAME, schema=table.schema, exist_ok=True)
         lance = db.open_table(TABLE_NAME)
         lance.merge_insert("video_id").when_matched_update_all().when_not_matched_insert_all().execute(table)
+        if not any(index.name == ID_INDEX_NAME for index in lance.list_indices()):
+            lance.create_index("video_id", config=BTree(), name=ID_INDEX_NAME)
+        self.compact_if_needed(lance)
+
+    def compact_if_needed(self, lance=None) -> bool:
+        """Merge LanceDB's small fragments and bring its indexes up to date once enough have piled up."""
+        lance = lance or self.lance_table()
+        if lance is None or lance.stats()["fragment_stats"]["num_small_fragments"] < COMPACT_AT_SMALL_FRAGMENTS:
+            return False
+        lance.optimize()
+        return True
+
+    def _set_unsynced_marker(self, present: bool) -> None:
+        marker = f"{self.path}/{UNSYNCED_MARKER}"
+        self._marked_unsynced = present
+        if present:
+            self.fs.create_dir(self.path, recursive=True)
+            with self.fs.open_output_stream(marker) as out:
+                out.write(self.run_id.encode())
+        elif self.fs.get_file_info(marker).type != pafs.FileType.NotFound:
+            self.fs.delete_file(marker)
 
     def reconcile(self) -> int:
-        """Copy into LanceDB the committed Parquet rows it lacks (left by a crash between the two writes)."""
-        committed = self.read_videos(columns=["video_id"])
-        if committed is None:
-            return 0
+        """Bring LanceDB in step with Parquet at the start of a run; returns how many rows it had to copy.
+
+        Copies into LanceDB the committed Parquet rows it lacks (left by a crash between the two writes) and drops
+        rows Parquet no longer holds (left by a crash while removing). Only ids are compared, and only when the
+        last run did not end cleanly (`finish_run` was not reached): otherwise the two are known to agree and this
+        costs one file lookup, whatever the size of the output.
+        """
+        marker = self.fs.get_file_info(f"{self.path}/{UNSYNCED_MARKER}")
         lance = self.lance_table()
-        in_lance = set() if lance is None else set(
-            lance.search().select(["video_id"]).limit(None).to_arrow().column("video_id").to_pylist())
-        missing = set(committed.column("video_id").to_pylist()) - in_lance
+        # An output written before the marker existed has no video_id index: check it once.
+        known_in_step = marker.type == pafs.FileType.NotFound and (
+            any(index.name == ID_INDEX_NAME for index in lance.list_indices()) if lance is not None
+            else not self._parquet_files("videos"))
+        if known_in_step:
+            self._set_unsynced_marker(True)
+            self._in_step = True
+            return 0
+        self._set_unsynced_marker(True)
+        committed = self.read_videos(columns=["video_id"])
+        committed_ids = set() if committed is None else set(committed.column("video_id").to_pylist())
+        in_lance = set() if lance is None else self._lance_ids(lance)
+        missing, extra = committed_ids - in_lance, in_lance - committed_ids
+        if extra:
+            lance.delete(f"video_id IN ({', '.join(_quote(v) for v in sorted(extra))})")
+            log.info("dropped %d video(s) from LanceDB that Parquet no longer holds", len(extra))
         if missing:
             rows = self.read_videos(filter=pc.field("video_id").isin(sorted(missing)))
             self._upsert_lance(rows)
             log.info("reconciled %d video(s) from Parquet into LanceDB", len(missing))
+        self._in_step = True
         return len(missing)
+
+    def finish_run(self) -> None:
+        """Record that LanceDB and Parquet agree (the run ended cleanly), so the next `reconcile` can skip its check."""
+        self._set_unsynced_marker(False)
 
     def remove_videos(self, video_ids: Iterable[str]) -> int:
         """Delete these videos from Parquet and LanceDB (for --overwrite). Returns how many rows were removed."""
@@ -219,13 +321,29 @@ class OutputStore:
         return removed
 
     def build_vector_index(self, min_rows: int = MIN_ROWS_FOR_VECTOR_INDEX) -> bool:
-        """(Re)build the ANN index on `pooled` once the table is large enough. Returns whether it did."""
+        """Bring the ANN index on `pooled` up to date once the table is large enough. Returns whether one exists.
+
+        The index is trained once; later calls add the new rows to its partitions (with compaction), and retrain
+        only when the table has grown RETRAIN_AT_PARTITION_GROWTH times past the partitions it was trained with.
+        """
         lance = self.lance_table()
-        if lance is None or lance.count_rows() < min_rows:
+        if lance is None:
             return False
+        rows = lance.count_rows()
+        if rows < min_rows:
+            return False
+        partitions = max(1, int(math.sqrt(rows)))
+        current = [index for index in lance.list_indices() if index.columns == ["pooled"]]
+        trained = _trained_partitions(current[0].name) if current else None
+        if trained is not None and partitions < RETRAIN_AT_PARTITION_GROWTH * trained:
+            if lance.index_stats(current[0].name).num_unindexed_rows:
+                lance.optimize()
+            return True
+        for index in current:
+            lance.drop_index(index.name)
         # IVF with scalar-quantised vectors: ~4x smaller than float32 and near-exact recall once re-ranked.
-        partitions = max(1, int(math.sqrt(lance.count_rows())))
-        lance.create_index("pooled", config=IvfSq(distance_type="cosine", num_partitions=partitions), replace=True)
+        lance.create_index("pooled", config=IvfSq(distance_type="cosine", num_partitions=partitions),
+                           name=f"{VECTOR_INDEX_PREFIX}{partitions}")
         return True
 
     # ---- one writer at a time -------------------------------------------------------------------------------
