@@ -40,6 +40,7 @@ MAX_INPUT_BLOCKS = 10_000
 # encoder batches per actor keeps memory flat whatever the corpus size, without starving the encoder.
 IN_FLIGHT_BATCHES = 4
 MIN_OBJECT_STORE_BUDGET = 64 * 1024 * 1024
+MIN_POOL_ACTORS = 1  # each actor pool's lower bound; --workers is the encoder pool's upper bound
 
 
 @dataclass
@@ -87,6 +88,15 @@ def init_ray(config: JobConfig) -> None:
     ray.init(address="local", num_cpus=config.num_cpus, include_dashboard=False, log_to_driver=True)
 
 
+def elastic_pool(max_actors: int) -> ray.data.ActorPoolStrategy:
+    """An actor pool that Ray Data grows up to `max_actors` while there is work and resources, and shrinks when idle.
+
+    A fixed pool can hang a run after a node is lost: its actors keep their CPUs while the lost actors of the
+    other stage wait forever for one. An elastic pool gives idle actors' resources back, so the run slows down.
+    """
+    return ray.data.ActorPoolStrategy(min_size=MIN_POOL_ACTORS, max_size=max(MIN_POOL_ACTORS, max_actors))
+
+
 def build_dataset(todo: list[dict], config: JobConfig) -> ray.data.Dataset:
     """The Ray Data plan over the rows still to do."""
     cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -100,9 +110,9 @@ def build_dataset(todo: list[dict], config: JobConfig) -> ray.data.Dataset:
     dataset = (
         ray.data.from_items(todo, override_num_blocks=blocks)
         .map(DecodeStage, fn_constructor_kwargs={"config": config, "input_size": input_size},
-             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=decode_actors), num_cpus=decode.num_cpus)
+             compute=elastic_pool(decode_actors), num_cpus=decode.num_cpus)
         .map_batches(EncodeCompressStage, fn_constructor_kwargs={"config": config}, batch_size=config.batch_size,
-                     batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=config.workers),
+                     batch_format="pyarrow", compute=elastic_pool(config.workers),
                      num_cpus=encode.num_cpus, num_gpus=encode.num_gpus)
     )
     video_bytes = config.frames * input_size[0] * input_size[1] * 3  # uint8 RGB frames of one decoded video
@@ -192,7 +202,7 @@ def _run_locked(config: JobConfig, store: OutputStore, listed: list[dict], summa
     store.reconcile()
     if config.overwrite:
         store.remove_videos(row["video_id"] for row in listed)
-    done = store.done_ids()
+    done = store.done_ids(row["video_id"] for row in listed)
     todo = [row for row in listed if row["video_id"] not in done]
     summary.skipped = len(listed) - len(todo)
     if config.limit is not None:
@@ -208,3 +218,4 @@ def _run_locked(config: JobConfig, store: OutputStore, listed: list[dict], summa
                 on_batch(batch.num_rows)
         committer.flush()
         store.build_vector_index()
+    store.finish_run()
