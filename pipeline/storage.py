@@ -15,7 +15,8 @@ appears whole), and the set of video_ids in videos/ is what counts as done. Lanc
 merge_insert on video_id, so repeating a write never duplicates a row; `reconcile()` copies into LanceDB whatever
 a crash left only in Parquet.
 
-Flat with size: merge_insert finds ids through a scalar index on video_id, small fragments are compacted as they
+Flat with size: a commit looks its ids up in a scalar index on video_id and appends when they are all new (the
+usual case; merge_insert otherwise), small fragments are compacted as they
 pile up, the vector index is trained once and then extended, and a resume looks the listed ids up in that index
 instead of reading every id.
 """
@@ -177,7 +178,12 @@ class OutputStore:
             return set()
         if len(wanted) > LOOKUP_FRACTION * lance.count_rows():
             return self._lance_ids(lance) & wanted
-        ordered, found = sorted(wanted), set()
+        return self._lance_ids_in(lance, wanted)
+
+    @staticmethod
+    def _lance_ids_in(lance, wanted: Iterable[str]) -> set[str]:
+        """Which of these ids the table holds: index lookups, plus a scan of the id column of unindexed rows."""
+        ordered, found = sorted(set(wanted)), set()
         for start in range(0, len(ordered), ID_LOOKUP_CHUNK):
             chunk = ", ".join(_quote(v) for v in ordered[start:start + ID_LOOKUP_CHUNK])
             rows = lance.search().where(f"video_id IN ({chunk})").select(["video_id"]).limit(None).to_arrow()
@@ -234,7 +240,12 @@ class OutputStore:
         if TABLE_NAME not in db.list_tables().tables:
             db.create_table(TABLE_NAME, schema=table.schema, exist_ok=True)
         lance = db.open_table(TABLE_NAME)
-        lance.merge_insert("video_id").when_matched_update_all().when_not_matched_insert_all().execute(table)
+        ids = table.column("video_id").to_pylist()
+        if self._lance_ids_in(lance, ids):  # a repeated write (crash, --overwrite): replace those rows
+            lance.merge_insert("video_id").when_matched_update_all().when_not_matched_insert_all().execute(table)
+        else:
+            # The usual case, new ids only. merge_insert would read every row the video_id index does not cover yet.
+            lance.add(table)
         if not any(index.name == ID_INDEX_NAME for index in lance.list_indices()):
             lance.create_index("video_id", config=BTree(), name=ID_INDEX_NAME)
         self.compact_if_needed(lance)
@@ -325,26 +336,26 @@ class OutputStore:
 
         The index is trained once; later calls add the new rows to its partitions (with compaction), and retrain
         only when the table has grown RETRAIN_AT_PARTITION_GROWTH times past the partitions it was trained with.
+        The video_id index takes in new rows at the same time, so the next run's lookups need no scan.
         """
         lance = self.lance_table()
         if lance is None:
             return False
         rows = lance.count_rows()
-        if rows < min_rows:
-            return False
-        partitions = max(1, int(math.sqrt(rows)))
-        current = [index for index in lance.list_indices() if index.columns == ["pooled"]]
-        trained = _trained_partitions(current[0].name) if current else None
-        if trained is not None and partitions < RETRAIN_AT_PARTITION_GROWTH * trained:
-            if lance.index_stats(current[0].name).num_unindexed_rows:
-                lance.optimize()
-            return True
-        for index in current:
-            lance.drop_index(index.name)
-        # IVF with scalar-quantised vectors: ~4x smaller than float32 and near-exact recall once re-ranked.
-        lance.create_index("pooled", config=IvfSq(distance_type="cosine", num_partitions=partitions),
-                           name=f"{VECTOR_INDEX_PREFIX}{partitions}")
-        return True
+        built = rows >= min_rows
+        if built:
+            partitions = max(1, int(math.sqrt(rows)))
+            current = [index for index in lance.list_indices() if index.columns == ["pooled"]]
+            trained = _trained_partitions(current[0].name) if current else None
+            if trained is None or partitions >= RETRAIN_AT_PARTITION_GROWTH * trained:
+                for index in current:
+                    lance.drop_index(index.name)
+                # IVF with scalar-quantised vectors: ~4x smaller than float32 and near-exact recall once re-ranked.
+                lance.create_index("pooled", config=IvfSq(distance_type="cosine", num_partitions=partitions),
+                                   name=f"{VECTOR_INDEX_PREFIX}{partitions}")
+        if any(lance.index_stats(index.name).num_unindexed_rows for index in lance.list_indices()):
+            lance.optimize()
+        return built
 
     # ---- one writer at a time -------------------------------------------------------------------------------
     @property
