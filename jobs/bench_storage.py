@@ -4,7 +4,8 @@ For each --sizes N, an output root is filled with N synthetic videos (dim --dim)
 (OutputStore.write_videos: Parquet file, then LanceDB merge_insert) and closed as a finished run would be (vector
 index, finish_run). Then, as the next run would:
 
-    resume start-up   a new OutputStore: reconcile() + done_ids() of a listing of --listing ids (half already held)
+    resume start-up   a new OutputStore after a clean run: reconcile() + done_ids() of a listing of --listing ids
+                      (half of them held, at random)
     commit            --commits files of --rows-per-file new rows each, one write_videos per file (p50 and mean;
                       the mean includes the compactions that commits trigger)
     index refresh     build_vector_index() after those commits (new rows join the trained index)
@@ -108,6 +109,7 @@ def measure(args: argparse.Namespace, outputs: list[Output], schema) -> None:
             startups[id(output)].append(timed(
                 lambda: (output.store.reconcile(), found.update(output.store.done_ids(listing)))))
             assert found == set(held), "the resume listing disagrees with what was written"
+            output.store.finish_run()  # each timed start-up follows a run that ended cleanly
 
     commits = {id(o): [] for o in outputs}
     for _ in range(args.commits):

@@ -16,9 +16,8 @@ merge_insert on video_id, so repeating a write never duplicates a row; `reconcil
 a crash left only in Parquet.
 
 Flat with size: a commit looks its ids up in a scalar index on video_id and appends when they are all new (the
-usual case; merge_insert otherwise), small fragments are compacted as they
-pile up, the vector index is trained once and then extended, and a resume looks the listed ids up in that index
-instead of reading every id.
+usual case; merge_insert otherwise), small fragments are compacted as they pile up, the vector index is trained
+once and then extended, and a resume looks the listed ids up in the video_id index instead of reading every id.
 """
 
 from __future__ import annotations
@@ -51,8 +50,8 @@ TABLE_NAME = "videos"
 # IVF partitions need enough rows to train on; below this an exact scan is fast anyway.
 MIN_ROWS_FOR_VECTOR_INDEX = 5000
 # Each LanceDB commit adds a fragment (data file). Once this many small ones pile up they are compacted and the
-# indexes take in the new rows, so commits (merge_insert looks ids up through the video_id index and scans only the
-# rows not yet indexed) and searches cost the same at any table size.
+# indexes take in the new rows, so id lookups (the index, plus a scan of the rows it does not cover yet) and
+# searches cost the same at any table size.
 COMPACT_AT_SMALL_FRAGMENTS = 32
 # The IVF index is trained once, then new rows join its existing partitions; it is retrained (sqrt(rows)
 # partitions) only once the table has outgrown the partitions it was trained with by this factor.

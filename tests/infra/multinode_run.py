@@ -96,7 +96,7 @@ def main() -> int:
             status = "HUNG"
             client.stop_job(job_id)
         result["status"] = status
-        result["logs_tail"] = client.get_job_logs(job_id)[-3000:]
+        result["logs_tail"] = client.get_job_logs(job_id)[-8000:]
     finally:
         result["wall_s"] = round(time.monotonic() - started, 1)
         for node in ("worker", "head"):

@@ -37,11 +37,11 @@ def run_on_cluster(corpus: Path, output: Path, encoder: Path, kill_after: int) -
     """Start the cluster, run the job, SIGKILL the worker node's process group once `kill_after` videos are done."""
     namespace = ["unshare", "--net", "--pid", "--fork", "--mount-proc", "--kill-child"]
     command = [*namespace, sys.executable, str(HERE / "multinode_run.py"), "--input", str(corpus), "--output",
-               str(output), "--kill-after", str(kill_after), "--job-timeout", "75", "--",
+               str(output), "--kill-after", str(kill_after), "--job-timeout", "100", "--",
                "--encoder", str(encoder), *JOB_FLAGS]
     # --kill-child: if this test is interrupted, the namespace's first process and with it every process in the
     # namespace is killed.
-    result = subprocess.run(command, capture_output=True, text=True, timeout=130)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=160)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
