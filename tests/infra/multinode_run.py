@@ -94,6 +94,10 @@ def main() -> int:
             time.sleep(0.2)
         else:
             status = "HUNG"
+            # What the cluster held while stuck, for the test's failure message.
+            result["ray_status"] = subprocess.run(
+                [str(Path(sys.executable).with_name("ray")), "status", "--address", f"127.0.0.1:{GCS_PORT}"],
+                capture_output=True, text=True, env=node_env(state, home, RAY_AUTH_MODE="token")).stdout[-3000:]
             client.stop_job(job_id)
         result["status"] = status
         result["logs_tail"] = client.get_job_logs(job_id)[-8000:]

@@ -54,7 +54,7 @@ def test_losing_a_worker_node_slows_the_job_and_every_video_lands_once(tmp_path,
     # The node died while work was left: decode actors (all on that node) were lost mid-run. Before elastic pools
     # the early case hung here: the encoders held every CPU left while the lost decode actors waited for one.
     assert report["committed_at_kill"] is not None and report["committed_at_kill"] < VIDEOS, report
-    assert report["status"] == "SUCCEEDED", report.get("logs_tail")
+    assert report["status"] == "SUCCEEDED", (report.get("ray_status"), report.get("logs_tail"))
 
     store = OutputStore(str(output))
     parquet_ids = store.read_videos(columns=["video_id"]).column("video_id").to_pylist()
