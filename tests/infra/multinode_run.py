@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -105,6 +106,7 @@ def main() -> int:
         result["wall_s"] = round(time.monotonic() - started, 1)
         for node in ("worker", "head"):
             kill_group(state / f"{node}.pid")
+        shutil.rmtree(work, ignore_errors=True)
         print(json.dumps(result))
     return 0
 
