@@ -76,10 +76,11 @@ def _fixed_size_lists(values: np.ndarray, dim: int) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), dim)
 
 
-def corpus_rows(corpus: Corpus, start: int, stop: int, schema: pa.Schema, encoder: str = "synthetic") -> pa.Table:
-    """Rows [start, stop) in the job's schema; columns search never reads are left null."""
+def corpus_rows(corpus: Corpus, start: int, stop: int, schema: pa.Schema, encoder: str = "synthetic",
+                first_id: int = 0) -> pa.Table:
+    """Rows [start, stop) in the job's schema, numbered from first_id + start; columns search never reads are null."""
     n, base_k, dim = stop - start, corpus.bases.shape[1], corpus.bases.shape[2]
-    ids = [f"synthetic-{i:07d}" for i in range(start, stop)]
+    ids = [f"synthetic-{i:07d}" for i in range(first_id + start, first_id + stop)]
     offsets = pa.array(np.arange(0, n * base_k + 1, base_k, dtype=np.int32))
     columns = {
         "video_id": pa.array(ids),

@@ -41,6 +41,7 @@ MAX_INPUT_BLOCKS = 10_000
 # encoder batches per actor keeps memory flat whatever the corpus size, without starving the encoder.
 IN_FLIGHT_BATCHES = 4
 MIN_OBJECT_STORE_BUDGET = 64 * 1024 * 1024
+MIN_POOL_ACTORS = 1  # each actor pool's lower bound; --workers is the encoder pool's upper bound
 
 
 @dataclass
@@ -95,6 +96,15 @@ def decoded_video_bytes(config: JobConfig, input_size: tuple[int, int]) -> int:
     return frames * input_size[0] * input_size[1] * 3
 
 
+def elastic_pool(max_actors: int) -> ray.data.ActorPoolStrategy:
+    """An actor pool that Ray Data grows up to `max_actors` while there is work and resources, and shrinks when idle.
+
+    A fixed pool can hang a run after a node is lost: its actors keep their CPUs while the lost actors of the
+    other stage wait forever for one. An elastic pool gives idle actors' resources back, so the run slows down.
+    """
+    return ray.data.ActorPoolStrategy(min_size=MIN_POOL_ACTORS, max_size=max(MIN_POOL_ACTORS, max_actors))
+
+
 def build_dataset(todo: list[dict], config: JobConfig, extra_fields: list[pa.Field] = ()) -> ray.data.Dataset:
     """The Ray Data plan over the rows still to do; `extra_fields` types the columns the rows carry."""
     cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -108,10 +118,9 @@ def build_dataset(todo: list[dict], config: JobConfig, extra_fields: list[pa.Fie
     dataset = (
         ray.data.from_items(todo, override_num_blocks=blocks)
         .map(DecodeStage, fn_constructor_kwargs={"config": config, "input_size": input_size},
-             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=decode_actors), num_cpus=decode.num_cpus)
+             compute=elastic_pool(decode_actors), num_cpus=decode.num_cpus)
         .map_batches(EncodeCompressStage, fn_constructor_kwargs={"config": config, "extra_fields": list(extra_fields)},
-                     batch_size=config.batch_size, batch_format="pyarrow",
-                     compute=ray.data.ActorPoolStrategy(size=config.workers),
+                     batch_size=config.batch_size, batch_format="pyarrow", compute=elastic_pool(config.workers),
                      num_cpus=encode.num_cpus, num_gpus=encode.num_gpus)
     )
     video_bytes = decoded_video_bytes(config, input_size)
@@ -219,9 +228,9 @@ def _run_locked(config: JobConfig, store: OutputStore, listing: Listing, summary
                 contract: OutputContract | None, on_batch: Callable[[int], None] | None) -> None:
     listed = listing.rows
     store.reconcile()
-    done = store.done_ids()
     # --overwrite recomputes done videos too; a video's old row is replaced only once its new row is committed.
-    todo = list(listed) if config.overwrite else [row for row in listed if row["video_id"] not in done]
+    done = set() if config.overwrite else store.done_ids(row["video_id"] for row in listed)
+    todo = [row for row in listed if row["video_id"] not in done]
     summary.skipped = len(listed) - len(todo)
     if config.limit is not None:
         summary.deferred = max(0, len(todo) - config.limit)
@@ -237,3 +246,4 @@ def _run_locked(config: JobConfig, store: OutputStore, listing: Listing, summary
                 on_batch(batch.num_rows)
         committer.flush()
         store.build_vector_index()
+    store.finish_run()

@@ -8,6 +8,7 @@ Layout under the output root (a local path or s3://bucket/prefix):
     settings.json                     the settings every video row was made with (pipeline.contract)
     run.json                          summary of the last run
     _staging/                         files being written (ignored by readers: the name starts with "_")
+    _lancedb_unsynced                 present from a run's start until it ends cleanly (see reconcile)
     _lock                             held by the running job (a lease it renews): a second job refuses to start
     _takeovers/                       one small marker per lock takeover (makes a takeover atomic)
 
@@ -15,6 +16,10 @@ Exactly-once per video: a Parquet file becomes visible in one step (staged, then
 appears whole), and the set of video_ids in videos/ is what counts as done. LanceDB is written after Parquet with
 merge_insert on video_id, so repeating a write never duplicates a row; `reconcile()` copies into LanceDB whatever
 a crash left only in Parquet.
+
+Flat with size: a commit looks its ids up in a scalar index on video_id and appends when they are all new (the
+usual case; merge_insert otherwise), small fragments are compacted as they pile up, the vector index is trained
+once and then extended, and a resume looks the listed ids up in the video_id index instead of reading every id.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import lancedb
-from lancedb.index import IvfSq
+from lancedb.index import BTree, IvfSq
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
@@ -52,6 +57,21 @@ LEASE_S = 300.0
 RENEWALS_PER_LEASE = 5
 # IVF partitions need enough rows to train on; below this an exact scan is fast anyway.
 MIN_ROWS_FOR_VECTOR_INDEX = 5000
+# Each LanceDB commit adds a fragment (data file). Once this many small ones pile up they are compacted and the
+# indexes take in the new rows, so id lookups (the index, plus a scan of the rows it does not cover yet) and
+# searches cost the same at any table size.
+COMPACT_AT_SMALL_FRAGMENTS = 32
+# The IVF index is trained once, then new rows join its existing partitions; it is retrained (sqrt(rows)
+# partitions) only once the table has outgrown the partitions it was trained with by this factor.
+RETRAIN_AT_PARTITION_GROWTH = 2
+VECTOR_INDEX_PREFIX = "pooled_ivf"  # the index's name ends with the partition count it was trained with
+ID_INDEX_NAME = "video_id_idx"
+# Present while a run may have left LanceDB out of step with Parquet (from its start until it ends cleanly).
+UNSYNCED_MARKER = "_lancedb_unsynced"
+# Listed ids are looked up in LanceDB's video_id index in chunks of this many; a listing this large relative to
+# the table (LOOKUP_FRACTION) reads the id column whole instead.
+ID_LOOKUP_CHUNK = 2048
+LOOKUP_FRACTION = 0.25
 
 
 def is_s3(uri: str) -> bool:
@@ -77,6 +97,16 @@ def lance_storage_options(s3_endpoint_url: str | None) -> dict[str, str]:
     if not s3_endpoint_url:
         return {}
     return {"aws_endpoint": s3_endpoint_url, "allow_http": str(s3_endpoint_url.startswith("http://")).lower()}
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _trained_partitions(index_name: str) -> int | None:
+    """Partition count recorded in the vector index's name (None for an index this code did not name)."""
+    suffix = index_name.removeprefix(VECTOR_INDEX_PREFIX)
+    return int(suffix) if index_name.startswith(VECTOR_INDEX_PREFIX) and suffix.isdigit() else None
 
 
 class OutputLocked(RuntimeError):
@@ -124,6 +154,8 @@ class OutputStore:
         self._holder: dict | None = None  # our lock's content while we hold it
         self._renewer: threading.Thread | None = None
         self._lease_lost = False
+        self._in_step = False  # LanceDB known to hold exactly Parquet's video ids (set by reconcile)
+        self._marked_unsynced = False
 
     # ---- locations -------------------------------------------------------------------------------------------
     def _dir(self, name: str) -> str:
@@ -154,9 +186,39 @@ class OutputStore:
             return ERROR_SCHEMA.empty_table()
         return pads.dataset(files, filesystem=self.fs, format="parquet", schema=ERROR_SCHEMA).to_table()
 
-    def done_ids(self) -> set[str]:
+    def done_ids(self, among: Iterable[str] | None = None) -> set[str]:
+        """Ids of the committed videos (only those in `among`, when given).
+
+        With `among`, after `reconcile()` has brought LanceDB in step with Parquet, the ids are looked up in
+        LanceDB's video_id index: the cost follows the listing, not the size of the output.
+        """
+        if among is not None and self._in_step:
+            return self._lance_ids_among(set(among))
         table = self.read_videos(columns=["video_id"])
-        return set() if table is None else set(table.column("video_id").to_pylist())
+        done = set() if table is None else set(table.column("video_id").to_pylist())
+        return done if among is None else done & set(among)
+
+    def _lance_ids_among(self, wanted: set[str]) -> set[str]:
+        lance = self.lance_table()
+        if lance is None or not wanted:
+            return set()
+        if len(wanted) > LOOKUP_FRACTION * lance.count_rows():
+            return self._lance_ids(lance) & wanted
+        return self._lance_ids_in(lance, wanted)
+
+    @staticmethod
+    def _lance_ids_in(lance, wanted: Iterable[str]) -> set[str]:
+        """Which of these ids the table holds: index lookups, plus a scan of the id column of unindexed rows."""
+        ordered, found = sorted(set(wanted)), set()
+        for start in range(0, len(ordered), ID_LOOKUP_CHUNK):
+            chunk = ", ".join(_quote(v) for v in ordered[start:start + ID_LOOKUP_CHUNK])
+            rows = lance.search().where(f"video_id IN ({chunk})").select(["video_id"]).limit(None).to_arrow()
+            found.update(rows.column("video_id").to_pylist())
+        return found
+
+    @staticmethod
+    def _lance_ids(lance) -> set[str]:
+        return set(lance.search().select(["video_id"]).limit(None).to_arrow().column("video_id").to_pylist())
 
     def lance_table(self):
         """The LanceDB table, or None when nothing was written yet."""
@@ -196,6 +258,8 @@ class OutputStore:
         """
         if table.num_rows == 0:
             return
+        if not self._marked_unsynced:
+            self._set_unsynced_marker(True)
         committed = self._write_parquet("videos", table)
         if replace:
             self._remove_parquet_rows(table.column("video_id").to_pylist(), skip_file=committed)
@@ -210,18 +274,53 @@ class OutputStore:
         if TABLE_NAME not in db.list_tables().tables:
             db.create_table(TABLE_NAME, schema=table.schema, exist_ok=True)
         lance = db.open_table(TABLE_NAME)
-        lance.merge_insert("video_id").when_matched_update_all().when_not_matched_insert_all().execute(table)
+        ids = table.column("video_id").to_pylist()
+        if self._lance_ids_in(lance, ids):  # a repeated write (crash, --overwrite): replace those rows
+            lance.merge_insert("video_id").when_matched_update_all().when_not_matched_insert_all().execute(table)
+        else:
+            # The usual case, new ids only. merge_insert would read every row the video_id index does not cover yet.
+            lance.add(table)
+        if not any(index.name == ID_INDEX_NAME for index in lance.list_indices()):
+            lance.create_index("video_id", config=BTree(), name=ID_INDEX_NAME)
+        self.compact_if_needed(lance)
+
+    def compact_if_needed(self, lance=None) -> bool:
+        """Merge LanceDB's small fragments and bring its indexes up to date once enough have piled up."""
+        lance = lance or self.lance_table()
+        if lance is None or lance.stats()["fragment_stats"]["num_small_fragments"] < COMPACT_AT_SMALL_FRAGMENTS:
+            return False
+        lance.optimize()
+        return True
+
+    def _set_unsynced_marker(self, present: bool) -> None:
+        marker = f"{self.path}/{UNSYNCED_MARKER}"
+        self._marked_unsynced = present
+        if present:
+            self.fs.create_dir(self.path, recursive=True)
+            with self.fs.open_output_stream(marker) as out:
+                out.write(self.run_id.encode())
+        elif self.fs.get_file_info(marker).type != pafs.FileType.NotFound:
+            self.fs.delete_file(marker)
 
     def reconcile(self) -> int:
-        """Bring LanceDB in step with the committed Parquet rows after a crash between the writes.
+        """Bring LanceDB in step with the committed Parquet rows at the start of a run; returns the rows copied.
 
-        A video with two Parquet rows (a crash during a replacement) keeps its newest; LanceDB gets every row it
-        lacks or holds in an older version, and loses rows Parquet no longer has. Returns the rows copied.
+        Only a run that did not end cleanly (`finish_run` not reached) can have left them apart; otherwise, or for
+        an output written before the marker existed once its video_id index exists, this costs one file lookup
+        whatever the size of the output. After a crash: a video with two Parquet rows (a crash during a
+        replacement) keeps its newest; LanceDB gets every row it lacks or holds in an older version, and loses
+        rows Parquet no longer has.
         """
-        latest = self._drop_superseded_rows()
-        if not latest:
-            return 0
+        marker = self.fs.get_file_info(f"{self.path}/{UNSYNCED_MARKER}")
         lance = self.lance_table()
+        known_in_step = marker.type == pafs.FileType.NotFound and (
+            any(index.name == ID_INDEX_NAME for index in lance.list_indices()) if lance is not None
+            else not self._parquet_files("videos"))
+        self._set_unsynced_marker(True)
+        if known_in_step:
+            self._in_step = True
+            return 0
+        latest = self._drop_superseded_rows()
         in_lance = {} if lance is None else dict(_created_at_by_id(
             lance.search().select(["video_id", "created_at"]).limit(None).to_arrow()))
         stale = sorted(video_id for video_id, created in latest.items() if in_lance.get(video_id) != created)
@@ -231,6 +330,8 @@ class OutputStore:
         extra = sorted(set(in_lance) - set(latest))
         if extra:
             self._delete_from_lance(extra)
+            log.info("dropped %d video(s) from LanceDB that Parquet no longer holds", len(extra))
+        self._in_step = True
         return len(stale)
 
     def _drop_superseded_rows(self) -> dict:
@@ -247,6 +348,10 @@ class OutputStore:
         for path, video_ids in superseded.items():
             self._remove_parquet_rows(video_ids, only_file=path)
         return {video_id: created for video_id, (created, _) in latest.items()}
+
+    def finish_run(self) -> None:
+        """Record that LanceDB and Parquet agree (the run ended cleanly), so the next `reconcile` can skip its check."""
+        self._set_unsynced_marker(False)
 
     def remove_videos(self, video_ids: Iterable[str]) -> int:
         """Delete these videos from Parquet and LanceDB. Returns how many rows were removed."""
@@ -281,18 +386,33 @@ class OutputStore:
         return removed
 
     def _delete_from_lance(self, video_ids: list[str]) -> None:
-        quoted = ", ".join("'" + v.replace("'", "''") + "'" for v in video_ids)
-        self.lance_table().delete(f"video_id IN ({quoted})")
+        self.lance_table().delete(f"video_id IN ({', '.join(_quote(v) for v in video_ids)})")
 
     def build_vector_index(self, min_rows: int = MIN_ROWS_FOR_VECTOR_INDEX) -> bool:
-        """(Re)build the ANN index on `pooled` once the table is large enough. Returns whether it did."""
+        """Bring the ANN index on `pooled` up to date once the table is large enough. Returns whether one exists.
+
+        The index is trained once; later calls add the new rows to its partitions (with compaction), and retrain
+        only when the table has grown RETRAIN_AT_PARTITION_GROWTH times past the partitions it was trained with.
+        The video_id index takes in new rows at the same time, so the next run's lookups need no scan.
+        """
         lance = self.lance_table()
-        if lance is None or lance.count_rows() < min_rows:
+        if lance is None:
             return False
-        # IVF with scalar-quantised vectors: ~4x smaller than float32 and near-exact recall once re-ranked.
-        partitions = max(1, int(math.sqrt(lance.count_rows())))
-        lance.create_index("pooled", config=IvfSq(distance_type="cosine", num_partitions=partitions), replace=True)
-        return True
+        rows = lance.count_rows()
+        built = rows >= min_rows
+        if built:
+            partitions = max(1, int(math.sqrt(rows)))
+            current = [index for index in lance.list_indices() if index.columns == ["pooled"]]
+            trained = _trained_partitions(current[0].name) if current else None
+            if trained is None or partitions >= RETRAIN_AT_PARTITION_GROWTH * trained:
+                for index in current:
+                    lance.drop_index(index.name)
+                # IVF with scalar-quantised vectors: ~4x smaller than float32 and near-exact recall once re-ranked.
+                lance.create_index("pooled", config=IvfSq(distance_type="cosine", num_partitions=partitions),
+                                   name=f"{VECTOR_INDEX_PREFIX}{partitions}")
+        if any(lance.index_stats(index.name).num_unindexed_rows for index in lance.list_indices()):
+            lance.optimize()
+        return built
 
     # ---- one writer at a time -------------------------------------------------------------------------------
     @property
@@ -449,10 +569,10 @@ class OutputStore:
         for name in ("videos", "errors", "lancedb", "_staging"):
             if self.fs.get_file_info(self._dir(name)).type != pafs.FileType.NotFound:
                 self.fs.delete_dir(self._dir(name))
-        for name in ("run.json", self.SETTINGS_FILE):
+        for name in ("run.json", UNSYNCED_MARKER, self.SETTINGS_FILE):
             if self.fs.get_file_info(self._dir(name)).type != pafs.FileType.NotFound:
                 self.fs.delete_file(self._dir(name))
-        self._db = None
+        self._db, self._in_step, self._marked_unsynced = None, False, False
 
     def write_run_summary(self, summary: dict) -> None:
         self.fs.create_dir(self.path, recursive=True)

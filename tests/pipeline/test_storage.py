@@ -310,3 +310,94 @@ def test_start_over_leaves_only_the_lock_on_s3(moto_s3_endpoint, s3_bucket, s3_c
     assert [key for key in keys if not key.endswith("/")] == ["out/_lock"]  # (and maybe an empty folder marker)
     assert store.done_ids() == set() and store.lance_table() is None and store.read_settings() is None
     store.release_lock()
+
+
+# ---- staying flat with size -------------------------------------------------------------------------------------
+
+
+def fragment_count(store: OutputStore) -> int:
+    return store.lance_table().stats()["fragment_stats"]["num_fragments"]
+
+
+def test_commits_find_ids_through_a_video_id_index(tmp_path):
+    store = OutputStore(str(tmp_path / "out"))
+    store.write_videos(video_table(["a", "b"]))
+    store.write_videos(video_table(["c"]))
+    (index,) = [i for i in store.lance_table().list_indices() if i.columns == ["video_id"]]
+    assert index.index_type == "BTree"
+
+
+def test_fragments_are_compacted_as_they_pile_up(tmp_path, monkeypatch):
+    monkeypatch.setattr("pipeline.storage.COMPACT_AT_SMALL_FRAGMENTS", 4)
+    store = OutputStore(str(tmp_path / "out"))
+    for i in range(13):
+        store.write_videos(video_table([f"v{i}"], seed=i))
+        assert fragment_count(store) < 4 + 1
+    assert lance_ids(store) == sorted(f"v{i}" for i in range(13))
+    (index,) = [i for i in store.lance_table().list_indices() if i.columns == ["video_id"]]
+    assert store.lance_table().index_stats(index.name).num_unindexed_rows < 4
+
+
+def test_vector_index_is_trained_once_then_extended_until_the_table_outgrows_it(tmp_path):
+    store = OutputStore(str(tmp_path / "out"))
+    store.write_videos(video_table([f"v{i}" for i in range(40)]))
+    assert store.build_vector_index(min_rows=20)
+
+    def pooled_index():
+        (index,) = [i for i in store.lance_table().list_indices() if i.columns == ["pooled"]]
+        return index
+
+    first = pooled_index()
+    store.write_videos(video_table([f"w{i}" for i in range(40)], seed=1))  # 80 rows: sqrt grows 6 -> 8
+    assert store.build_vector_index(min_rows=20)
+    assert pooled_index().name == first.name  # extended, not retrained (the name carries the partitions)
+    assert store.lance_table().index_stats(first.name).num_unindexed_rows == 0
+
+    store.write_videos(video_table([f"x{i}" for i in range(100)], seed=2))  # 180 rows: sqrt 13 >= 2 * 6
+    assert store.build_vector_index(min_rows=20)
+    assert pooled_index().name != first.name  # retrained with more partitions
+    assert store.lance_table().index_stats(pooled_index().name).num_indexed_rows == 180
+
+
+def test_resume_after_a_clean_run_reads_no_parquet(tmp_path, monkeypatch):
+    store = OutputStore(str(tmp_path / "out"))
+    store.reconcile()
+    store.write_videos(video_table(["a", "b", "c"]))
+    store.finish_run()
+
+    resumed = OutputStore(str(tmp_path / "out"))
+
+    def no_parquet_reads(*args, **kwargs):
+        raise AssertionError("start-up read the Parquet files")
+
+    monkeypatch.setattr(resumed, "read_videos", no_parquet_reads)
+    assert resumed.reconcile() == 0
+    assert resumed.done_ids(["a", "c", "new", "o'brien"]) == {"a", "c"}
+
+
+def test_done_ids_among_a_listing_agrees_with_parquet(tmp_path, monkeypatch):
+    monkeypatch.setattr("pipeline.storage.ID_LOOKUP_CHUNK", 3)
+    store = OutputStore(str(tmp_path / "out"))
+    held = [f"v{i}" for i in range(30)] + ["it's", 'say "hi"']
+    store.write_videos(video_table(held))
+    store.finish_run()
+    resumed = OutputStore(str(tmp_path / "out"))
+    resumed.reconcile()
+    rng = np.random.default_rng(0)
+    for size in (0, 1, 5, 7, 40):  # indexed lookups in chunks, then (40 > a quarter of the table) one id scan
+        listing = list(rng.choice(held + [f"new{i}" for i in range(20)], size=size, replace=False))
+        assert resumed.done_ids(listing) == set(listing) & set(held) == store.done_ids() & set(listing)
+
+
+def test_reconcile_after_a_crash_while_removing_drops_what_parquet_no_longer_holds(tmp_path):
+    store = OutputStore(str(tmp_path / "out"))
+    store.write_videos(video_table(["a"]))
+    store.write_videos(video_table(["b"]))
+    # As if --overwrite died between rewriting Parquet and deleting from LanceDB: "b" is left only in LanceDB.
+    (tmp_path / "out" / "videos" / f"part-{store.run_id}-00001.parquet").unlink()
+    assert lance_ids(store) == ["a", "b"]
+
+    resumed = OutputStore(str(tmp_path / "out"))
+    assert resumed.reconcile() == 0
+    assert lance_ids(resumed) == ["a"]
+    assert resumed.done_ids(["a", "b"]) == {"a"}
