@@ -136,6 +136,18 @@ class Sampler(threading.Thread):
                     workers.extend(worker.children(recursive=True))
         return workers
 
+    def wait_for_earlier_actors_to_exit(self, timeout_s: float = 60.0) -> None:
+        """In one process, an earlier run's stage actors exit only after that run returns: a run measured while
+        they linger would count them too."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if not any(process.name().startswith("ray::MapWorker") for process in self._workers()):
+                    return
+            except self.psutil.Error:  # a process ended while listed: look again
+                pass
+            time.sleep(0.2)
+
     def _object_store(self) -> tuple[int, int]:
         from ray._private import internal_api
 
@@ -188,6 +200,7 @@ def measure(manifest: str, output: str, args: argparse.Namespace) -> dict:
         "--neighbours", "0"])
     init_ray(config)
     sampler = Sampler(args.interval)
+    sampler.wait_for_earlier_actors_to_exit()
     sampler.start()
     summary = run_job(config)
     peaks = sampler.stop()
