@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def tiny(tiny_llm_dir):
     lm, tokenizer = load_llm(str(tiny_llm_dir))
     torch.manual_seed(0)
-    return VideoPrefixLM(DIM, lm, video_heads=4, video_width=8).eval(), tokenizer
+    return VideoPrefixLM(DIM, lm, video_heads=4, video_width=8, llm_name=str(tiny_llm_dir)).eval(), tokenizer
 
 
 def video(k: int, seed: int) -> dict:
@@ -116,9 +116,8 @@ def test_the_llm_is_frozen_by_default_and_partial_finetuning_opens_the_last_bloc
         model.set_trainable("3")
 
 
-def test_a_checkpoint_holds_only_trained_weights_and_round_trips(tiny, tiny_llm_dir):
+def test_a_checkpoint_holds_only_trained_weights_and_round_trips(tiny):
     model, tokenizer = tiny
-    model.llm_name = str(tiny_llm_dir)
     state = model.trained_state()
     assert state and not any(name.startswith("lm.") for name in state)
     rebuilt = VideoPrefixLM.from_architecture(model.architecture())  # the LM reloads from its name
