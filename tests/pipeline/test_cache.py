@@ -11,7 +11,8 @@ from torch.utils.data import DataLoader
 
 import tokendyn
 from pipeline.cache import (
-    CachedTokenDataset, CollateRayBatch, EmptyCacheError, collate_videos, ray_dataset, shard_video_ids,
+    CachedTokenDataset, CollateRayBatch, EmptyCacheError, MissingColumnError, collate_videos, parquet_shard_plan,
+    ray_dataset, shard_positions, shard_video_ids,
 )
 from pipeline.schema import SCHEMA_VERSION_KEY, SchemaVersionError, now_utc, video_row, video_schema
 from pipeline.storage import OutputStore
@@ -61,26 +62,87 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 # ---- sharding --------------------------------------------------------------------------------------------------
 
 
-def test_two_ranks_together_see_every_video_exactly_once(cache_root):
+def test_two_ranks_get_equal_shards_that_together_cover_every_video(cache_root):
     shards = [[item["video_id"] for item in CachedTokenDataset(cache_root, rank=rank, world_size=2)]
               for rank in (0, 1)]
     seen = shards[0] + shards[1]
-    assert sorted(seen) == sorted(ALL_IDS)  # nothing missing, nothing twice
-    assert sorted(len(shard) for shard in shards) == [3, 4]
+    assert [len(shard) for shard in shards] == [4, 4]  # equal, so DDP ranks run the same number of steps
+    assert set(seen) == ALL_IDS and len(seen) == NUM_VIDEOS + 1  # 7 videos padded to 8: one is seen twice
 
 
-def test_dataloader_workers_with_sharding_see_every_video_exactly_once(cache_root):
+def test_drop_last_gives_equal_shards_without_repeats(cache_root):
+    shards = [[item["video_id"] for item in CachedTokenDataset(cache_root, rank=rank, world_size=2, drop_last=True)]
+              for rank in (0, 1)]
+    seen = shards[0] + shards[1]
+    assert [len(shard) for shard in shards] == [3, 3] and len(set(seen)) == 6 and set(seen) <= ALL_IDS
+
+
+def test_as_many_ranks_as_videos_see_every_video_exactly_once(cache_root):
+    seen = [item["video_id"] for rank in range(NUM_VIDEOS)
+            for item in CachedTokenDataset(cache_root, rank=rank, world_size=NUM_VIDEOS)]
+    assert sorted(seen) == sorted(ALL_IDS)
+
+
+def test_dataloader_workers_with_sharding_see_every_video(cache_root):
     seen = []
     for rank in (0, 1):
         dataset = CachedTokenDataset(cache_root, rank=rank, world_size=2)
         loader = DataLoader(dataset, batch_size=2, num_workers=2, collate_fn=collate_videos)
         seen += [video_id for batch in loader for video_id in batch["video_id"]]
-    assert sorted(seen) == sorted(ALL_IDS)
+    assert set(seen) == ALL_IDS and len(seen) == 8
+
+
+def test_shard_positions_match_distributed_samplers_rule():
+    """Brute force over sizes: equal lengths, contiguous runs, every position covered (pad) or none repeated
+    (drop), exactly as many as torch's DistributedSampler gives each rank."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    for count in range(0, 12):
+        for world_size in range(1, 6):
+            for drop_last in (False, True):
+                shards = [shard_positions(count, rank, world_size, drop_last=drop_last)
+                          for rank in range(world_size)]
+                flat = [position for shard in shards for position in shard]
+                if count:
+                    expected = len(DistributedSampler(range(count), num_replicas=world_size, rank=0,
+                                                      drop_last=drop_last, shuffle=False))
+                    assert {len(shard) for shard in shards} == {expected}
+                if drop_last:
+                    assert len(set(flat)) == len(flat) == count - count % world_size
+                elif count:
+                    assert set(flat) == set(range(count)) and len(flat) - count < world_size
+                assert all(0 <= position < max(count, 1) for position in flat)
 
 
 def test_shard_ids_do_not_depend_on_input_order():
     ids = [f"v{i}" for i in range(10)]
-    assert shard_video_ids(ids, 1, 3) == shard_video_ids(list(reversed(ids)), 1, 3) == ["v1", "v4", "v7"]
+    assert shard_video_ids(ids, 1, 3) == shard_video_ids(list(reversed(ids)), 1, 3) == ["v4", "v5", "v6", "v7"]
+
+
+def test_each_rank_reads_only_the_row_groups_of_its_shard(tmp_path):
+    store = OutputStore(str(tmp_path))
+    for first in range(0, 8, 2):  # four files of two videos
+        store.write_videos(video_table(range(first, first + 2)))
+    plans = [parquet_shard_plan(store, rank, 4)[1] for rank in range(4)]
+    assert all(len(plan) == 1 and list(plan.values()) == [[0, 1]] for plan in plans)
+    assert len({group for plan in plans for group in plan}) == 4  # four different row groups
+    ids = [[item["video_id"] for item in CachedTokenDataset(str(tmp_path), rank=rank, world_size=4)]
+           for rank in range(4)]
+    assert sorted(video_id for shard in ids for video_id in shard) == [f"video-{i:02d}" for i in range(8)]
+
+
+def test_rows_without_the_required_text_are_left_out_before_sharding(tmp_path):
+    table = video_table(range(5))
+    captions = pa.array(["a", None, "  ", "d", "e"])
+    table = table.set_column(table.schema.get_field_index("caption"), "caption", captions)
+    OutputStore(str(tmp_path)).write_videos(table)
+    for source in ("parquet", "lancedb"):
+        shards = [[item["caption"] for item in CachedTokenDataset(str(tmp_path), source=source, rank=rank,
+                                                                  world_size=2, require_text="caption")]
+                  for rank in (0, 1)]
+        assert [len(shard) for shard in shards] == [2, 2] and set(shards[0] + shards[1]) == {"a", "d", "e"}
+    with pytest.raises(MissingColumnError, match="no column 'summary'"):
+        CachedTokenDataset(str(tmp_path), require_text="summary")
 
 
 @pytest.mark.parametrize("rank, world_size", [(2, 2), (-1, 2), (0, 0)])

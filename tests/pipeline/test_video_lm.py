@@ -1,11 +1,14 @@
-"""pipeline.video_lm: the video prefix is used, padding changes nothing for real rows, checkpoints round-trip."""
+"""pipeline.video_lm: padding changes no example's loss, the video prefix is used, the loss is on the caption only,
+checkpoints hold only what trains, and the real pretrained GGUF LLM loads offline through the hub-id code path."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pipeline.video_lm import VideoPrefixLM, byte_tokenizer, caption_batch, tiny_lm_config
+from pipeline.video_lm import (
+    DEFAULT_LLM, IGNORE_INDEX, VideoPrefixLM, caption_batch, left_pad, load_llm, prompt_ids, resolve_llm,
+)
 
 DIM, FRAMES, GRID = 16, 3, (2, 2)
 
@@ -14,78 +17,151 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return byte_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
+def tiny(tiny_llm_dir):
+    lm, tokenizer = load_llm(str(tiny_llm_dir))
     torch.manual_seed(0)
-    config = tiny_lm_config(len(tokenizer), hidden_size=32, num_layers=2, num_heads=2)
-    return VideoPrefixLM(DIM, config, video_heads=4, video_width=8).eval()
+    return VideoPrefixLM(DIM, lm, video_heads=4, video_width=8, llm_name=str(tiny_llm_dir)).eval(), tokenizer
 
 
 def video(k: int, seed: int) -> dict:
     generator = torch.Generator().manual_seed(seed)
-    return {"base": torch.randn(1, k, DIM, generator=generator),
-            "dynamics": torch.randint(0, k, (1, FRAMES, *GRID), generator=generator),
-            "base_mask": torch.ones(1, k, dtype=torch.bool)}
+    return {"base": torch.randn(k, DIM, generator=generator),
+            "dynamics": torch.randint(0, k, (FRAMES, *GRID), generator=generator)}
 
 
-def logits(model, tokenizer, videos: dict, captions: list[str]) -> torch.Tensor:
+def batch_of(videos: list[dict]) -> dict:
+    """Right-padded along K, as pipeline.cache.collate_videos pads; garbage in the padding must not matter."""
+    k_max = max(len(v["base"]) for v in videos)
+    base = torch.full((len(videos), k_max, DIM), 1e3)
+    mask = torch.zeros(len(videos), k_max, dtype=torch.bool)
+    for row, v in enumerate(videos):
+        base[row, :len(v["base"])], mask[row, :len(v["base"])] = v["base"], True
+    return {"base": base, "dynamics": torch.stack([v["dynamics"] for v in videos]), "base_mask": mask}
+
+
+def losses(model, tokenizer, videos: list[dict], captions: list[str]) -> torch.Tensor:
     with torch.no_grad():
-        return model(**videos, **caption_batch(tokenizer, captions, max_length=64)).logits
+        return model.video_losses(**batch_of(videos), **caption_batch(tokenizer, captions, max_length=64))
 
 
-def test_padding_does_not_change_the_output_of_real_rows(model, tokenizer):
-    short, long = video(3, seed=1), video(5, seed=2)
-    alone = logits(model, tokenizer, short, ["a red car"])
-    padded_base = torch.zeros(2, 5, DIM)
-    padded_base[0, :3], padded_base[1] = short["base"][0], long["base"][0]
-    padded_base[0, 3:] = 1e3  # garbage in the padding must not leak into the real rows
-    batch = {"base": padded_base, "dynamics": torch.cat([short["dynamics"], long["dynamics"]]),
-             "base_mask": torch.tensor([[True, True, True, False, False], [True] * 5])}
-    together = logits(model, tokenizer, batch, ["a red car", "two bikes on a road"])
-    caption_length = alone.shape[1] - 3
-    # The short video's caption positions come after 5 slots in the batch, after 3 when alone.
-    torch.testing.assert_close(together[0, 5:5 + caption_length], alone[0, 3:], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(together[0, 2], alone[0, 2], atol=1e-4, rtol=1e-4)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_an_examples_loss_is_the_same_alone_and_in_a_padded_batch(tiny, seed):
+    model, tokenizer = tiny
+    generator = torch.Generator().manual_seed(seed)
+    ks = torch.randint(1, 7, (4,), generator=generator).tolist()
+    videos = [video(k, seed=10 * seed + row) for row, k in enumerate(ks)]
+    captions = ["a red car", "two bikes on a long road", "x", "a blue square moves left"]
+    together = losses(model, tokenizer, videos, captions)
+    for row in range(len(videos)):
+        alone = losses(model, tokenizer, videos[row:row + 1], captions[row:row + 1])
+        torch.testing.assert_close(together[row:row + 1], alone, atol=1e-5, rtol=1e-5, msg=f"K={ks}, row {row}")
 
 
-def test_the_caption_is_conditioned_on_the_video(model, tokenizer):
-    first = logits(model, tokenizer, video(4, seed=1), ["same text"])
-    second = logits(model, tokenizer, video(4, seed=2), ["same text"])
-    assert not torch.allclose(first[:, 4:], second[:, 4:], atol=1e-4)
+def test_left_pad_moves_real_rows_to_the_end_in_order():
+    values = torch.arange(8.0).view(2, 4, 1)
+    mask = torch.tensor([[True, True, False, False], [True, True, True, True]])
+    moved, moved_mask = left_pad(values, mask)
+    assert moved[0, 2:, 0].tolist() == [0.0, 1.0] and moved[1, :, 0].tolist() == [4.0, 5.0, 6.0, 7.0]
+    assert moved_mask.tolist() == [[False, False, True, True], [True] * 4]
 
 
-def test_loss_is_on_the_caption_only(model, tokenizer):
+def test_the_caption_is_conditioned_on_the_video(tiny):
+    model, tokenizer = tiny
+    first = losses(model, tokenizer, [video(4, seed=1)], ["same text"])
+    second = losses(model, tokenizer, [video(4, seed=2)], ["same text"])
+    assert not torch.allclose(first, second, atol=1e-4)
+
+
+def test_only_the_caption_and_its_end_are_targets(tiny):
+    model, tokenizer = tiny
     text = caption_batch(tokenizer, ["ab", "abcd"], max_length=64)
-    assert text["labels"][0].tolist() == text["input_ids"][0, :3].tolist() + [-100, -100]  # "a", "b", end
+    prompt = len(prompt_ids(tokenizer))
+    assert (text["labels"][:, :prompt] == IGNORE_INDEX).all()
+    assert text["labels"][0, prompt:].tolist() == [*tokenizer("ab", add_special_tokens=False)["input_ids"],
+                                                   tokenizer.eos_token_id, IGNORE_INDEX, IGNORE_INDEX]
     k, text = 3, caption_batch(tokenizer, ["ab"], max_length=64)
+    inputs = batch_of([video(k, seed=1)])
     with torch.no_grad():
-        output = model(**video(k, seed=1), **text)
-    # position k - 1 + i predicts caption token i; no video position is a target
-    predicted = output.logits[0, k - 1:k - 1 + text["input_ids"].shape[1]]
-    expected = torch.nn.functional.cross_entropy(predicted, text["input_ids"][0])
-    torch.testing.assert_close(output.loss, expected)
+        output = model(**inputs, **text)
+    # position k + prompt - 1 + i predicts caption token i; no video or prompt position is a target
+    targets = text["input_ids"][0, prompt:]
+    predicted = output.logits[0, k + prompt - 1:k + prompt - 1 + len(targets)]
+    torch.testing.assert_close(output.loss, torch.nn.functional.cross_entropy(predicted, targets))
 
 
-def test_wrong_token_width_is_a_clear_error(model, tokenizer):
-    wrong = video(3, seed=1)
+def test_wrong_token_width_is_a_clear_error(tiny):
+    model, tokenizer = tiny
+    wrong = batch_of([video(3, seed=1)])
     wrong["base"] = torch.randn(1, 3, DIM + 1)
     with pytest.raises(ValueError, match=f"{DIM}-dim"):
         model(**wrong, **caption_batch(tokenizer, ["x"], max_length=8))
 
 
-def test_empty_caption_is_a_clear_error(tokenizer):
+def test_empty_caption_is_a_clear_error(tiny):
     with pytest.raises(ValueError, match="non-empty"):
-        caption_batch(tokenizer, ["fine", ""], max_length=8)
+        caption_batch(tiny[1], ["fine", ""], max_length=8)
 
 
-def test_architecture_and_weights_round_trip(model, tokenizer):
-    rebuilt = VideoPrefixLM.from_architecture(model.architecture())
-    rebuilt.load_state_dict(model.state_dict())
-    rebuilt.eval()
-    inputs = video(4, seed=3)
-    torch.testing.assert_close(logits(rebuilt, tokenizer, inputs, ["hello"]),
-                               logits(model, tokenizer, inputs, ["hello"]))
+def test_the_llm_is_frozen_by_default_and_partial_finetuning_opens_the_last_blocks(tiny_llm_dir):
+    lm, _ = load_llm(str(tiny_llm_dir))
+    model = VideoPrefixLM(DIM, lm, video_heads=4, video_width=8)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and not any(name.startswith("lm.") for name in trainable)
+    model.set_trainable("1")
+    opened = {name for name, p in model.named_parameters() if p.requires_grad} - trainable
+    assert opened and all(name.startswith(("lm.model.layers.1.", "lm.model.norm.")) for name in opened)
+    model.set_trainable("full")
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match="blocks"):
+        model.set_trainable("3")
+
+
+def test_a_checkpoint_holds_only_trained_weights_and_round_trips(tiny):
+    model, tokenizer = tiny
+    state = model.trained_state()
+    assert state and not any(name.startswith("lm.") for name in state)
+    rebuilt = VideoPrefixLM.from_architecture(model.architecture())  # the LM reloads from its name
+    rebuilt.load_trained_state(state)
+    inputs = [video(4, seed=3)]
+    torch.testing.assert_close(losses(rebuilt.eval(), tokenizer, inputs, ["hello"]),
+                               losses(model, tokenizer, inputs, ["hello"]))
+
+
+def test_the_token_base_alone_ignores_the_dynamics_map(tiny_llm_dir):
+    lm, tokenizer = load_llm(str(tiny_llm_dir))
+    model = VideoPrefixLM(DIM, lm, video_heads=4, video_width=8, use_dynamics=False).eval()
+    one, other = video(4, seed=1), video(4, seed=1)
+    other["dynamics"] = torch.flip(other["dynamics"], dims=[0])
+    torch.testing.assert_close(losses(model, tokenizer, [one], ["a"]), losses(model, tokenizer, [other], ["a"]))
+
+
+# ---- the real pretrained LLM ------------------------------------------------------------------------------------
+
+
+def test_the_default_llm_resolves_to_the_packaged_gguf(smollm2_gguf):
+    assert resolve_llm(DEFAULT_LLM) == (str(smollm2_gguf.parent), smollm2_gguf.name)
+    assert resolve_llm(str(smollm2_gguf)) == resolve_llm(str(smollm2_gguf.parent))
+    assert resolve_llm("HuggingFaceTB/SmolLM2-135M-Instruct") == ("HuggingFaceTB/SmolLM2-135M-Instruct", None)
+
+
+def test_the_pretrained_gguf_llm_loads_offline_and_knows_things(smollm2):
+    lm, tokenizer = smollm2
+    assert type(lm).__name__ == "LlamaForCausalLM" and tokenizer.chat_template
+    assert 130e6 < sum(p.numel() for p in lm.parameters()) < 140e6
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                         add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        answer = lm.generate(ids, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tokenizer.decode(answer[0, ids.shape[1]:])
+
+
+def test_the_padded_batch_loss_holds_on_the_pretrained_llm(smollm2):
+    lm, tokenizer = smollm2
+    torch.manual_seed(0)
+    model = VideoPrefixLM(DIM, lm, video_heads=4, video_width=8).eval()
+    videos, captions = [video(2, seed=1), video(5, seed=2)], ["a red circle moves left", "a blue square"]
+    together = losses(model, tokenizer, videos, captions)
+    alone = torch.cat([losses(model, tokenizer, [v], [c]) for v, c in zip(videos, captions)])
+    torch.testing.assert_close(together, alone, atol=1e-4, rtol=1e-5)
+    assert model.generate_captions(tokenizer, **batch_of(videos), max_new_tokens=3)  # runs on a padded batch

@@ -73,3 +73,19 @@ def test_bad_input(method):
         method(torch.randn(2, 4, 4, 8), 0)
     with pytest.raises(ValueError, match="empty video"):
         method(torch.randn(0, 4, 4, 8), 4)
+
+
+@pytest.mark.parametrize("frames, budget", [(6, 6), (6, 4), (3, 8)])
+def test_frame_pool_keeps_one_mean_per_frame_group(frames, budget):
+    from tokendyn.baselines import frame_pool
+
+    tokens = torch.randn(frames, 3, 4, 5, generator=torch.Generator().manual_seed(frames + budget))
+    kept, assignment = frame_pool(tokens, budget)
+    assert kept.shape == (min(frames, budget), 5)
+    unit = torch.nn.functional.normalize(tokens, dim=-1)
+    for t in range(frames):  # brute force: every cell of frame t maps to the token of its group
+        assert (assignment[t] == assignment[t, 0, 0]).all()
+    for group in range(kept.shape[0]):
+        members = unit[assignment == group]
+        torch.testing.assert_close(kept[group], members.mean(0))
+    assert assignment[:, 0, 0].tolist() == sorted(assignment[:, 0, 0].tolist())  # time order kept

@@ -1,0 +1,360 @@
+"""Motion benchmark: can a video LLM read direction, colour and shape from a handful of cached tokens?
+
+    python jobs/bench_motion.py                     # defaults: 200 clips, K = 16, SmolLM2, < 30 min on 2 cores
+
+1. Generate captioned synthetic clips with PyAV: a red / green / blue / yellow circle, square or triangle moves
+   left, right, up or down, or stays still, over a random textured background ("a red circle moves left").
+   The combinations are dealt round-robin, so every split holds every value of every attribute.
+2. Compress them with the real job (pipeline.job.run_job: default encoder, --frames, K = --k) into a cache of
+   train and held-out clips.
+3. Build the baselines at the same number of LLM tokens per video from the same encoder tokens of the same
+   frames (tokendyn.baselines): uniform spatio-temporal pooling, ToMe merging, one token per frame.
+4. Train the video LLM from each cache with jobs/train_from_cache.py (frozen LLM; the cross-dynamics attention
+   and the projector train) and compare on the held-out clips: caption loss, and the accuracy of the generated
+   caption on direction, colour and shape separately. Variants:
+       token-dynamics   token base + dynamics map through cross-dynamics attention
+       token-base       the same token base, no dynamics map
+       uniform-pool     tokendyn.baselines.uniform_pool
+       tome             tokendyn.baselines.tome_merge
+       frame-pool       tokendyn.baselines.frame_pool
+5. Training samples/s from the cache vs from the raw videos (decode + encode + compress inside each step).
+
+All variants use the same LLM, seed, steps, batch and learning rate. Chance levels: direction 1/5, colour 1/4,
+shape 1/3. Results go to --workdir/results.json as well as to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # local Ray stays on loopback
+
+import av  # noqa: E402,F401  before decord (see pipeline/decode.py)
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import torch  # noqa: E402
+
+import tokendyn  # noqa: E402
+from jobs import train_from_cache  # noqa: E402
+from pipeline.cache import HEAVY_COLUMNS, CachedTokenDataset, collate_videos  # noqa: E402
+from pipeline.config import JobConfig  # noqa: E402
+from pipeline.decode import decode_video  # noqa: E402
+from pipeline.encoders import load_encoder  # noqa: E402
+from pipeline.job import init_ray, run_job  # noqa: E402
+from pipeline.schema import now_utc, video_row  # noqa: E402
+from pipeline.storage import OutputStore  # noqa: E402
+from pipeline.video_lm import DEFAULT_LLM, caption_batch, load_llm  # noqa: E402
+from tokendyn.baselines import frame_pool, tome_merge, uniform_pool  # noqa: E402
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (40, 80, 230), "yellow": (235, 215, 40)}
+SHAPES = ("circle", "square", "triangle")
+DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0), "still": (0, 0)}
+ATTRIBUTES = {"direction": tuple(DIRECTIONS), "colour": tuple(COLOURS), "shape": SHAPES}
+BASELINES = {"uniform-pool": uniform_pool, "tome": tome_merge, "frame-pool": frame_pool}
+# variant -> (cache, train_from_cache flags)
+VARIANTS = {"token-dynamics": ("token-dynamics", []), "token-base": ("token-dynamics", ["--no-dynamics"]),
+            "uniform-pool": ("uniform-pool", ["--no-dynamics"]), "tome": ("tome", ["--no-dynamics"]),
+            "frame-pool": ("frame-pool", ["--no-dynamics"])}
+SPLITS = ("train", "heldout")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default="bench_motion", help="Clips, caches, checkpoints and results.")
+    parser.add_argument("--clips", type=int, default=200, help="Synthetic clips in all.")
+    parser.add_argument("--heldout", type=float, default=0.2, help="Fraction of the clips held out.")
+    parser.add_argument("--clip-frames", type=int, default=32, help="Frames per generated clip.")
+    parser.add_argument("--clip-size", type=int, default=96, help="Width and height of the generated clips.")
+    parser.add_argument("--frames", type=int, default=16, help="Frames the job samples per clip.")
+    parser.add_argument("--k", type=int, default=16, help="Token-base size, and every baseline's token budget.")
+    parser.add_argument("--encoder", default="efficientnet-lite0", help="Vision encoder of the job.")
+    parser.add_argument("--llm", default=DEFAULT_LLM, help="Pretrained causal LM (see train_from_cache --llm).")
+    parser.add_argument("--llm-train", default="none", help="LLM weights that train (see train_from_cache).")
+    parser.add_argument("--steps", type=int, default=120, help="Training steps per variant.")
+    parser.add_argument("--batch-size", type=int, default=8, help="Videos per training step.")
+    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate.")
+    parser.add_argument("--video-width", type=int, default=128, help="Width of the cross-dynamics attention.")
+    parser.add_argument("--video-heads", type=int, default=8, help="Heads of the cross-dynamics attention.")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="Comma-separated variants to train.")
+    parser.add_argument("--raw-steps", type=int, default=3, help="Steps timed from raw videos (0 skips).")
+    parser.add_argument("--max-new-tokens", type=int, default=10, help="Caption length limit when generating.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the clips, the models and the data order.")
+    parser.add_argument("--reuse-caches", action="store_true",
+                        help="Keep the clips and caches of an earlier run in --workdir; only train and evaluate.")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads of torch (default: torch's).")
+    args = parser.parse_args(argv)
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variant(s) {sorted(unknown)}; choose from {list(VARIANTS)}")
+    if args.clips < 2 or not 0 < args.heldout < 1 or min(args.steps, args.k, args.frames, args.batch_size) < 1:
+        parser.error("need --clips >= 2, 0 < --heldout < 1 and positive --steps, --k, --frames, --batch-size")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. captioned synthetic clips
+
+
+def caption_of(colour: str, shape: str, direction: str) -> str:
+    return f"a {colour} {shape} " + ("stays still" if direction == "still" else f"moves {direction}")
+
+
+def shape_mask(shape: str, size: int, radius: float, cy: float, cx: float) -> np.ndarray:
+    """[size, size] bool: the shape's pixels, centred at (cy, cx)."""
+    y, x = np.mgrid[0:size, 0:size] + 0.5
+    dy, dx = y - cy, x - cx
+    if shape == "circle":
+        return dy * dy + dx * dx <= radius * radius
+    if shape == "square":
+        return (np.abs(dy) <= radius * 0.85) & (np.abs(dx) <= radius * 0.85)
+    return (dy <= radius * 0.8) & (dy >= -radius) & (np.abs(dx) <= (dy + radius) * 0.6)  # triangle, apex up
+
+
+def textured_background(size: int, rng: np.random.Generator) -> np.ndarray:
+    """[size, size, 3] uint8: coarse random greyish blocks plus fine noise (no colour of the objects)."""
+    block = max(size // 12, 1)
+    coarse = rng.integers(70, 180, (size // block + 1, size // block + 1, 1))
+    tint = rng.integers(-15, 16, (1, 1, 3))
+    image = np.kron(coarse, np.ones((block, block, 1)))[:size, :size] + tint
+    return np.clip(image + rng.integers(-12, 13, image.shape), 0, 255).astype(np.uint8)
+
+
+def write_clip(path: Path, colour: str, shape: str, direction: str, *, frames: int, size: int,
+               rng: np.random.Generator) -> None:
+    background = textured_background(size, rng)
+    radius = size * rng.uniform(0.12, 0.17)
+    dy, dx = DIRECTIONS[direction]
+    travel = size * rng.uniform(0.35, 0.5)  # distance covered over the clip
+    margin = radius + 2
+    start = [rng.uniform(margin, size - margin), rng.uniform(margin, size - margin)]
+    for axis, step in ((0, dy), (1, dx)):  # start far enough from the edge it moves towards
+        if step > 0:
+            start[axis] = rng.uniform(margin, size - margin - travel)
+        elif step < 0:
+            start[axis] = rng.uniform(margin + travel, size - margin)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=16)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": "18", "preset": "veryfast"}
+        for t in range(frames):
+            progress = t / max(frames - 1, 1)
+            cy, cx = start[0] + dy * travel * progress, start[1] + dx * travel * progress
+            frame = background.copy()
+            frame[shape_mask(shape, size, radius, cy, cx)] = COLOURS[colour]
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def generate_clips(folder: Path, args) -> dict[str, Path]:
+    """Clips + one manifest per split ({split: manifest.csv}); combinations dealt round-robin, then shuffled."""
+    rng = np.random.default_rng(args.seed)
+    combos = [(c, s, d) for c in COLOURS for s in SHAPES for d in DIRECTIONS]
+    order = rng.permutation(len(combos))
+    rows = []
+    for index in range(args.clips):
+        colour, shape, direction = combos[order[index % len(combos)]]
+        path = folder / "clips" / f"clip-{index:04d}.mp4"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_clip(path, colour, shape, direction, frames=args.clip_frames, size=args.clip_size, rng=rng)
+        rows.append({"video_id": f"clip-{index:04d}", "uri": str(path), "caption": caption_of(colour, shape, direction),
+                     "colour": colour, "shape": shape, "direction": direction})
+    heldout = max(1, round(args.clips * args.heldout))
+    held = set(rng.permutation(args.clips)[:heldout].tolist())
+    manifests = {}
+    for split in SPLITS:
+        manifests[split] = folder / f"{split}.csv"
+        with open(manifests[split], "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(row for index, row in enumerate(rows) if (index in held) == (split == "heldout"))
+    return manifests
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. the real job, 3. baselines from the same encoder tokens
+
+
+def compress_with_job(manifest: Path, output: Path, args) -> None:
+    config = JobConfig.from_args(["--input", str(manifest), "--output", str(output), "--encoder", args.encoder,
+                                  "--frames", str(args.frames), "--k", str(args.k), "--neighbours", "0",
+                                  "--num-cpus", "2"])
+    init_ray(config)  # a local Ray on loopback unless one is running already
+    summary = run_job(config)
+    if summary.failed:
+        raise RuntimeError(f"the job failed on {summary.failed} clips: {summary.failed_by_stage}")
+
+
+def write_baseline_caches(job_cache: Path, outputs: dict[str, Path], args) -> None:
+    """For each clip of the job's cache: the same frames through the same encoder, each baseline at K tokens."""
+    table = OutputStore(str(job_cache)).read_videos()
+    light = table.drop_columns(list(HEAVY_COLUMNS)).to_pylist()
+    (name, layer), = {(row["encoder"], row["encoder_layer"]) for row in light}
+    encoder = load_encoder(name, layer=layer, device="cpu")
+    rows = {baseline: [] for baseline in outputs}
+    for row in light:
+        clip = decode_video(row["uri"], num_frames=row["num_frames"], size=encoder.input_size)
+        assert list(clip.frame_indices) == list(row["frame_indices"]), "the job sampled other frames"
+        tokens = encoder.encode(clip.frames)
+        for baseline in outputs:
+            kept, assignment = BASELINES[baseline](tokens, row["k"])
+            video = tokendyn.CompressedVideo(kept, assignment, torch.bincount(assignment.reshape(-1),
+                                                                              minlength=len(kept)))
+            rows[baseline].append({**row, **video_row(
+                video, frame_indices=row["frame_indices"], fps=row["fps"], source_frames=row["source_frames"],
+                encoder=name, encoder_layer=layer, base_dtype="float16", created_at=now_utc())})
+    for baseline, output in outputs.items():
+        OutputStore(str(output)).write_videos(pa.Table.from_pylist(rows[baseline], schema=table.schema))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. training and held-out evaluation
+
+
+def attribute_values(caption: str) -> dict[str, str | None]:
+    """The value of each attribute a caption names (None when it names none or several)."""
+    words = caption.lower().replace(",", " ").replace(".", " ").split()
+    found = {}
+    for attribute, values in ATTRIBUTES.items():
+        named = [value for value in values if value in words]
+        if attribute == "direction" and not named and "stays" in words:
+            named = ["still"]
+        found[attribute] = named[0] if len(named) == 1 else None
+    return found
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, heldout: CachedTokenDataset, args) -> dict:
+    """Held-out caption loss and accuracy of the greedy caption on each attribute."""
+    model.eval()
+    losses, correct, samples = [], {attribute: 0 for attribute in ATTRIBUTES}, []
+    for start in range(0, len(heldout), args.batch_size):
+        batch = collate_videos([heldout[i] for i in range(start, min(start + args.batch_size, len(heldout)))])
+        videos = {name: batch[name] for name in ("base", "dynamics", "base_mask")}
+        text = caption_batch(tokenizer, batch["caption"], 64)
+        losses.append(model.video_losses(**videos, **text))
+        generated = model.generate_captions(tokenizer, **videos, max_new_tokens=args.max_new_tokens)
+        for truth, caption in zip(batch["caption"], generated):
+            expected, got = attribute_values(truth), attribute_values(caption)
+            for attribute in ATTRIBUTES:
+                correct[attribute] += got[attribute] == expected[attribute]
+            samples.append((truth, caption))
+    model.train()
+    return {"heldout_loss": torch.cat(losses).mean().item(),
+            **{f"{attribute}_acc": correct[attribute] / len(heldout) for attribute in ATTRIBUTES},
+            "examples": samples[:5]}
+
+
+def train_variant(variant: str, caches: Path, args, llm) -> dict:
+    cache, flags = VARIANTS[variant]
+    if args.llm_train != "none":  # the LLM trains too: every variant starts from the pretrained weights
+        llm = (copy.deepcopy(llm[0]), llm[1])
+    checkpoints = Path(args.workdir) / "checkpoints" / variant
+    shutil.rmtree(checkpoints, ignore_errors=True)  # every run trains from scratch
+    raw_steps = args.raw_steps if variant == "token-dynamics" else 0
+    argv = ["--cache", str(caches / cache / "train"), "--checkpoint-dir", str(checkpoints),
+            "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
+            "--save-every", str(args.steps), "--log-every", str(max(args.steps // 4, 1)), "--seed", str(args.seed),
+            "--raw-steps", str(raw_steps), "--llm", args.llm, "--llm-train", args.llm_train,
+            "--video-width", str(args.video_width), "--video-heads", str(args.video_heads), *flags]
+    train_args = train_from_cache.parse_args(argv)
+    heldout = CachedTokenDataset(str(caches / cache / "heldout"))
+    before = None
+    if variant == "token-dynamics":  # the same initialisation, untrained: what training has to beat
+        model = train_from_cache.new_model(train_args, heldout.dim, llm[0])
+        before = evaluate(model, llm[1], heldout, args)
+        del model
+    print(f"\n== {variant}: {' '.join(flags) or 'cross-dynamics attention'}", flush=True)
+    started = time.perf_counter()
+    result = train_from_cache.run(train_args, llm=llm)
+    train_s = time.perf_counter() - started
+    scores = evaluate(result["model"], llm[1], heldout, args)
+    print(f"   held-out loss {scores['heldout_loss']:.3f}; e.g. {scores['examples'][:2]}", flush=True)
+    return {**scores, "untrained": before, "train_s": train_s, "first_loss": result["losses"][0],
+            "last_loss": result["losses"][-1], "cache": result["cache"], "raw": result["raw"],
+            "ratios": result["ratios"]}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def print_table(results: dict, args) -> None:
+    print(f"\nHeld-out accuracy of the generated caption ({args.k} LLM tokens per video; chance: direction "
+          f"0.20, colour 0.25, shape 0.33)")
+    print(f"{'variant':16s} {'direction':>9s} {'colour':>7s} {'shape':>6s} {'held-out loss':>14s} "
+          f"{'train samples/s':>16s}")
+    for variant, scores in results["variants"].items():
+        cache = scores["cache"]
+        print(f"{variant:16s} {scores['direction_acc']:9.2f} {scores['colour_acc']:7.2f} {scores['shape_acc']:6.2f} "
+              f"{scores['heldout_loss']:14.3f} {cache['samples'] / (cache['tokens_s'] + cache['train_s']):16.2f}")
+    untrained = results["variants"].get("token-dynamics", {}).get("untrained")
+    if untrained:
+        print(f"{'(untrained)':16s} {untrained['direction_acc']:9.2f} {untrained['colour_acc']:7.2f} "
+              f"{untrained['shape_acc']:6.2f} {untrained['heldout_loss']:14.3f}")
+    print(f"whole benchmark: {results['timings']['total_s'] / 60:.1f} min; {results['timings']}")
+
+
+def build_caches(workdir: Path, caches: Path, args) -> dict:
+    """Steps 1-3: clips, the job's caches and the baselines' caches (train and held-out); returns their times."""
+    shutil.rmtree(caches, ignore_errors=True)
+    timings = {}
+    started = time.perf_counter()
+    manifests = generate_clips(workdir, args)
+    timings["generate_s"] = time.perf_counter() - started
+
+    import ray
+
+    started_ray = not ray.is_initialized()
+    started = time.perf_counter()
+    try:
+        for split in SPLITS:
+            compress_with_job(manifests[split], caches / "token-dynamics" / split, args)
+    finally:
+        if started_ray:
+            ray.shutdown()
+    timings["job_s"] = time.perf_counter() - started
+    started = time.perf_counter()
+    for split in SPLITS:
+        write_baseline_caches(caches / "token-dynamics" / split,
+                              {baseline: caches / baseline / split for baseline in BASELINES}, args)
+    timings["baselines_s"] = time.perf_counter() - started
+    return timings
+
+
+def run(args: argparse.Namespace, llm=None) -> dict:
+    """The whole benchmark; llm: an already loaded (lm, tokenizer) for --llm. Returns the results dict."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    workdir = Path(args.workdir)
+    caches = workdir / "caches"
+    timings = {}
+    if not args.reuse_caches:
+        timings = build_caches(workdir, caches, args)
+    llm = llm or load_llm(args.llm)
+    results = {"settings": {name: value for name, value in vars(args).items()}, "variants": {}, "timings": timings}
+    for variant in args.variants.split(","):
+        results["variants"][variant] = train_variant(variant, caches, args, llm)
+    results["timings"]["total_s"] = time.perf_counter() - started
+    print_table(results, args)
+    (workdir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    run(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""jobs/bench_motion.py: the clips show what their captions say, and a small run of the whole benchmark (real job,
+baselines, training, held-out evaluation) lowers the held-out loss and prints its table."""
+
+from __future__ import annotations
+
+import json
+
+import av
+import numpy as np
+import pytest
+
+from job_scripts import load_job_script
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def load_script():
+    return load_job_script("bench_motion")
+
+
+@pytest.mark.parametrize("direction", ["left", "right", "up", "down", "still"])
+def test_a_generated_clip_moves_its_object_the_way_its_caption_says(tmp_path, direction):
+    script = load_script()
+    path = tmp_path / "clip.mp4"
+    script.write_clip(path, "red", "circle", direction, frames=8, size=48, rng=np.random.default_rng(1))
+    with av.open(str(path)) as container:
+        frames = [frame.to_ndarray(format="rgb24").astype(int) for frame in container.decode(video=0)]
+    assert len(frames) == 8
+
+    def centre(frame):  # red pixels: the background is greyish, never this saturated
+        y, x = np.nonzero((frame[..., 0] > 170) & (frame[..., 1] < 100) & (frame[..., 2] < 100))
+        return np.array([y.mean(), x.mean()])
+
+    shift = centre(frames[-1]) - centre(frames[0])
+    expected = np.array(script.DIRECTIONS[direction]) * 48 * 0.35
+    assert np.all(np.abs(shift - expected) < 48 * 0.16), (direction, shift)
+
+
+def test_captions_name_one_value_of_each_attribute():
+    script = load_script()
+    assert script.attribute_values(script.caption_of("blue", "triangle", "still")) == {
+        "direction": "still", "colour": "blue", "shape": "triangle"}
+    assert script.attribute_values("a red or blue thing moves") == {"direction": None, "colour": None, "shape": None}
+
+
+def test_a_small_benchmark_run_lowers_the_held_out_loss(tmp_path, ray_local, tiny_llm_dir, capsys):
+    script = load_script()
+    args = script.parse_args(["--workdir", str(tmp_path), "--clips", "10", "--heldout", "0.3", "--clip-frames", "8",
+                              "--clip-size", "64", "--frames", "4", "--k", "4", "--steps", "12", "--batch-size", "4",
+                              "--llm", str(tiny_llm_dir), "--llm-train", "full", "--raw-steps", "0",
+                              "--variants", "token-dynamics,frame-pool", "--video-width", "16", "--video-heads", "2"])
+    results = script.run(args)
+    scores = results["variants"]["token-dynamics"]
+    assert scores["heldout_loss"] < scores["untrained"]["heldout_loss"]
+    assert set(results["variants"]) == {"token-dynamics", "frame-pool"}
+    for variant in results["variants"].values():
+        assert all(0 <= variant[f"{name}_acc"] <= 1 for name in ("direction", "colour", "shape"))
+    out = capsys.readouterr().out
+    assert "Held-out accuracy" in out and "frame-pool" in out
+    assert json.loads((tmp_path / "results.json").read_text())["variants"]["frame-pool"]["heldout_loss"] > 0
