@@ -31,7 +31,7 @@ import socket
 import uuid
 from pathlib import Path
 
-import av  # noqa: F401  before anything imports decord: see pipeline/decode.py
+import av  # noqa: F401  before anything imports decord: see pipeline/job/decode.py
 import numpy as np
 import pytest
 
@@ -63,7 +63,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="session")
 def sample_clip_paths() -> dict[str, Path]:
-    from pipeline.sample_clips import sample_clip_paths as find_sample_clips
+    from pipeline.job.sample_clips import sample_clip_paths as find_sample_clips
 
     return find_sample_clips()
 

@@ -1,4 +1,4 @@
-"""pipeline.evaluation: segments and alterations, the common compressed form, retrieval scores and the report.
+"""pipeline.readers.evaluation.run: segments and alterations, the common compressed form, retrieval scores and the report.
 
 Fast: synthetic frames and random tokens only (the run on real clips is in tests/jobs/test_evaluate.py).
 """
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import evaluation as ev
+from pipeline.readers.evaluation import run as ev
 
 
 def position_frames(count: int, size: int = 16) -> np.ndarray:

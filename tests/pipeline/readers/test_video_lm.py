@@ -1,11 +1,11 @@
-"""pipeline.video_lm: the video prefix is used, padding changes nothing for real rows, checkpoints round-trip."""
+"""pipeline.readers.video_lm: the video prefix is used, padding changes nothing for real rows, checkpoints round-trip."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pipeline.video_lm import VideoPrefixLM, byte_tokenizer, caption_batch, tiny_lm_config
+from pipeline.readers.video_lm import VideoPrefixLM, byte_tokenizer, caption_batch, tiny_lm_config
 
 DIM, FRAMES, GRID = 16, 3, (2, 2)
 

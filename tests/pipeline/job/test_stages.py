@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import tokendyn
-from pipeline.config import JobConfig
-from pipeline.decode import sample_frame_indices
-from pipeline.errors import no_failure
-from pipeline.job import decoded_video_bytes
-from pipeline.stages import DecodeStage, EncodeCompressStage
+from pipeline.job.config import JobConfig
+from pipeline.job.decode import sample_frame_indices
+from pipeline.job.errors import no_failure
+from pipeline.job.run import decoded_video_bytes
+from pipeline.job.stages import DecodeStage, EncodeCompressStage
 
 
 def test_decode_stage_caps_fps_sampling_at_max_frames(synthetic_clip, frame_index_of):

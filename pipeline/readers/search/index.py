@@ -33,8 +33,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.contract import ContractError, OutputContract, read_contract, same_encoder
-from pipeline.storage import MIN_ROWS_FOR_VECTOR_INDEX, OutputStore
+from pipeline.store.contract import ContractError, OutputContract, read_contract, same_encoder
+from pipeline.store.storage import MIN_ROWS_FOR_VECTOR_INDEX, OutputStore
 
 MODES = ("ann", "exact", "maxsim", "maxsim-exact")
 EFFICIENTNET_ENCODER = "efficientnet-lite0"
@@ -239,7 +239,7 @@ class VideoSearch:
         return self.table.schema.field("pooled").type.list_size
 
     def settings(self) -> OutputContract:
-        """The settings the table's videos were made with: the output's recorded contract (pipeline.contract)."""
+        """The settings the table's videos were made with: the output's recorded contract (pipeline.store.contract)."""
         if self._settings is None:
             try:
                 self._settings = read_contract(self.store)
@@ -322,7 +322,7 @@ class VideoSearch:
                             decoder=None, device="cpu", s3_endpoint_url=None):
         """Decode, encode and compress a video exactly as the table's videos were -> tokendyn.CompressedVideo."""
         import tokendyn
-        from pipeline.decode import decode_video
+        from pipeline.job.decode import decode_video
 
         recorded = self.settings()
         _check_requested(recorded, {"encoder": encoder, "frames": frames, "fps": fps, "k": base_k}, self.store.root)
@@ -335,7 +335,7 @@ class VideoSearch:
 
     def _encoder(self, recorded: OutputContract, layer: int | None, device: str):
         """The table's encoder at the table's layer; a requested layer must resolve to the recorded one."""
-        from pipeline.encoders import load_encoder
+        from pipeline.job.encoders import load_encoder
 
         if recorded.layer is None and layer is not None:
             _check_requested(recorded, {"layer": layer}, self.store.root)

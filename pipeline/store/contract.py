@@ -28,9 +28,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.config import JobConfig
-from pipeline.schema import SCHEMA_VERSION, SchemaVersionError
-from pipeline.storage import OutputStore
+from pipeline.job.config import JobConfig
+from pipeline.store.schema import SCHEMA_VERSION, SchemaVersionError
+from pipeline.store.storage import OutputStore
 
 _BASE_DTYPES = {pa.float16(): "float16", pa.float32(): "float32"}
 HOW_TO_PROCEED = ("Write to another --output, or re-run with --rebuild to delete what this output holds and start "
@@ -98,7 +98,7 @@ class OutputContract:
         return self.settings["base_dtype"]
 
     def decode_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of pipeline.decode.decode_video that sample a video as this output's videos were."""
+        """Keyword arguments of pipeline.job.decode.decode_video that sample a video as this output's videos were."""
         return {"num_frames": self.frames, "fps": self.fps, "max_frames": self.max_frames, "decoder": self.decoder}
 
     def compress_kwargs(self) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 Each stage is a callable class (Ray builds one per actor, so set-up happens once) that declares the resources it
 needs. Rows stay small: ids, uris and manifest columns travel; decoded frames exist only between the decode and
 encode stages, as one binary cell per video. A failing video becomes a row with error columns set (see
-pipeline.errors), which later stages pass through untouched.
+pipeline.job.errors), which later stages pass through untouched.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ import pyarrow as pa
 import torch
 
 import tokendyn
-from pipeline.config import JobConfig
-from pipeline.decode import decode_video
-from pipeline.encoders import load_encoder
-from pipeline.errors import ERROR_COLUMNS, no_failure, record_failure
-from pipeline.schema import now_utc, video_row, video_schema
-from pipeline.watchdog import TimeLimitedRunner
+from pipeline.job.config import JobConfig
+from pipeline.job.decode import decode_video
+from pipeline.job.encoders import load_encoder
+from pipeline.job.errors import ERROR_COLUMNS, no_failure, record_failure
+from pipeline.store.schema import now_utc, video_row, video_schema
+from pipeline.job.watchdog import TimeLimitedRunner
 
 # Columns the decode stage adds; everything else in its input (ids, manifest columns) is carried through.
 FRAME_COLUMNS = ("frames", "frames_shape", "frame_indices", "fps", "source_frames")

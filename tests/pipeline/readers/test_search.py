@@ -1,4 +1,4 @@
-"""pipeline.search against numpy oracles, and queries by video_id, video file and text on small tables."""
+"""pipeline.readers.search.index against numpy oracles, and queries by video_id, video file and text on small tables."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.config import JobConfig
-from pipeline.contract import contract_of_rows
-from pipeline.schema import SCHEMA_VERSION, now_utc, video_schema
-from pipeline.search import (NoTextTowerError, SearchError, SearchParams, SettingsMismatchError, VideoSearch,
+from pipeline.job.config import JobConfig
+from pipeline.store.contract import contract_of_rows
+from pipeline.store.schema import SCHEMA_VERSION, now_utc, video_schema
+from pipeline.readers.search.index import (NoTextTowerError, SearchError, SearchParams, SettingsMismatchError, VideoSearch,
                              maxsim_scores, nearest_to_video)
-from pipeline.storage import OutputStore
+from pipeline.store.storage import OutputStore
 
 TINY_TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
 TINY_IMAGE_SIZE = 64
@@ -266,10 +266,10 @@ def tiny_two_tower_clip_dir(tmp_path_factory):
 
 def compress_with_job_stages(root, clip_paths, config: JobConfig) -> OutputStore:
     """What one run of the job writes for these clips: decode, EncodeCompressStage, write, run.json (no Ray)."""
-    from pipeline.decode import decode_video
-    from pipeline.errors import ERROR_COLUMNS, no_failure
-    from pipeline.sources import canonical_uri, video_id_for
-    from pipeline.stages import EncodeCompressStage
+    from pipeline.job.decode import decode_video
+    from pipeline.job.errors import ERROR_COLUMNS, no_failure
+    from pipeline.job.sources import canonical_uri, video_id_for
+    from pipeline.job.stages import EncodeCompressStage
 
     stage = EncodeCompressStage(config)
     rows = []

@@ -336,7 +336,7 @@ class EvaluationReport:
 def list_clips(input: str) -> list[tuple[str, str]]:
     """(name, uri) of every video under `input` (a folder, a manifest or one file); names are file stems, made
     unique with the parent folder when two files share a stem."""
-    from pipeline.sources import list_videos
+    from pipeline.job.sources import list_videos
 
     uris = sorted(row["uri"] for row in list_videos(input))
     if not uris:
@@ -349,7 +349,7 @@ def list_clips(input: str) -> list[tuple[str, str]]:
 
 
 def decode_segments(name: str, uri: str, config: EvaluationConfig, size: tuple[int, int]) -> list[SegmentFrames]:
-    from pipeline.decode import decode_video
+    from pipeline.job.decode import decode_video
 
     decoded = decode_video(uri, num_frames=2 * config.frames * config.segments, size=size, decoder=config.decoder)
     return split_clip(name, decoded.frames, config.segments, config.frames)
@@ -476,7 +476,7 @@ def torch_threads(count: int):
 def evaluate_clips(clips: list[tuple[str, str]], encoder, config: EvaluationConfig,
                    log: Callable[[str], None] = lambda message: None) -> EvaluationReport:
     """The whole evaluation over (name, uri) clips with a loaded encoder (see the module docstring)."""
-    from pipeline.decode import DecodeError
+    from pipeline.job.decode import DecodeError
 
     seconds: dict[str, float] = {}
     started = time.perf_counter()

@@ -1,0 +1,1 @@
+"""Search over the output: MaxSim maths, text towers, and the VideoSearch API."""
