@@ -179,8 +179,8 @@ class Sampler(threading.Thread):
 
 def measure(manifest: str, output: str, args: argparse.Namespace) -> dict:
     """Run the job over `manifest` (starting a local Ray unless one runs here) and return its memory peaks."""
-    from pipeline.config import JobConfig
-    from pipeline.job import init_ray, run_job
+    from pipeline.job.config import JobConfig
+    from pipeline.job.run import init_ray, run_job
 
     config = JobConfig.from_args([
         "--input", manifest, "--output", output, "--frames", str(args.frames), "--k", str(args.k),

@@ -26,11 +26,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import tokendyn  # noqa: E402
-from pipeline.config import JobConfig  # noqa: E402
-from pipeline.decode import decode_video  # noqa: E402
-from pipeline.encoders import load_encoder  # noqa: E402
-from pipeline.job import init_ray, run_job  # noqa: E402
-from pipeline.sample_clips import sample_clip_paths  # noqa: E402
+from pipeline.job.config import JobConfig  # noqa: E402
+from pipeline.job.decode import decode_video  # noqa: E402
+from pipeline.job.encoders import load_encoder  # noqa: E402
+from pipeline.job.run import init_ray, run_job  # noqa: E402
+from pipeline.job.sample_clips import sample_clip_paths  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--videos", type=int, default=24, help="Corpus size (sample clips repeated).")

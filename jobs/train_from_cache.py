@@ -2,7 +2,7 @@
 
     python jobs/train_from_cache.py --cache output --caption-column caption --steps 200
 
-The model (pipeline.video_lm) reads each video's K cached tokens through cross-dynamics attention and a
+The model (pipeline.readers.video_lm) reads each video's K cached tokens through cross-dynamics attention and a
 projector, as the prefix of a tiny causal LM built from a config, and learns to write the video's caption.
 Checkpoints go to --checkpoint-dir; a re-run resumes from the last one and trains up to --steps in total.
 
@@ -27,12 +27,12 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader, Subset  # noqa: E402
 
 import tokendyn  # noqa: E402
-from pipeline.cache import HEAVY_COLUMNS, SOURCES, CachedTokenDataset, EmptyCacheError, collate_videos  # noqa: E402
-from pipeline.contract import ContractError, OutputContract  # noqa: E402
-from pipeline.decode import DECODERS, DecodeError, decode_video  # noqa: E402
-from pipeline.encoders import load_encoder  # noqa: E402
-from pipeline.schema import SchemaVersionError  # noqa: E402
-from pipeline.video_lm import VideoPrefixLM, byte_tokenizer, caption_batch, tiny_lm_config  # noqa: E402
+from pipeline.readers.cache import HEAVY_COLUMNS, SOURCES, CachedTokenDataset, EmptyCacheError, collate_videos  # noqa: E402
+from pipeline.store.contract import ContractError, OutputContract  # noqa: E402
+from pipeline.job.decode import DECODERS, DecodeError, decode_video  # noqa: E402
+from pipeline.job.encoders import load_encoder  # noqa: E402
+from pipeline.store.schema import SchemaVersionError  # noqa: E402
+from pipeline.readers.video_lm import VideoPrefixLM, byte_tokenizer, caption_batch, tiny_lm_config  # noqa: E402
 
 CHECKPOINT_GLOB = "checkpoint-*.pt"
 
@@ -205,7 +205,7 @@ def raw_throughput(args, model, optimizer, videos: Subset, tokenizer) -> dict:
     """--raw-steps training steps whose tokens come from the raw videos: time getting batches vs training."""
     metadata = videos.dataset.rows.drop_columns(list(HEAVY_COLUMNS))
     rows = [metadata.slice(index, 1).to_pylist()[0] for index in videos.indices]
-    settings = videos.dataset.settings()  # what the output's rows were made with (pipeline.contract)
+    settings = videos.dataset.settings()  # what the output's rows were made with (pipeline.store.contract)
     encoder = load_encoder(settings.encoder, layer=settings.layer, device=args.device)
     tokens_from_raw_video(rows[0], encoder, settings, args)  # warm-up, not timed: first calls pay one-off set-up costs
     # A copy, so the comparison leaves the trained model and its optimizer state as they were.

@@ -82,8 +82,8 @@ def safe_name(text: str) -> str:
 
 def clip_from_video_file(args: argparse.Namespace) -> ClipToDraw:
     import tokendyn
-    from pipeline.decode import decode_video
-    from pipeline.encoders import load_encoder
+    from pipeline.job.decode import decode_video
+    from pipeline.job.encoders import load_encoder
 
     encoder = load_encoder(args.encoder, device=args.device)
     clip = decode_video(args.video, num_frames=args.frames, size=encoder.input_size, decoder=args.decoder,
@@ -102,7 +102,7 @@ def clip_from_video_file(args: argparse.Namespace) -> ClipToDraw:
 def stored_row(output_root: str, video_id: str, s3_endpoint_url: str | None) -> dict:
     import pyarrow.compute as pc
 
-    from pipeline.storage import OutputStore
+    from pipeline.store.storage import OutputStore
 
     table = OutputStore(output_root, s3_endpoint_url).read_videos(filter=pc.field("video_id") == video_id)
     if table is None:
@@ -115,7 +115,7 @@ def stored_row(output_root: str, video_id: str, s3_endpoint_url: str | None) -> 
 def frames_at(uri: str, indices: list[int], size: tuple[int, int], decoder: str,
               s3_endpoint_url: str | None) -> np.ndarray:
     """The frames of `uri` at these source indices, resized like the pipeline does (shorter side + centre crop)."""
-    from pipeline import decode
+    from pipeline.job import decode
 
     # A row written with num_frames=T has the indices decode_video samples again for T; check rather than assume.
     clip = decode.decode_video(uri, num_frames=len(indices), size=size, decoder=decoder,
@@ -127,7 +127,7 @@ def frames_at(uri: str, indices: list[int], size: tuple[int, int], decoder: str,
 
 
 def clip_from_output(args: argparse.Namespace) -> ClipToDraw:
-    from pipeline.schema import compressed_video_from_row
+    from pipeline.store.schema import compressed_video_from_row
 
     row = stored_row(args.output_root, args.video_id, args.s3_endpoint_url)
     video = compressed_video_from_row(row)
@@ -141,7 +141,7 @@ def clip_from_output(args: argparse.Namespace) -> ClipToDraw:
 
 
 def draw(clip: ClipToDraw, output_dir: Path, columns: int, gif_scale: int, gif_frame_ms: int) -> tuple[Path, Path]:
-    from pipeline.overlay import cluster_colours, write_gif, write_sheet
+    from pipeline.readers.overlay import cluster_colours, write_gif, write_sheet
 
     output_dir.mkdir(parents=True, exist_ok=True)
     stem = safe_name(clip.name)
@@ -155,9 +155,9 @@ def draw(clip: ClipToDraw, output_dir: Path, columns: int, gif_scale: int, gif_f
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Imported after parsing, so that --help and argument errors answer without loading torch.
-    from pipeline.decode import DecodeError
-    from pipeline.errors import one_line
-    from pipeline.schema import SchemaVersionError
+    from pipeline.job.decode import DecodeError
+    from pipeline.job.errors import one_line
+    from pipeline.store.schema import SchemaVersionError
 
     try:
         clip = clip_from_video_file(args) if args.video is not None else clip_from_output(args)
