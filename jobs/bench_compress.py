@@ -38,7 +38,6 @@ from sklearn.cluster import KMeans
 from threadpoolctl import threadpool_limits
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 import tokendyn  # noqa: E402
 from tokendyn import baselines, metrics  # noqa: E402
 

@@ -31,7 +31,6 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
 
 MiB = 1024 * 1024
 DISTINCT_CLIPS = 16  # the corpus hard-links these under as many names as needed: each name is one video

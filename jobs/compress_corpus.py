@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
 
 from pipeline.job.config import JobConfig  # noqa: E402
 from pipeline.job.run import RunSummary, init_ray, run_job  # noqa: E402
-from pipeline.readers.search.index import nearest_to_video  # noqa: E402
+from pipeline.readers.search import nearest_to_video  # noqa: E402
 from pipeline.store.schema import SchemaVersionError  # noqa: E402
 from pipeline.store.storage import OutputLocked, OutputStore  # noqa: E402
 

@@ -20,19 +20,18 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model is built from a config; nothing to download
 
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, Subset  # noqa: E402
 
-import tokendyn  # noqa: E402
-from pipeline.readers.cache import HEAVY_COLUMNS, SOURCES, CachedTokenDataset, EmptyCacheError, collate_videos  # noqa: E402
-from pipeline.store.contract import ContractError, OutputContract  # noqa: E402
-from pipeline.job.decode import DECODERS, DecodeError, decode_video  # noqa: E402
-from pipeline.job.encoders import load_encoder  # noqa: E402
-from pipeline.store.schema import SchemaVersionError  # noqa: E402
+from pipeline.job.decode import DECODERS, DecodeError  # noqa: E402
+from pipeline.job.tokenizer import VideoTokenizer  # noqa: E402
+from pipeline.readers.cache import (HEAVY_COLUMNS, SOURCES, CachedTokenDataset, EmptyCacheError,  # noqa: E402
+                                    collate_videos)
 from pipeline.readers.video_lm import VideoPrefixLM, byte_tokenizer, caption_batch, tiny_lm_config  # noqa: E402
+from pipeline.store.contract import ContractError  # noqa: E402
+from pipeline.store.schema import SchemaVersionError  # noqa: E402
 
 CHECKPOINT_GLOB = "checkpoint-*.pt"
 
@@ -188,15 +187,10 @@ def train(args, model, optimizer, videos: Subset, tokenizer, start_step: int) ->
 # the same steps, with tokens produced from the raw videos
 
 
-def tokens_from_raw_video(row: dict, encoder, settings: OutputContract, args) -> tuple[dict, dict]:
+def tokens_from_raw_video(row: dict, video_tokenizer: VideoTokenizer) -> tuple[dict, dict]:
     """decode + encode + compress one video as the job did: (an item shaped like the cache's, time marks)."""
-    sampling = {**settings.decode_kwargs(), "decoder": args.decoder or settings.decoder}
-    clip = decode_video(row["uri"], **sampling, size=encoder.input_size, s3_endpoint_url=args.s3_endpoint_url)
-    marks = {"decode_s": time.perf_counter()}  # when each stage ended
-    tokens = encoder.encode(clip.frames)
-    marks["encode_s"] = time.perf_counter()
-    video = tokendyn.compress(tokens, **settings.compress_kwargs())
-    marks["compress_s"] = time.perf_counter()
+    marks: dict[str, float] = {}  # when each stage ended
+    _, video = video_tokenizer.tokenize(row["uri"], marks)
     item = {**row, "base": video.base.float(), "dynamics": video.dynamics.long(), "cluster_sizes": video.sizes}
     return item, marks
 
@@ -206,8 +200,9 @@ def raw_throughput(args, model, optimizer, videos: Subset, tokenizer) -> dict:
     metadata = videos.dataset.rows.drop_columns(list(HEAVY_COLUMNS))
     rows = [metadata.slice(index, 1).to_pylist()[0] for index in videos.indices]
     settings = videos.dataset.settings()  # what the output's rows were made with (pipeline.store.contract)
-    encoder = load_encoder(settings.encoder, layer=settings.layer, device=args.device)
-    tokens_from_raw_video(rows[0], encoder, settings, args)  # warm-up, not timed: first calls pay one-off set-up costs
+    video_tokenizer = VideoTokenizer(settings, device=args.device, decoder=args.decoder,
+                                     s3_endpoint_url=args.s3_endpoint_url)
+    tokens_from_raw_video(rows[0], video_tokenizer)  # warm-up, not timed: first calls pay one-off set-up costs
     # A copy, so the comparison leaves the trained model and its optimizer state as they were.
     model, optimizer = copy.deepcopy(model), copy.deepcopy(optimizer)
     timings = {"samples": 0, "tokens_s": 0.0, "train_s": 0.0, "decode_s": 0.0, "encode_s": 0.0, "compress_s": 0.0}
@@ -217,7 +212,7 @@ def raw_throughput(args, model, optimizer, videos: Subset, tokenizer) -> dict:
         items = []
         for row in chosen:
             before = time.perf_counter()
-            item, marks = tokens_from_raw_video(row, encoder, settings, args)
+            item, marks = tokens_from_raw_video(row, video_tokenizer)
             items.append(item)
             timings["decode_s"] += marks["decode_s"] - before
             timings["encode_s"] += marks["encode_s"] - marks["decode_s"]

@@ -21,7 +21,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
 
 import numpy as np  # noqa: E402
 
@@ -81,17 +80,17 @@ def safe_name(text: str) -> str:
 
 
 def clip_from_video_file(args: argparse.Namespace) -> ClipToDraw:
-    import tokendyn
-    from pipeline.job.decode import decode_video
-    from pipeline.job.encoders import load_encoder
+    from pipeline.job.config import JobConfig
+    from pipeline.job.tokenizer import VideoTokenizer
 
-    encoder = load_encoder(args.encoder, device=args.device)
-    clip = decode_video(args.video, num_frames=args.frames, size=encoder.input_size, decoder=args.decoder,
-                        s3_endpoint_url=args.s3_endpoint_url)
-    tokens = encoder.encode(clip.frames)
     k = None if args.k == "adaptive" else int(args.k)
-    video = tokendyn.compress(tokens, k=k, k_min=args.k_min, k_max=args.k_max, k_rule=args.k_rule,
-                              target_fidelity=args.target_fidelity)
+    # The settings a job with these flags would record for its output: the video is tokenized as the job would.
+    settings = JobConfig(input=args.video, encoder=args.encoder, decoder=args.decoder, frames=args.frames,
+                         k=k or 0, k_min=args.k_min, k_max=args.k_max, k_rule=args.k_rule,
+                         target_fidelity=args.target_fidelity).output_settings()
+    tokenizer = VideoTokenizer(settings, device=args.device, s3_endpoint_url=args.s3_endpoint_url)
+    clip, video = tokenizer.tokenize(args.video)
+    encoder = tokenizer.encoder
     mode = "adaptive K" if k is None else "fixed K"
     name = Path(str(args.video).rstrip("/")).stem
     return ClipToDraw(name, clip.frames, video.dynamics.cpu().numpy(), int(video.base.shape[0]),

@@ -24,13 +24,13 @@ import pyarrow.compute as pc
 import ray
 
 from pipeline.job.config import JobConfig
-from pipeline.store.contract import OutputContract, check_rows, check_run, contract_of_rows
 from pipeline.job.encoders import encoder_input_size
 from pipeline.job.errors import ERROR_COLUMNS
-from pipeline.store.schema import now_utc
 from pipeline.job.sample_clips import write_sample_manifest
 from pipeline.job.sources import Listing, list_input
 from pipeline.job.stages import DecodeStage, EncodeCompressStage, check_extra_columns
+from pipeline.store.contract import OutputContract, check_rows, check_run, contract_of_rows
+from pipeline.store.schema import now_utc
 from pipeline.store.storage import OutputStore
 
 log = logging.getLogger("tokendyn.pipeline")

@@ -99,16 +99,11 @@ class OutputContract:
 
     def decode_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of pipeline.job.decode.decode_video that sample a video as this output's videos were."""
-        return {"num_frames": self.frames, "fps": self.fps, "max_frames": self.max_frames, "decoder": self.decoder}
+        return decode_kwargs(self.settings)
 
     def compress_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of tokendyn.compress that compress a video as this output's videos were."""
-        if self.k is not None:
-            return {"k": self.k, "seed": self.seed}
-        rule = {"k_rule": self.settings["k_rule"]}
-        if rule["k_rule"] == "fidelity":
-            rule["target_fidelity"] = self.settings["target_fidelity"]
-        return {"k": None, "k_min": self.k_min, "k_max": self.k_max, **rule, "seed": self.seed}
+        return compress_kwargs(self.settings)
 
     # ---- settings.json -----------------------------------------------------------------------------------------
     def as_json(self, run_id: str) -> dict[str, Any]:
@@ -134,6 +129,24 @@ class OutputContract:
         missing = "(not set)"
         return [f"{name}: {self.settings.get(name, missing)!r} -> {settings.get(name, missing)!r}" for name in names
                 if not _same_setting(name, self.settings.get(name, missing), settings.get(name, missing))]
+
+
+def decode_kwargs(settings: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments of pipeline.job.decode.decode_video that sample a video as `settings`
+    (JobConfig.output_settings()) say."""
+    return {"num_frames": settings.get("frames"), "fps": settings.get("fps"), "max_frames": settings.get("max_frames"),
+            "decoder": settings["decoder"]}
+
+
+def compress_kwargs(settings: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments of tokendyn.compress that compress a video as `settings` (JobConfig.output_settings())
+    say."""
+    if settings["k"]:
+        return {"k": settings["k"], "seed": settings["seed"]}
+    rule = {"k_rule": settings["k_rule"]}
+    if rule["k_rule"] == "fidelity":
+        rule["target_fidelity"] = settings["target_fidelity"]
+    return {"k": None, "k_min": settings["k_min"], "k_max": settings["k_max"], **rule, "seed": settings["seed"]}
 
 
 def _same_setting(name: str, recorded: Any, asked: Any) -> bool:

@@ -545,7 +545,7 @@ class OutputStore:
             self.fs.delete_file(self._lock_path)
         self._holder = None
 
-    # ---- the settings contract (see pipeline.store.contract) -----------------------------------------------------------
+    # ---- the settings contract (see pipeline.store.contract) -----------------------------------------------------
     SETTINGS_FILE = "settings.json"
 
     def read_settings(self) -> dict | None:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.store.schema import compressed_video_from_row
-from pipeline.readers.search.index import nearest_to_video
 from pipeline.job.sources import video_id_for
+from pipeline.readers.search import nearest_to_video
+from pipeline.store.schema import compressed_video_from_row
 from pipeline.store.storage import OutputStore
 
 REPO = Path(__file__).resolve().parents[2]

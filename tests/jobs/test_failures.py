@@ -26,8 +26,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.store.schema import SCHEMA_VERSION, SCHEMA_VERSION_KEY, SchemaVersionError
 from pipeline.job.sources import video_id_for
+from pipeline.store.schema import SCHEMA_VERSION, SCHEMA_VERSION_KEY, SchemaVersionError
 from pipeline.store.storage import OutputStore
 from job_scripts import load_job_script
 

@@ -13,11 +13,11 @@ import pytest
 
 import tokendyn
 from pipeline.job.config import JobConfig
-from pipeline.store.contract import contract_of_rows
 from pipeline.job.decode import decode_video
 from pipeline.job.encoders import load_encoder
-from pipeline.store.schema import now_utc, video_row, video_schema
 from pipeline.job.sources import video_id_for
+from pipeline.store.contract import contract_of_rows
+from pipeline.store.schema import now_utc, video_row, video_schema
 from pipeline.store.storage import OutputStore
 from job_scripts import load_job_script
 

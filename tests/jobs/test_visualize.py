@@ -1,4 +1,4 @@
-"""jobs/visualize.py and pipeline.readers.overlay: the dynamics map drawn over a real clip, from a file and from an output.
+"""jobs/visualize.py and pipeline.readers.overlay: the dynamics map over a real clip, from a file and from an output.
 
 The pictures are checked for what a person needs to see: the right size, not blank, many colours, the clusters'
 own colours present, one GIF frame per sampled frame.

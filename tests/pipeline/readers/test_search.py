@@ -1,4 +1,4 @@
-"""pipeline.readers.search.index against numpy oracles, and queries by video_id, video file and text on small tables."""
+"""pipeline.readers.search against numpy oracles, and queries by video_id, video file and text on small tables."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import json
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
 from pipeline.job.config import JobConfig
 from pipeline.store.contract import contract_of_rows
 from pipeline.store.schema import SCHEMA_VERSION, now_utc, video_schema
-from pipeline.readers.search.index import (NoTextTowerError, SearchError, SearchParams, SettingsMismatchError, VideoSearch,
+from pipeline.readers.search import (NoTextTowerError, SearchError, SearchParams, SettingsMismatchError, VideoSearch,
                              maxsim_scores, nearest_to_video)
 from pipeline.store.storage import OutputStore
 
@@ -265,20 +266,15 @@ def tiny_two_tower_clip_dir(tmp_path_factory):
 
 
 def compress_with_job_stages(root, clip_paths, config: JobConfig) -> OutputStore:
-    """What one run of the job writes for these clips: decode, EncodeCompressStage, write, run.json (no Ray)."""
-    from pipeline.job.decode import decode_video
-    from pipeline.job.errors import ERROR_COLUMNS, no_failure
+    """What one run of the job writes for these clips: DecodeStage, EncodeCompressStage, write, run.json (no Ray)."""
+    from pipeline.job.errors import ERROR_COLUMNS
     from pipeline.job.sources import canonical_uri, video_id_for
-    from pipeline.job.stages import EncodeCompressStage
+    from pipeline.job.stages import DecodeStage, EncodeCompressStage
 
     stage = EncodeCompressStage(config)
-    rows = []
-    for path in clip_paths:
-        clip = decode_video(str(path), num_frames=config.frames, fps=config.fps, max_frames=config.max_frames,
-                            size=stage.encoder.input_size, decoder=config.decoder)
-        rows.append({"video_id": video_id_for(str(path)), "uri": canonical_uri(str(path)), **no_failure(),
-                     "frames": clip.frames.tobytes(), "frames_shape": list(clip.frames.shape),
-                     "frame_indices": clip.frame_indices, "fps": clip.fps, "source_frames": clip.source_frames})
+    decode = DecodeStage(config, input_size=tuple(stage.encoder.input_size))
+    rows = [decode({"video_id": video_id_for(str(path)), "uri": canonical_uri(str(path))}) for path in clip_paths]
+    decode.close()
     written = stage(pa.Table.from_pylist(rows))
     assert written.column("error_stage").null_count == written.num_rows
     store = OutputStore(str(root))
@@ -317,6 +313,30 @@ def test_tiny_clip_text_query_runs_end_to_end(clip_table, tiny_two_tower_clip_di
     assert [h.uri for h in hits] == sorted(expected, key=expected.get, reverse=True)
 
     assert len(search.by_text("a bike", k=2, mode="maxsim")) == 2
+
+
+def assert_query_video_tokens_are_the_rows(store: OutputStore, clips) -> None:
+    from pipeline.store.schema import compressed_video_from_row
+
+    search = VideoSearch(store)
+    rows = {row["uri"]: row for row in store.read_videos().to_pylist()}
+    for clip in clips:
+        stored = compressed_video_from_row(rows[str(clip)])
+        query = search.compress_like_table(str(clip))
+        assert query.k == stored.k
+        assert torch.equal(query.dynamics.long(), stored.dynamics.long())
+        assert torch.equal(query.base.half().float(), stored.base.float())  # the rows store float16 bases
+
+
+def test_a_query_video_gets_the_base_and_map_the_job_stored_for_it(clip_table):
+    assert_query_video_tokens_are_the_rows(*clip_table)
+
+
+def test_a_query_video_gets_the_adaptive_base_and_map_the_job_stored_for_it(tmp_path, tiny_two_tower_clip_dir,
+                                                                             sample_clip_paths):
+    clips = [sample_clip_paths["carphone_pristine"]]
+    config = tiny_config(str(tiny_two_tower_clip_dir), k=0, k_min=2, k_max=6, target_fidelity=0.95, seed=3)
+    assert_query_video_tokens_are_the_rows(compress_with_job_stages(tmp_path / "out", clips, config), clips)
 
 
 def test_a_clip_file_queried_against_its_table_returns_itself_first(clip_table):
