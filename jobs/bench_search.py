@@ -33,12 +33,11 @@ import lancedb
 import numpy as np
 import pyarrow as pa
 
-
-from pipeline.job.config import JobConfig  # noqa: E402
-from pipeline.readers.search import SearchParams, VideoSearch  # noqa: E402
-from pipeline.store.contract import OutputContract  # noqa: E402
-from pipeline.store.schema import now_utc, video_schema  # noqa: E402
-from pipeline.store.storage import TABLE_NAME, OutputStore  # noqa: E402
+from pipeline.job.config import JobConfig
+from pipeline.readers.search import SearchParams, VideoSearch
+from pipeline.store.contract import OutputContract
+from pipeline.store.schema import now_utc, video_schema
+from pipeline.store.storage import TABLE_NAME, OutputStore
 
 WRITE_BATCH_ROWS = 20_000
 

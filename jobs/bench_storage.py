@@ -37,11 +37,10 @@ from pathlib import Path
 
 import numpy as np
 
-
-from bench_search import _unit, corpus_rows, synthetic_corpus  # noqa: E402
-from pipeline.readers.search import SearchParams, VideoSearch  # noqa: E402
-from pipeline.store.schema import video_schema  # noqa: E402
-from pipeline.store.storage import OutputStore  # noqa: E402
+from bench_search import _unit, corpus_rows, synthetic_corpus
+from pipeline.readers.search import SearchParams, VideoSearch
+from pipeline.store.schema import video_schema
+from pipeline.store.storage import OutputStore
 
 FILL_ROWS_PER_FILE = 20_000  # the fill writes bigger files than a job would, to be quick; commits use real sizes
 

@@ -15,12 +15,11 @@ from __future__ import annotations
 import logging
 import sys
 
-
-from pipeline.job.config import JobConfig  # noqa: E402
-from pipeline.job.run import RunSummary, init_ray, run_job  # noqa: E402
-from pipeline.readers.search import nearest_to_video  # noqa: E402
-from pipeline.store.schema import SchemaVersionError  # noqa: E402
-from pipeline.store.storage import OutputLocked, OutputStore  # noqa: E402
+from pipeline.job.config import JobConfig
+from pipeline.job.run import RunSummary, init_ray, run_job
+from pipeline.readers.search import nearest_to_video
+from pipeline.store.schema import SchemaVersionError
+from pipeline.store.storage import OutputLocked, OutputStore
 
 
 def print_summary(s: RunSummary) -> None:

@@ -24,11 +24,10 @@ import json
 import logging
 import sys
 
-
-from pipeline.job.decode import DecodeError  # noqa: E402
-from pipeline.job.errors import one_line  # noqa: E402
-from pipeline.readers.search import MODES, Hit, SearchError, SearchParams, VideoSearch  # noqa: E402
-from pipeline.store.storage import MIN_ROWS_FOR_VECTOR_INDEX, OutputStore  # noqa: E402
+from pipeline.job.decode import DecodeError
+from pipeline.job.errors import one_line
+from pipeline.readers.search import MODES, Hit, SearchError, SearchParams, VideoSearch
+from pipeline.store.storage import MIN_ROWS_FOR_VECTOR_INDEX, OutputStore
 
 DEFAULTS = SearchParams()
 

@@ -21,8 +21,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 # Pixels per grid cell when frames are decoded again for a stored row: only the aspect ratio must match the
 # encoder's input (decode_video's centre crop), and 32 gives the usual 224 px for a 7x7 grid.

@@ -13,16 +13,19 @@ encoder actors); everything else calls `tokenize` for one whole video.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 import tokendyn
+from pipeline.job.config import compress_kwargs, decode_kwargs
 from pipeline.job.decode import DecodedClip, VideoSource, decode_video
 from pipeline.job.encoders import Encoder, encoder_input_size, load_encoder
 from pipeline.job.watchdog import TimeLimitedRunner
-from pipeline.store.contract import OutputContract, compress_kwargs, decode_kwargs
+
+if TYPE_CHECKING:
+    from pipeline.store.contract import OutputContract
 
 
 class VideoTokenizer:
@@ -36,7 +39,7 @@ class VideoTokenizer:
         resolved layer is used for the encoder. decoder: another decoder than the recorded one (same frames).
         decode_timeout_s: decode in a child process that is killed after this long (pipeline.job.watchdog).
         encoder, input_size: an encoder already loaded, or its input size (decoding then needs no encoder)."""
-        contract = settings if isinstance(settings, OutputContract) else None
+        contract = None if isinstance(settings, dict) else settings  # the contract's layer is the resolved one
         self.settings = dict(contract.settings if contract else settings)
         self.layer = contract.layer if contract else self.settings.get("layer")
         self.device = device

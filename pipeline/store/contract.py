@@ -28,7 +28,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.job.config import JobConfig
+from pipeline.job.config import JobConfig, compress_kwargs, decode_kwargs
 from pipeline.store.schema import SCHEMA_VERSION, SchemaVersionError
 from pipeline.store.storage import OutputStore
 
@@ -129,24 +129,6 @@ class OutputContract:
         missing = "(not set)"
         return [f"{name}: {self.settings.get(name, missing)!r} -> {settings.get(name, missing)!r}" for name in names
                 if not _same_setting(name, self.settings.get(name, missing), settings.get(name, missing))]
-
-
-def decode_kwargs(settings: dict[str, Any]) -> dict[str, Any]:
-    """Keyword arguments of pipeline.job.decode.decode_video that sample a video as `settings`
-    (JobConfig.output_settings()) say."""
-    return {"num_frames": settings.get("frames"), "fps": settings.get("fps"), "max_frames": settings.get("max_frames"),
-            "decoder": settings["decoder"]}
-
-
-def compress_kwargs(settings: dict[str, Any]) -> dict[str, Any]:
-    """Keyword arguments of tokendyn.compress that compress a video as `settings` (JobConfig.output_settings())
-    say."""
-    if settings["k"]:
-        return {"k": settings["k"], "seed": settings["seed"]}
-    rule = {"k_rule": settings["k_rule"]}
-    if rule["k_rule"] == "fidelity":
-        rule["target_fidelity"] = settings["target_fidelity"]
-    return {"k": None, "k_min": settings["k_min"], "k_max": settings["k_max"], **rule, "seed": settings["seed"]}
 
 
 def _same_setting(name: str, recorded: Any, asked: Any) -> bool:
