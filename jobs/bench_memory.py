@@ -31,7 +31,6 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
 
 MiB = 1024 * 1024
 DISTINCT_CLIPS = 16  # the corpus hard-links these under as many names as needed: each name is one video
@@ -191,8 +190,8 @@ class Sampler(threading.Thread):
 
 def measure(manifest: str, output: str, args: argparse.Namespace) -> dict:
     """Run the job over `manifest` (starting a local Ray unless one runs here) and return its memory peaks."""
-    from pipeline.config import JobConfig
-    from pipeline.job import init_ray, run_job
+    from pipeline.job.config import JobConfig
+    from pipeline.job.run import init_ray, run_job
 
     config = JobConfig.from_args([
         "--input", manifest, "--output", output, "--frames", str(args.frames), "--k", str(args.k),

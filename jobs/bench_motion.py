@@ -35,25 +35,24 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # local Ray stays on loopback
 
-import av  # noqa: E402,F401  before decord (see pipeline/decode.py)
+import av  # noqa: E402,F401  before decord (see pipeline/job/decode.py)
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 
 import tokendyn  # noqa: E402
-from jobs import train_from_cache  # noqa: E402
-from pipeline.cache import HEAVY_COLUMNS, CachedTokenDataset, collate_videos  # noqa: E402
-from pipeline.config import JobConfig  # noqa: E402
-from pipeline.decode import decode_video  # noqa: E402
-from pipeline.encoders import load_encoder  # noqa: E402
-from pipeline.job import init_ray, run_job  # noqa: E402
-from pipeline.schema import now_utc, video_row  # noqa: E402
-from pipeline.storage import OutputStore  # noqa: E402
-from pipeline.video_lm import DEFAULT_LLM, caption_batch, load_llm  # noqa: E402
+import train_from_cache  # noqa: E402  (jobs/, next to this script)
+from pipeline.job.config import JobConfig  # noqa: E402
+from pipeline.job.run import init_ray, run_job  # noqa: E402
+from pipeline.job.tokenizer import VideoTokenizer  # noqa: E402
+from pipeline.readers.cache import HEAVY_COLUMNS, CachedTokenDataset, collate_videos  # noqa: E402
+from pipeline.readers.video_lm import DEFAULT_LLM, caption_batch, load_llm  # noqa: E402
+from pipeline.store.contract import read_contract  # noqa: E402
+from pipeline.store.schema import now_utc, video_row  # noqa: E402
+from pipeline.store.storage import OutputStore  # noqa: E402
 from tokendyn.baselines import frame_pool, tome_merge, uniform_pool  # noqa: E402
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (40, 80, 230), "yellow": (235, 215, 40)}
@@ -197,22 +196,22 @@ def compress_with_job(manifest: Path, output: Path, args) -> None:
 
 def write_baseline_caches(job_cache: Path, outputs: dict[str, Path], args) -> None:
     """For each clip of the job's cache: the same frames through the same encoder, each baseline at K tokens."""
-    table = OutputStore(str(job_cache)).read_videos()
+    store = OutputStore(str(job_cache))
+    table = store.read_videos()
     light = table.drop_columns(list(HEAVY_COLUMNS)).to_pylist()
-    (name, layer), = {(row["encoder"], row["encoder_layer"]) for row in light}
-    encoder = load_encoder(name, layer=layer, device="cpu")
+    video_tokenizer = VideoTokenizer(read_contract(store))  # decode and encode as the job did
     rows = {baseline: [] for baseline in outputs}
     for row in light:
-        clip = decode_video(row["uri"], num_frames=row["num_frames"], size=encoder.input_size)
+        clip = video_tokenizer.decode(row["uri"])
         assert list(clip.frame_indices) == list(row["frame_indices"]), "the job sampled other frames"
-        tokens = encoder.encode(clip.frames)
+        tokens = video_tokenizer.encode(clip.frames)
         for baseline in outputs:
             kept, assignment = BASELINES[baseline](tokens, row["k"])
             video = tokendyn.CompressedVideo(kept, assignment, torch.bincount(assignment.reshape(-1),
                                                                               minlength=len(kept)))
             rows[baseline].append({**row, **video_row(
                 video, frame_indices=row["frame_indices"], fps=row["fps"], source_frames=row["source_frames"],
-                encoder=name, encoder_layer=layer, base_dtype="float16", created_at=now_utc())})
+                encoder=row["encoder"], encoder_layer=row["encoder_layer"], base_dtype="float16", created_at=now_utc())})
     for baseline, output in outputs.items():
         OutputStore(str(output)).write_videos(pa.Table.from_pylist(rows[baseline], schema=table.schema))
 

@@ -15,22 +15,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import tokendyn  # noqa: E402
-from pipeline.config import JobConfig  # noqa: E402
-from pipeline.decode import decode_video  # noqa: E402
-from pipeline.encoders import load_encoder  # noqa: E402
-from pipeline.job import init_ray, run_job  # noqa: E402
-from pipeline.sample_clips import sample_clip_paths  # noqa: E402
+from pipeline.job.config import JobConfig
+from pipeline.job.decode import decode_video
+from pipeline.job.encoders import load_encoder
+from pipeline.job.run import init_ray, run_job
+from pipeline.job.sample_clips import sample_clip_paths
+from pipeline.job.tokenizer import VideoTokenizer
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--videos", type=int, default=24, help="Corpus size (sample clips repeated).")
@@ -76,19 +73,19 @@ for start in range(0, len(decoded), args.batch_size):
     encoder.encode(np.concatenate(decoded[start:start + args.batch_size]))
 encoder_rate = rate(len(decoded), time.perf_counter() - started)
 
-# Plain loop: what one process does without Ray.
-started = time.perf_counter()
-for video in videos:
-    clip = decode_video(str(video), num_frames=args.frames, size=size)
-    tokendyn.compress(encoder.encode(clip.frames), k=args.k)
-plain_rate = rate(len(videos), time.perf_counter() - started)
-del encoder
-
-# The Ray pipeline, same work, written to a fresh output.
+# Plain loop: what one process does without Ray, with the job's settings.
 config = JobConfig.from_args([
     "--input", str(corpus), "--output", str(work / "out"), "--frames", str(args.frames), "--k", str(args.k),
     "--encoder", args.encoder, "--workers", str(args.workers), "--gpus-per-worker", str(args.gpus_per_worker),
     "--batch-size", str(args.batch_size), "--rows-per-file", str(args.batch_size), "--neighbours", "0"])
+tokenizer = VideoTokenizer(config.output_settings(), device=args.device, encoder=encoder)
+started = time.perf_counter()
+for video in videos:
+    tokenizer.tokenize(str(video))
+plain_rate = rate(len(videos), time.perf_counter() - started)
+del encoder, tokenizer
+
+# The Ray pipeline, same work, written to a fresh output.
 init_ray(config)
 summary = run_job(config)
 assert summary.ok == len(videos), f"pipeline wrote {summary.ok} of {len(videos)} videos"

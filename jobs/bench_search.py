@@ -2,7 +2,7 @@
 
 Builds a LanceDB table of --videos synthetic videos in the job's row schema (a temporary output root), builds the
 same vector index the job builds (OutputStore.build_vector_index: IVF on `pooled`, cosine), then times held-out queries
-through pipeline.search:
+through pipeline.readers.search:
 
     pooled exact    LanceDB brute-force scan              recall vs a numpy cosine oracle (a sanity check: 1.0)
     pooled ANN      LanceDB IVF index + refine            recall vs the same oracle
@@ -28,19 +28,16 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import lancedb
 import numpy as np
 import pyarrow as pa
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
-
-from pipeline.config import JobConfig  # noqa: E402
-from pipeline.contract import OutputContract  # noqa: E402
-from pipeline.schema import now_utc, video_schema  # noqa: E402
-from pipeline.search import SearchParams, VideoSearch  # noqa: E402
-from pipeline.storage import TABLE_NAME, OutputStore  # noqa: E402
+from pipeline.job.config import JobConfig
+from pipeline.readers.search import SearchParams, VideoSearch
+from pipeline.store.contract import OutputContract
+from pipeline.store.schema import now_utc, video_schema
+from pipeline.store.storage import TABLE_NAME, OutputStore
 
 WRITE_BATCH_ROWS = 20_000
 

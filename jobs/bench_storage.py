@@ -9,7 +9,7 @@ index, finish_run). Then, as the next run would:
     commit            --commits files of --rows-per-file new rows each, one write_videos per file (p50 and mean;
                       the mean includes the compactions that commits trigger)
     index refresh     build_vector_index() after those commits (new rows join the trained index)
-    search            pooled ANN through pipeline.search (the job's IVF index): p50 / p95 latency of --queries
+    search            pooled ANN through pipeline.readers.search (the job's IVF index): p50 / p95 latency of --queries
                       held-out queries, recall@10 against an exact numpy cosine scan of every row
     fragments         LanceDB fragments after the commits
 
@@ -37,13 +37,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_search, next to this script
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
-
-from bench_search import _unit, corpus_rows, synthetic_corpus  # noqa: E402
-from pipeline.schema import video_schema  # noqa: E402
-from pipeline.search import SearchParams, VideoSearch  # noqa: E402
-from pipeline.storage import OutputStore  # noqa: E402
+from bench_search import _unit, corpus_rows, synthetic_corpus
+from pipeline.readers.search import SearchParams, VideoSearch
+from pipeline.store.schema import video_schema
+from pipeline.store.storage import OutputStore
 
 FILL_ROWS_PER_FILE = 20_000  # the fill writes bigger files than a job would, to be quick; commits use real sizes
 

@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
-
-from pipeline.config import JobConfig  # noqa: E402
-from pipeline.job import RunSummary, init_ray, run_job  # noqa: E402
-from pipeline.search import nearest_to_video  # noqa: E402
-from pipeline.schema import SchemaVersionError  # noqa: E402
-from pipeline.storage import OutputLocked, OutputStore  # noqa: E402
+from pipeline.job.config import JobConfig
+from pipeline.job.run import RunSummary, init_ray, run_job
+from pipeline.readers.search import nearest_to_video
+from pipeline.store.schema import SchemaVersionError
+from pipeline.store.storage import OutputLocked, OutputStore
 
 
 def print_summary(s: RunSummary) -> None:

@@ -7,7 +7,7 @@ Each clip is cut into --segments temporal segments, each treated as its own vide
 clips give a gallery of tens of videos. Reported per method and budget: reconstruction relative MSE, mean cosine
 and pooled-vector cosine against the full tokens, tokens kept, bytes per video, and self-retrieval recall@1/@5 of
 altered copies (temporal shift, crop, resize, colour change) against all gallery videos, by pooled-vector cosine
-and by MaxSim over the kept tokens; full tokens are the reference. pipeline/evaluation.py defines each of these.
+and by MaxSim over the kept tokens; full tokens are the reference. pipeline/readers/evaluation/ defines each of these.
 
 Writes <output-dir>/evaluation.md (the tables, also printed), evaluation.json and evaluation.png (fidelity and
 recall against tokens kept). A file that cannot be decoded is skipped and named in the report. Exit status: 0, or 2
@@ -22,7 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
 
 
 def parse_ks(text: str) -> tuple[int, ...]:
@@ -62,7 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def config_from(args: argparse.Namespace):
-    from pipeline.evaluation import EvaluationConfig
+    from pipeline.readers.evaluation.config import EvaluationConfig
 
     return EvaluationConfig(frames=args.frames, segments=args.segments, ks=args.ks, adaptive=not args.no_adaptive,
                             k_min=args.k_min, k_max=args.k_max, k_rule=args.k_rule,
@@ -71,7 +70,7 @@ def config_from(args: argparse.Namespace):
 
 
 def default_input() -> str:
-    from pipeline.sample_clips import sample_clip_dir
+    from pipeline.job.sample_clips import sample_clip_dir
 
     return str(sample_clip_dir())
 
@@ -79,9 +78,9 @@ def default_input() -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Imported after parsing, so that --help and argument errors answer without loading torch.
-    from pipeline.decode import DecodeError
-    from pipeline.errors import one_line
-    from pipeline.evaluation import evaluate_clips, list_clips
+    from pipeline.job.decode import DecodeError
+    from pipeline.job.errors import one_line
+    from pipeline.readers.evaluation.run import evaluate_clips, list_clips
 
     started = time.perf_counter()
     log = (lambda message: None) if args.quiet else (
@@ -97,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from pipeline.encoders import load_encoder
+    from pipeline.job.encoders import load_encoder
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -116,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def write_outputs(report, output: Path) -> tuple[str, list[Path]]:
     """The Markdown table, the JSON report and the plot under `output`; returns (table, paths written)."""
-    from pipeline.evaluation import markdown_report, plot_report, report_as_dict
+    from pipeline.readers.evaluation.report import markdown_report, plot_report, report_as_dict
 
     output.mkdir(parents=True, exist_ok=True)
     table = markdown_report(report)

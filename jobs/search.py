@@ -23,14 +23,11 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
-
-from pipeline.decode import DecodeError  # noqa: E402
-from pipeline.errors import one_line  # noqa: E402
-from pipeline.search import MODES, Hit, SearchError, SearchParams, VideoSearch  # noqa: E402
-from pipeline.storage import MIN_ROWS_FOR_VECTOR_INDEX, OutputStore  # noqa: E402
+from pipeline.job.decode import DecodeError
+from pipeline.job.errors import one_line
+from pipeline.readers.search import MODES, Hit, SearchError, SearchParams, VideoSearch
+from pipeline.store.storage import MIN_ROWS_FOR_VECTOR_INDEX, OutputStore
 
 DEFAULTS = SearchParams()
 

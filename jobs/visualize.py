@@ -21,9 +21,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 # Pixels per grid cell when frames are decoded again for a stored row: only the aspect ratio must match the
 # encoder's input (decode_video's centre crop), and 32 gives the usual 224 px for a 7x7 grid.
@@ -81,17 +79,17 @@ def safe_name(text: str) -> str:
 
 
 def clip_from_video_file(args: argparse.Namespace) -> ClipToDraw:
-    import tokendyn
-    from pipeline.decode import decode_video
-    from pipeline.encoders import load_encoder
+    from pipeline.job.config import JobConfig
+    from pipeline.job.tokenizer import VideoTokenizer
 
-    encoder = load_encoder(args.encoder, device=args.device)
-    clip = decode_video(args.video, num_frames=args.frames, size=encoder.input_size, decoder=args.decoder,
-                        s3_endpoint_url=args.s3_endpoint_url)
-    tokens = encoder.encode(clip.frames)
     k = None if args.k == "adaptive" else int(args.k)
-    video = tokendyn.compress(tokens, k=k, k_min=args.k_min, k_max=args.k_max, k_rule=args.k_rule,
-                              target_fidelity=args.target_fidelity)
+    # The settings a job with these flags would record for its output: the video is tokenized as the job would.
+    settings = JobConfig(input=args.video, encoder=args.encoder, decoder=args.decoder, frames=args.frames,
+                         k=k or 0, k_min=args.k_min, k_max=args.k_max, k_rule=args.k_rule,
+                         target_fidelity=args.target_fidelity).output_settings()
+    tokenizer = VideoTokenizer(settings, device=args.device, s3_endpoint_url=args.s3_endpoint_url)
+    clip, video = tokenizer.tokenize(args.video)
+    encoder = tokenizer.encoder
     mode = "adaptive K" if k is None else "fixed K"
     name = Path(str(args.video).rstrip("/")).stem
     return ClipToDraw(name, clip.frames, video.dynamics.cpu().numpy(), int(video.base.shape[0]),
@@ -102,7 +100,7 @@ def clip_from_video_file(args: argparse.Namespace) -> ClipToDraw:
 def stored_row(output_root: str, video_id: str, s3_endpoint_url: str | None) -> dict:
     import pyarrow.compute as pc
 
-    from pipeline.storage import OutputStore
+    from pipeline.store.storage import OutputStore
 
     table = OutputStore(output_root, s3_endpoint_url).read_videos(filter=pc.field("video_id") == video_id)
     if table is None:
@@ -115,7 +113,7 @@ def stored_row(output_root: str, video_id: str, s3_endpoint_url: str | None) -> 
 def frames_at(uri: str, indices: list[int], size: tuple[int, int], decoder: str,
               s3_endpoint_url: str | None) -> np.ndarray:
     """The frames of `uri` at these source indices, resized like the pipeline does (shorter side + centre crop)."""
-    from pipeline import decode
+    from pipeline.job import decode
 
     # A row written with num_frames=T has the indices decode_video samples again for T; check rather than assume.
     clip = decode.decode_video(uri, num_frames=len(indices), size=size, decoder=decoder,
@@ -127,7 +125,7 @@ def frames_at(uri: str, indices: list[int], size: tuple[int, int], decoder: str,
 
 
 def clip_from_output(args: argparse.Namespace) -> ClipToDraw:
-    from pipeline.schema import compressed_video_from_row
+    from pipeline.store.schema import compressed_video_from_row
 
     row = stored_row(args.output_root, args.video_id, args.s3_endpoint_url)
     video = compressed_video_from_row(row)
@@ -141,7 +139,7 @@ def clip_from_output(args: argparse.Namespace) -> ClipToDraw:
 
 
 def draw(clip: ClipToDraw, output_dir: Path, columns: int, gif_scale: int, gif_frame_ms: int) -> tuple[Path, Path]:
-    from pipeline.overlay import cluster_colours, write_gif, write_sheet
+    from pipeline.readers.overlay import cluster_colours, write_gif, write_sheet
 
     output_dir.mkdir(parents=True, exist_ok=True)
     stem = safe_name(clip.name)
@@ -155,9 +153,9 @@ def draw(clip: ClipToDraw, output_dir: Path, columns: int, gif_scale: int, gif_f
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Imported after parsing, so that --help and argument errors answer without loading torch.
-    from pipeline.decode import DecodeError
-    from pipeline.errors import one_line
-    from pipeline.schema import SchemaVersionError
+    from pipeline.job.decode import DecodeError
+    from pipeline.job.errors import one_line
+    from pipeline.store.schema import SchemaVersionError
 
     try:
         clip = clip_from_video_file(args) if args.video is not None else clip_from_output(args)

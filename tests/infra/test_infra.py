@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import JobConfig
+from pipeline.job.config import JobConfig
 
 INFRA = Path(__file__).resolve().parents[2] / "infra"
 ENTRY = "python jobs/compress_corpus.py"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.storage import OutputStore
+from pipeline.store.storage import OutputStore
 
 HERE = Path(__file__).resolve().parent
 VIDEOS = 40

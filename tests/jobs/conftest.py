@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import JobConfig
-from pipeline.job import RunSummary, run_job
+from pipeline.job.config import JobConfig
+from pipeline.job.run import RunSummary, run_job
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 TEST_FLAGS = ["--frames", "8", "--k", "8", "--batch-size", "2", "--neighbours", "0"]

@@ -10,8 +10,8 @@ import csv
 
 import pytest
 
-from pipeline.decode import sample_frame_indices
-from pipeline.storage import OutputStore
+from pipeline.job.decode import sample_frame_indices
+from pipeline.store.storage import OutputStore
 
 # (height, width, pixel format) of each clip; all 24 frames at 12 fps.
 CLIPS = [(110, 256, "yuv420p"), (33, 17, "yuv444p"), (2, 2, "yuv444p"), (1, 4000, "yuv444p"), (4000, 1, "yuv444p"),

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline.job import MIN_OBJECT_STORE_BUDGET
+from pipeline.job.run import MIN_OBJECT_STORE_BUDGET
 
 REPO = Path(__file__).resolve().parents[2]
 

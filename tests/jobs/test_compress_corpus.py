@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.schema import compressed_video_from_row
-from pipeline.search import nearest_to_video
-from pipeline.sources import video_id_for
-from pipeline.storage import OutputStore
+from pipeline.job.sources import video_id_for
+from pipeline.readers.search import nearest_to_video
+from pipeline.store.schema import compressed_video_from_row
+from pipeline.store.storage import OutputStore
 
 REPO = Path(__file__).resolve().parents[2]
 GOOD = ["bikes.mp4", "carphone_pristine.mp4", "carphone_distorted.mp4", "nested/grey.mp4"]

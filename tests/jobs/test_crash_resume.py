@@ -29,10 +29,10 @@ import pytest
 import ray  # noqa: F401  (puts Ray's bundled psutil on the path)
 import psutil  # noqa: E402
 
-from pipeline.config import JobConfig
-from pipeline.job import run_job
-from pipeline.sources import video_id_for
-from pipeline.storage import OutputStore
+from pipeline.job.config import JobConfig
+from pipeline.job.run import run_job
+from pipeline.job.sources import video_id_for
+from pipeline.store.storage import OutputStore
 
 REPO = Path(__file__).resolve().parents[2]
 ENTRY = REPO / "jobs" / "compress_corpus.py"

@@ -26,9 +26,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.schema import SCHEMA_VERSION, SCHEMA_VERSION_KEY, SchemaVersionError
-from pipeline.sources import video_id_for
-from pipeline.storage import OutputStore
+from pipeline.job.sources import video_id_for
+from pipeline.store.schema import SCHEMA_VERSION, SCHEMA_VERSION_KEY, SchemaVersionError
+from pipeline.store.storage import OutputStore
 from job_scripts import load_job_script
 
 REPO = Path(__file__).resolve().parents[2]
@@ -254,8 +254,8 @@ os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
 """
 DECODE_AND_REPORT = """
 import json, sys
-from pipeline.decode import decode_video
-from pipeline.errors import failure
+from pipeline.job.decode import decode_video
+from pipeline.job.errors import failure
 try:
     decode_video(sys.argv[1], num_frames=2)
     print(json.dumps(None))

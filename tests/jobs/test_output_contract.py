@@ -9,8 +9,8 @@ from pathlib import Path
 import pyarrow as pa
 
 from job_scripts import load_job_script
-from pipeline.sources import video_id_for
-from pipeline.storage import OutputStore
+from pipeline.job.sources import video_id_for
+from pipeline.store.storage import OutputStore
 
 SMALL = ["--frames", "2", "--k", "2"]
 SAMPLE_OUTPUT_FLAGS = ["--frames", "8", "--k", "8", "--neighbours", "0"]  # what `sample_output` was made with

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.sources import video_id_for
-from pipeline.storage import OutputStore
+from pipeline.job.sources import video_id_for
+from pipeline.store.storage import OutputStore
 from bad_inputs import assert_one_line_error, bad_query_videos
 from job_scripts import load_job_script
 

@@ -19,13 +19,13 @@ import torch
 import torch.multiprocessing
 
 import tokendyn
-from pipeline.config import JobConfig
-from pipeline.contract import contract_of_rows
-from pipeline.decode import decode_video
-from pipeline.encoders import load_encoder
-from pipeline.schema import now_utc, video_row, video_schema
-from pipeline.sources import video_id_for
-from pipeline.storage import OutputStore
+from pipeline.job.config import JobConfig
+from pipeline.job.decode import decode_video
+from pipeline.job.encoders import load_encoder
+from pipeline.job.sources import video_id_for
+from pipeline.store.contract import contract_of_rows
+from pipeline.store.schema import now_utc, video_row, video_schema
+from pipeline.store.storage import OutputStore
 from job_scripts import load_job_script
 
 CAPTIONS = {

@@ -1,4 +1,4 @@
-"""jobs/visualize.py and pipeline.overlay: the dynamics map drawn over a real clip, from a file and from an output.
+"""jobs/visualize.py and pipeline.readers.overlay: the dynamics map over a real clip, from a file and from an output.
 
 The pictures are checked for what a person needs to see: the right size, not blank, many colours, the clusters'
 own colours present, one GIF frame per sampled frame.
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import overlay
+from pipeline.readers import overlay
 from bad_inputs import assert_one_line_error, bad_query_videos
 from job_scripts import load_job_script
 
@@ -109,10 +109,10 @@ def test_visualize_a_stored_video(visualize, sample_clip_paths, tmp_path):
     import pyarrow as pa
 
     import tokendyn
-    from pipeline.decode import decode_video
-    from pipeline.encoders import load_encoder
-    from pipeline.schema import now_utc, video_row, video_schema
-    from pipeline.storage import OutputStore
+    from pipeline.job.decode import decode_video
+    from pipeline.job.encoders import load_encoder
+    from pipeline.store.schema import now_utc, video_row, video_schema
+    from pipeline.store.storage import OutputStore
 
     uri = str(sample_clip_paths["carphone_pristine"])
     encoder = load_encoder()
@@ -137,7 +137,7 @@ def test_visualize_a_stored_video(visualize, sample_clip_paths, tmp_path):
 
 
 def test_frames_at_reads_indices_that_uniform_sampling_would_not_give(visualize, sample_clip_paths):
-    from pipeline.decode import decode_video
+    from pipeline.job.decode import decode_video
 
     uri = str(sample_clip_paths["carphone_pristine"])
     every_frame = decode_video(uri, num_frames=None, fps=1000.0, size=(64, 64))

@@ -1,4 +1,4 @@
-"""pipeline.video_lm: padding changes no example's loss, the video prefix is used, the loss is on the caption only,
+"""pipeline.readers.video_lm: padding changes no example's loss, the video prefix is used, the loss is on the caption only,
 checkpoints hold only what trains, and the real pretrained GGUF LLM loads offline through the hub-id code path."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.video_lm import (
+from pipeline.readers.video_lm import (
     DEFAULT_LLM, IGNORE_INDEX, VideoPrefixLM, caption_batch, left_pad, load_llm, prompt_ids, resolve_llm,
 )
 
@@ -30,7 +30,7 @@ def video(k: int, seed: int) -> dict:
 
 
 def batch_of(videos: list[dict]) -> dict:
-    """Right-padded along K, as pipeline.cache.collate_videos pads; garbage in the padding must not matter."""
+    """Right-padded along K, as pipeline.readers.cache.collate_videos pads; garbage in the padding must not matter."""
     k_max = max(len(v["base"]) for v in videos)
     base = torch.full((len(videos), k_max, DIM), 1e3)
     mask = torch.zeros(len(videos), k_max, dtype=torch.bool)

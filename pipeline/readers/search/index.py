@@ -1,4 +1,4 @@
-"""Similarity search over the job's LanceDB table: pooled-vector ANN, exact scans, and MaxSim over token bases.
+"""VideoSearch: similarity search over the job's LanceDB table: pooled-vector ANN, exact scans, MaxSim over bases.
 
 A query is a pooled vector [D] and, for MaxSim, a query base [Kq, D]. It comes from a stored video (`by_video_id`),
 a video file compressed exactly the way the table's videos were (`by_video`), a text embedded by the encoder's
@@ -14,14 +14,7 @@ Modes (`MODES`):
   maxsim-exact  LanceDB multivector search on `base` over every row (brute force; slow on large tables).
 MaxSim(Q, C) = sum over query rows q of max over candidate rows c of cos(q, c), in [-Kq, Kq] (ColBERT's late
 interaction); with a one-row query (text) it is the best cosine between the query and any base vector.
-
-Text search embeds the text with the text tower saved next to the table's encoder (SigLIP, CLIP: same hub id or
-directory) and compares it with the pooled vectors. Pooled vectors are means of patch tokens from a hidden layer
-of the vision tower, while text embeddings live in the towers' joint (projected) space, so scores are only
-meaningful when the recorded layer is the vision tower's projected output; from inner layers they are a rough
-signal at best. When the sizes differ (CLIP: hidden 768 vs projection 512), the text vector is mapped back
-through the vision projection's transpose W^T t, which ranks like the inner product <W x, t> in the joint space
-(the final layer norm is ignored).
+The text notes are in pipeline.readers.search.text; the MaxSim maths in pipeline.readers.search.maxsim.
 """
 
 from __future__ import annotations
@@ -31,26 +24,15 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from pipeline.contract import ContractError, OutputContract, read_contract, same_encoder
-from pipeline.storage import MIN_ROWS_FOR_VECTOR_INDEX, OutputStore
+from pipeline.readers.search.errors import SearchError, SettingsMismatchError
+from pipeline.readers.search.maxsim import bases_as_rows, maxsim_scores
+from pipeline.readers.search.text import TextTower, load_text_tower
+from pipeline.store.contract import ContractError, OutputContract, read_contract, same_encoder
+from pipeline.store.storage import MIN_ROWS_FOR_VECTOR_INDEX, OutputStore
 
 MODES = ("ann", "exact", "maxsim", "maxsim-exact")
-EFFICIENTNET_ENCODER = "efficientnet-lite0"
 RESULT_COLUMNS = ["video_id", "uri", "_distance"]
-
-
-class SearchError(ValueError):
-    """A query that cannot be answered as asked; the message says why and what to do."""
-
-
-class SettingsMismatchError(SearchError):
-    """The caller asked for other encoder or sampling settings than the table's videos were compressed with."""
-
-
-class NoTextTowerError(SearchError):
-    """Text search on a table whose encoder has no text tower."""
 
 
 @dataclass(frozen=True)
@@ -70,40 +52,6 @@ class SearchParams:
     nprobes: int = 20  # IVF partitions visited per query
     refine_factor: int | None = 10  # re-score refine_factor * limit candidates with the full vectors
     candidates: int = 100  # pooled-ANN candidates re-ranked by MaxSim (at least k)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# MaxSim
-
-
-def _normalise_rows(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
-def maxsim_scores(query_base: np.ndarray, rows: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """MaxSim of one query against many bases stored back to back.
-
-    query_base [Q, D]; rows [sum(lengths), D] (candidate i owns the next lengths[i] rows); -> scores [len(lengths)].
-    Candidates with no rows score -inf.
-    """
-    lengths = np.asarray(lengths, dtype=np.int64)
-    scores = np.full(len(lengths), -np.inf, dtype=np.float32)
-    present = lengths > 0
-    if not present.any():
-        return scores
-    sims = _normalise_rows(query_base) @ _normalise_rows(rows).T  # [Q, total rows]
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])[present]
-    scores[present] = np.maximum.reduceat(sims, starts, axis=1).sum(axis=0)
-    return scores
-
-
-def bases_as_rows(column: pa.ChunkedArray | pa.Array, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """The `base` column (list<fixed_size_list<float>[dim]>) -> (rows [sum K, dim] float32, K per video)."""
-    lists = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False)
-    values = lists.flatten().flatten().to_numpy(zero_copy_only=False)
-    return values.astype(np.float32, copy=False).reshape(-1, dim), lengths
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -131,77 +79,6 @@ def _check_requested(recorded: OutputContract, requested: dict[str, Any], root: 
             f"the query asks for {', '.join(differences)}, but the videos in {root} were compressed otherwise; "
             "a query video must be compressed the same way to be comparable (leave these out to use the "
             "table's settings)")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# text towers
-
-
-@dataclass
-class TextTower:
-    """The text half of a two-tower checkpoint (SigLIP, CLIP) and its tokenizer."""
-
-    name: str
-    model: Any
-    tokenizer: Any
-
-    def embed(self, text: str) -> np.ndarray:
-        """Text -> its embedding in the joint space, [P] float32."""
-        import torch
-
-        config = self.model.config.text_config
-        # SigLIP was trained on texts padded to the full length; CLIP pools the end-of-text token either way.
-        padding = "max_length" if config.model_type.startswith("siglip") else True
-        inputs = self.tokenizer([text], padding=padding, truncation=True,
-                                max_length=config.max_position_embeddings, return_tensors="pt")
-        with torch.inference_mode():
-            features = self.model.get_text_features(**inputs)
-        features = getattr(features, "pooler_output", features)  # transformers 5 returns a model output
-        return features[0].float().cpu().numpy()
-
-    def query_vector(self, text: str, dim: int) -> np.ndarray:
-        """The text as a query against pooled vectors of size `dim` (see the module notes)."""
-        embedding = self.embed(text)
-        if embedding.shape[-1] == dim:
-            return embedding
-        projection = getattr(self.model, "visual_projection", None)
-        weight = getattr(projection, "weight", None)
-        if weight is not None and tuple(weight.shape) == (embedding.shape[-1], dim):
-            return weight.detach().float().cpu().numpy().T @ embedding  # W^T t: [D]
-        raise SearchError(f"{self.name} embeds text in {embedding.shape[-1]} dims and has no vision projection "
-                          f"from the table's {dim}-dim pooled vectors to that space")
-
-
-def load_text_tower(name: str) -> TextTower:
-    """The text model and tokenizer saved with the encoder `name` (hub id or local directory)."""
-    if name == EFFICIENTNET_ENCODER:
-        raise NoTextTowerError(f"{EFFICIENTNET_ENCODER} is an image-only encoder with no text tower, so this table "
-                               "cannot be searched by text: compress the corpus with a SigLIP or CLIP encoder "
-                               "(--encoder) for text search")
-    import transformers
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
-
-    try:
-        config = AutoConfig.from_pretrained(name)
-    except (OSError, ValueError) as error:
-        raise NoTextTowerError(f"cannot load the table's encoder {name!r} to find its text tower: {error}") from error
-    if getattr(config, "text_config", None) is None:
-        raise NoTextTowerError(f"{name} has no text tower (its config has no text_config); text search needs a "
-                               "two-tower checkpoint such as SigLIP or CLIP saved with its tokenizer")
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    try:
-        model, info = AutoModel.from_pretrained(name, output_loading_info=True)
-    finally:
-        transformers.logging.set_verbosity(verbosity)
-    missing = [key for key in info.get("missing_keys", ()) if key.startswith("text")]
-    if missing or not hasattr(model, "get_text_features"):
-        raise NoTextTowerError(f"{name} holds no text tower weights (missing: {missing[:4]})")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as error:
-        raise NoTextTowerError(f"{name} has no tokenizer saved next to the model") from error
-    return TextTower(name=name, model=model.eval(), tokenizer=tokenizer)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -239,7 +116,7 @@ class VideoSearch:
         return self.table.schema.field("pooled").type.list_size
 
     def settings(self) -> OutputContract:
-        """The settings the table's videos were made with: the output's recorded contract (pipeline.contract)."""
+        """The settings the table's videos were made with: the output's recorded contract (pipeline.store.contract)."""
         if self._settings is None:
             try:
                 self._settings = read_contract(self.store)
@@ -321,21 +198,17 @@ class VideoSearch:
     def compress_like_table(self, source, *, encoder=None, layer=None, frames=None, fps=None, base_k=None,
                             decoder=None, device="cpu", s3_endpoint_url=None):
         """Decode, encode and compress a video exactly as the table's videos were -> tokendyn.CompressedVideo."""
-        import tokendyn
-        from pipeline.decode import decode_video
+        from pipeline.job.tokenizer import VideoTokenizer
 
         recorded = self.settings()
         _check_requested(recorded, {"encoder": encoder, "frames": frames, "fps": fps, "k": base_k}, self.store.root)
-        model = self._encoder(recorded, layer, device)
-        sampling = {**recorded.decode_kwargs(), "decoder": decoder or recorded.decoder}
-        clip = decode_video(source, **sampling, size=tuple(model.input_size),
-                            s3_endpoint_url=s3_endpoint_url or self.store.s3_endpoint_url)
-        tokens = model.encode(clip.frames)
-        return tokendyn.compress(tokens, **recorded.compress_kwargs())
+        tokenizer = VideoTokenizer(recorded, encoder=self._encoder(recorded, layer, device), decoder=decoder,
+                                   s3_endpoint_url=s3_endpoint_url or self.store.s3_endpoint_url)
+        return tokenizer.tokenize(source)[1]
 
     def _encoder(self, recorded: OutputContract, layer: int | None, device: str):
         """The table's encoder at the table's layer; a requested layer must resolve to the recorded one."""
-        from pipeline.encoders import load_encoder
+        from pipeline.job.encoders import load_encoder
 
         if recorded.layer is None and layer is not None:
             _check_requested(recorded, {"layer": layer}, self.store.root)

@@ -1,4 +1,4 @@
-"""pipeline.contract: comparing settings, adopting outputs written before settings were recorded."""
+"""pipeline.store.contract: comparing settings, adopting outputs written before settings were recorded."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import dataclasses
 import pyarrow as pa
 import pytest
 
-from pipeline.config import JobConfig
-from pipeline.contract import (SettingsMismatch, SettingsUnknown, check_rows, check_run, contract_of_rows,
+from pipeline.job.config import JobConfig
+from pipeline.store.contract import (SettingsMismatch, SettingsUnknown, check_rows, check_run, contract_of_rows,
                                read_contract)
-from pipeline.storage import OutputStore
+from pipeline.store.storage import OutputStore
 from test_storage import DIM, video_table  # rows of K = 4, 3 frames, encoder "test-encoder", D = 16
 
 

@@ -3,7 +3,7 @@
     list videos -> drop those the output already holds (resume) -> decode (CPU actors, time-limited)
     -> encode + compress (actor pool, one model each, GPU when asked) -> driver commits rows in files
 
-The driver is the only writer, so every video row is committed exactly once (see pipeline.storage); Ray Data
+The driver is the only writer, so every video row is committed exactly once (see pipeline.store.storage); Ray Data
 streams batches to it with backpressure, so its memory stays bounded whatever the corpus size.
 """
 
@@ -23,15 +23,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from pipeline.config import JobConfig
-from pipeline.contract import OutputContract, check_rows, check_run, contract_of_rows
-from pipeline.encoders import encoder_input_size
-from pipeline.errors import ERROR_COLUMNS
-from pipeline.schema import now_utc
-from pipeline.sample_clips import write_sample_manifest
-from pipeline.sources import Listing, list_input
-from pipeline.stages import DecodeStage, EncodeCompressStage, check_extra_columns
-from pipeline.storage import OutputStore
+from pipeline.job.config import JobConfig
+from pipeline.job.encoders import encoder_input_size
+from pipeline.job.errors import ERROR_COLUMNS
+from pipeline.job.sample_clips import write_sample_manifest
+from pipeline.job.sources import Listing, list_input
+from pipeline.job.stages import DecodeStage, EncodeCompressStage, check_extra_columns
+from pipeline.store.contract import OutputContract, check_rows, check_run, contract_of_rows
+from pipeline.store.schema import now_utc
+from pipeline.store.storage import OutputStore
 
 log = logging.getLogger("tokendyn.pipeline")
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from pipeline.decode import (DecodeError, DecodedClip, decode_frames, decode_video, resize_frames,
+from pipeline.job.decode import (DecodeError, DecodedClip, decode_frames, decode_video, resize_frames,
                              sample_frame_indices)
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -150,7 +150,7 @@ def _centre_crop_box_expectations(height, width, target_h, target_w, box):
 @example(height=4320, width=7680, target_h=224, target_w=224)
 @example(height=1, width=4000, target_h=224, target_w=224)
 def test_crop_box_is_whole_pixels_inside_the_frame_for_every_size(height, width, target_h, target_w):
-    from pipeline.decode import _centre_crop_box
+    from pipeline.job.decode import _centre_crop_box
 
     box = _centre_crop_box(height, width, target_h, target_w)
     _centre_crop_box_expectations(height, width, target_h, target_w, box)
@@ -390,7 +390,7 @@ def test_audio_only_file_is_a_decode_error(tmp_path):
 
 
 def test_pyav_resamples_when_the_stream_is_shorter_than_its_metadata(synthetic_clip, monkeypatch, frame_index_of):
-    from pipeline import decode
+    from pipeline.job import decode
 
     original_init = decode._PyAVReader.__init__
 

@@ -1,4 +1,4 @@
-"""pipeline.search against numpy oracles, and queries by video_id, video file and text on small tables."""
+"""pipeline.readers.search against numpy oracles, and queries by video_id, video file and text on small tables."""
 
 from __future__ import annotations
 
@@ -7,14 +7,16 @@ import json
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
+import torch
 
-from pipeline.config import JobConfig
-from pipeline.contract import contract_of_rows
-from pipeline.schema import SCHEMA_VERSION, now_utc, video_schema
-from pipeline.search import (NoTextTowerError, SearchError, SearchParams, SettingsMismatchError, VideoSearch,
+from pipeline.job.config import JobConfig
+from pipeline.store.contract import contract_of_rows
+from pipeline.store.schema import SCHEMA_VERSION, now_utc, video_schema
+from pipeline.readers.search import (NoTextTowerError, SearchError, SearchParams, SettingsMismatchError, VideoSearch,
                              maxsim_scores, nearest_to_video)
-from pipeline.storage import OutputStore
+from pipeline.store.storage import OutputStore
 
 TINY_TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
 TINY_IMAGE_SIZE = 64
@@ -265,20 +267,15 @@ def tiny_two_tower_clip_dir(tmp_path_factory):
 
 
 def compress_with_job_stages(root, clip_paths, config: JobConfig) -> OutputStore:
-    """What one run of the job writes for these clips: decode, EncodeCompressStage, write, run.json (no Ray)."""
-    from pipeline.decode import decode_video
-    from pipeline.errors import ERROR_COLUMNS, no_failure
-    from pipeline.sources import canonical_uri, video_id_for
-    from pipeline.stages import EncodeCompressStage
+    """What one run of the job writes for these clips: DecodeStage, EncodeCompressStage, write, run.json (no Ray)."""
+    from pipeline.job.errors import ERROR_COLUMNS
+    from pipeline.job.sources import canonical_uri, video_id_for
+    from pipeline.job.stages import DecodeStage, EncodeCompressStage
 
     stage = EncodeCompressStage(config)
-    rows = []
-    for path in clip_paths:
-        clip = decode_video(str(path), num_frames=config.frames, fps=config.fps, max_frames=config.max_frames,
-                            size=stage.encoder.input_size, decoder=config.decoder)
-        rows.append({"video_id": video_id_for(str(path)), "uri": canonical_uri(str(path)), **no_failure(),
-                     "frames": clip.frames.tobytes(), "frames_shape": list(clip.frames.shape),
-                     "frame_indices": clip.frame_indices, "fps": clip.fps, "source_frames": clip.source_frames})
+    # In this process (no time-limit child: starting one costs seconds), otherwise the job's decode stage.
+    decode = DecodeStage(dataclasses.replace(config, decode_timeout_s=None), input_size=tuple(stage.encoder.input_size))
+    rows = [decode({"video_id": video_id_for(str(path)), "uri": canonical_uri(str(path))}) for path in clip_paths]
     written = stage(pa.Table.from_pylist(rows))
     assert written.column("error_stage").null_count == written.num_rows
     store = OutputStore(str(root))
@@ -319,6 +316,23 @@ def test_tiny_clip_text_query_runs_end_to_end(clip_table, tiny_two_tower_clip_di
     assert len(search.by_text("a bike", k=2, mode="maxsim")) == 2
 
 
+def assert_query_video_tokens_are_the_row(store: OutputStore, clip) -> None:
+    """The query video's base and map are the ones the job stored for the same file."""
+    from pipeline.store.schema import compressed_video_from_row
+
+    row = store.read_videos(filter=pc.field("uri") == str(clip)).to_pylist()[0]
+    stored = compressed_video_from_row(row)
+    query = VideoSearch(store).compress_like_table(str(clip))
+    assert query.k == stored.k
+    assert torch.equal(query.dynamics.long(), stored.dynamics.long())
+    assert torch.equal(query.base.half().float(), stored.base.float())  # the rows store float16 bases
+
+
+def test_a_query_video_gets_the_base_and_map_the_job_stored_for_it(clip_table):
+    store, clips = clip_table
+    assert_query_video_tokens_are_the_row(store, clips[0])
+
+
 def test_a_clip_file_queried_against_its_table_returns_itself_first(clip_table):
     store, clips = clip_table
     search = VideoSearch(store)
@@ -338,6 +352,7 @@ def test_a_query_video_sampled_by_fps_gets_the_tables_frame_cap(tmp_path, tiny_s
     # The same frames went through the same compression: the query's dynamics map is the stored one.
     assert query.dynamics.shape[0] == 3
     assert np.array_equal(query.dynamics.cpu().numpy().reshape(-1), np.frombuffer(row["dynamics"], np.uint8))
+    assert_query_video_tokens_are_the_row(store, clip)
 
 
 def test_a_query_video_gets_the_adaptive_k_rule_of_its_table(tmp_path, tiny_siglip_dir, sample_clip_paths):
@@ -348,3 +363,4 @@ def test_a_query_video_gets_the_adaptive_k_rule_of_its_table(tmp_path, tiny_sigl
         row = store.read_videos(columns=["k", "dynamics"]).to_pylist()[0]
         query = VideoSearch(store).compress_like_table(str(clip))
         assert (query.k, query.to_storage()["dynamics"]) == (row["k"], row["dynamics"]), rule
+        assert_query_video_tokens_are_the_row(store, clip)

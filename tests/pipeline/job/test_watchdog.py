@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from pipeline.watchdog import CallTimeout, ChildDied, TimeLimitedRunner
+from pipeline.job.watchdog import CallTimeout, ChildDied, TimeLimitedRunner
 
 
 def _stuck_in_native_code(seconds):
@@ -62,8 +62,8 @@ def _raise_not_rebuildable():
 
 
 def test_exception_that_cannot_be_rebuilt_keeps_type_and_message(runner):
-    from pipeline.errors import failure
-    from pipeline.watchdog import ChildError
+    from pipeline.job.errors import failure
+    from pipeline.job.watchdog import ChildError
 
     with pytest.raises(ChildError) as info:
         runner.call(_raise_not_rebuildable, timeout_s=30)

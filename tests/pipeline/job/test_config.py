@@ -2,7 +2,7 @@ import dataclasses
 
 import pytest
 
-from pipeline.config import JobConfig
+from pipeline.job.config import JobConfig
 
 
 def test_every_field_is_a_flag_with_help_and_default():

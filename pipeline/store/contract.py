@@ -28,9 +28,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.config import JobConfig
-from pipeline.schema import SCHEMA_VERSION, SchemaVersionError
-from pipeline.storage import OutputStore
+from pipeline.job.config import JobConfig, compress_kwargs, decode_kwargs
+from pipeline.store.schema import SCHEMA_VERSION, SchemaVersionError
+from pipeline.store.storage import OutputStore
 
 _BASE_DTYPES = {pa.float16(): "float16", pa.float32(): "float32"}
 HOW_TO_PROCEED = ("Write to another --output, or re-run with --rebuild to delete what this output holds and start "
@@ -98,17 +98,12 @@ class OutputContract:
         return self.settings["base_dtype"]
 
     def decode_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of pipeline.decode.decode_video that sample a video as this output's videos were."""
-        return {"num_frames": self.frames, "fps": self.fps, "max_frames": self.max_frames, "decoder": self.decoder}
+        """Keyword arguments of pipeline.job.decode.decode_video that sample a video as this output's videos were."""
+        return decode_kwargs(self.settings)
 
     def compress_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of tokendyn.compress that compress a video as this output's videos were."""
-        if self.k is not None:
-            return {"k": self.k, "seed": self.seed}
-        rule = {"k_rule": self.settings["k_rule"]}
-        if rule["k_rule"] == "fidelity":
-            rule["target_fidelity"] = self.settings["target_fidelity"]
-        return {"k": None, "k_min": self.k_min, "k_max": self.k_max, **rule, "seed": self.seed}
+        return compress_kwargs(self.settings)
 
     # ---- settings.json -----------------------------------------------------------------------------------------
     def as_json(self, run_id: str) -> dict[str, Any]:

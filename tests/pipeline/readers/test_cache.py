@@ -1,4 +1,4 @@
-"""pipeline.cache: items, sharding across ranks and DataLoader workers, padding, Parquet vs LanceDB, Ray Data."""
+"""pipeline.readers.cache: items, sharding across ranks and DataLoader workers, padding, Parquet vs LanceDB, Ray Data."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import torch
 from torch.utils.data import DataLoader
 
 import tokendyn
-from pipeline.cache import (
+from pipeline.readers.cache import (
     CachedTokenDataset, CollateRayBatch, EmptyCacheError, MissingColumnError, collate_videos, parquet_shard_plan,
     ray_dataset, shard_positions, shard_video_ids,
 )
-from pipeline.schema import SCHEMA_VERSION_KEY, SchemaVersionError, now_utc, video_row, video_schema
-from pipeline.storage import OutputStore
+from pipeline.store.schema import SCHEMA_VERSION_KEY, SchemaVersionError, now_utc, video_row, video_schema
+from pipeline.store.storage import OutputStore
 
 DIM, FRAMES, GRID = 8, 2, (3, 3)
 NUM_VIDEOS = 7
@@ -275,8 +275,8 @@ def test_ray_dataset_batches_match_the_torch_dataset(cache_root, local_ray):
 
 
 def test_settings_are_the_outputs_recorded_contract(tmp_path):
-    from pipeline.config import JobConfig
-    from pipeline.contract import SettingsUnknown, contract_of_rows
+    from pipeline.job.config import JobConfig
+    from pipeline.store.contract import SettingsUnknown, contract_of_rows
 
     store = OutputStore(str(tmp_path / "out"))
     table = video_table(range(2))

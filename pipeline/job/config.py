@@ -131,3 +131,21 @@ class JobConfig:
             return cls(**vars(args)).validate()
         except ValueError as err:
             parser.error(str(err))
+
+
+def decode_kwargs(settings: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments of pipeline.job.decode.decode_video that sample a video as `settings`
+    (JobConfig.output_settings()) say."""
+    return {"num_frames": settings.get("frames"), "fps": settings.get("fps"), "max_frames": settings.get("max_frames"),
+            "decoder": settings["decoder"]}
+
+
+def compress_kwargs(settings: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments of tokendyn.compress that compress a video as `settings` (JobConfig.output_settings())
+    say."""
+    if settings["k"]:
+        return {"k": settings["k"], "seed": settings["seed"]}
+    rule = {"k_rule": settings["k_rule"]}
+    if rule["k_rule"] == "fidelity":
+        rule["target_fidelity"] = settings["target_fidelity"]
+    return {"k": None, "k_min": settings["k_min"], "k_max": settings["k_max"], **rule, "seed": settings["seed"]}

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import tokendyn
-from pipeline.config import JobConfig
-from pipeline.decode import sample_frame_indices
-from pipeline.errors import no_failure
-from pipeline.job import decoded_video_bytes
-from pipeline.stages import DecodeStage, EncodeCompressStage
+from pipeline.job.config import JobConfig
+from pipeline.job.decode import sample_frame_indices
+from pipeline.job.errors import no_failure
+from pipeline.job.run import decoded_video_bytes
+from pipeline.job.stages import DecodeStage, EncodeCompressStage
 
 
 def test_decode_stage_caps_fps_sampling_at_max_frames(synthetic_clip, frame_index_of):
@@ -22,7 +22,7 @@ def test_decode_stage_caps_fps_sampling_at_max_frames(synthetic_clip, frame_inde
     try:
         row = stage({"video_id": "v", "uri": str(synthetic_clip)})
     finally:
-        stage.runner.close()
+        stage.close()
     assert row["error_stage"] is None, row["error_message"]
     expected = sample_frame_indices(24, fps=12.0, source_fps=12.0, max_frames=5)
     assert row["frame_indices"] == expected and len(expected) == 5 and expected[-1] > 18

@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import sources
-from pipeline.sample_clips import SAMPLE_CLIP_NAMES, sample_clip_dir
-from pipeline.sources import (
+from pipeline.job import sources
+from pipeline.job.sample_clips import SAMPLE_CLIP_NAMES, sample_clip_dir
+from pipeline.job.sources import (
     VIDEO_EXTENSIONS,
     canonical_uri,
     list_videos,

@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.errors import failure, record_failure, redact
+from pipeline.job.errors import failure, record_failure, redact
 
 
 def test_failure_records_stage_type_and_message():
@@ -36,7 +36,7 @@ def test_unreadable_input_is_a_read_failure_whatever_the_stage():
 
 
 def test_one_line_joins_a_multi_line_message_and_redacts_it():
-    from pipeline.errors import one_line
+    from pipeline.job.errors import one_line
 
     error = RuntimeError("decord failed:\n  Check failed: size\n\nStack trace: token=abc123")
     assert one_line(error) == "decord failed: Check failed: size Stack trace: token=***"

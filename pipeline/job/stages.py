@@ -1,9 +1,9 @@
-"""Ray Data stages of the compression job: thin adapters over decode, encoders and tokendyn.
+"""Ray Data stages of the compression job: thin adapters over the steps of pipeline.job.tokenizer.VideoTokenizer.
 
 Each stage is a callable class (Ray builds one per actor, so set-up happens once) that declares the resources it
 needs. Rows stay small: ids, uris and manifest columns travel; decoded frames exist only between the decode and
 encode stages, as one binary cell per video. A failing video becomes a row with error columns set (see
-pipeline.errors), which later stages pass through untouched.
+pipeline.job.errors), which later stages pass through untouched.
 """
 
 from __future__ import annotations
@@ -15,12 +15,10 @@ import pyarrow as pa
 import torch
 
 import tokendyn
-from pipeline.config import JobConfig
-from pipeline.decode import decode_video
-from pipeline.encoders import load_encoder
-from pipeline.errors import ERROR_COLUMNS, no_failure, record_failure
-from pipeline.schema import now_utc, video_row, video_schema
-from pipeline.watchdog import TimeLimitedRunner
+from pipeline.job.config import JobConfig
+from pipeline.job.errors import ERROR_COLUMNS, no_failure, record_failure
+from pipeline.job.tokenizer import VideoTokenizer
+from pipeline.store.schema import now_utc, video_row, video_schema
 
 # Columns the decode stage adds; everything else in its input (ids, manifest columns) is carried through.
 FRAME_COLUMNS = ("frames", "frames_shape", "frame_indices", "fps", "source_frames")
@@ -44,8 +42,8 @@ class DecodeStage:
 
     def __init__(self, config: JobConfig, input_size: tuple[int, int]) -> None:
         self.config = config
-        self.input_size = input_size
-        self.runner = TimeLimitedRunner()
+        self.tokenizer = VideoTokenizer(config.output_settings(), s3_endpoint_url=config.s3_endpoint_url,
+                                        decode_timeout_s=config.decode_timeout_s, input_size=input_size)
 
     @staticmethod
     def resources(config: JobConfig) -> Resources:
@@ -54,10 +52,7 @@ class DecodeStage:
     def __call__(self, row: dict) -> dict:
         row = {**row, **no_failure()}
         try:
-            clip = self.runner.call(
-                decode_video, row["uri"], timeout_s=self.config.decode_timeout_s,
-                num_frames=self.config.frames, fps=self.config.fps, max_frames=self.config.max_frames,
-                size=self.input_size, decoder=self.config.decoder, s3_endpoint_url=self.config.s3_endpoint_url)
+            clip = self.tokenizer.decode(row["uri"])
         except Exception as exc:
             return {**record_failure(row, "decode", exc), "frames": b"", "frames_shape": [],
                     "frame_indices": [], "fps": None, "source_frames": None}
@@ -65,8 +60,12 @@ class DecodeStage:
                 "frame_indices": [int(i) for i in clip.frame_indices], "fps": float(clip.fps),
                 "source_frames": int(clip.source_frames)}
 
+    def close(self) -> None:
+        """Stop the decode child process."""
+        self.tokenizer.close()
+
     def __del__(self) -> None:
-        self.runner.close()
+        self.close()
 
 
 def check_extra_columns(extra_fields: list[pa.Field]) -> None:
@@ -93,7 +92,8 @@ class EncodeCompressStage:
         them from each batch."""
         self.config = config
         self.extra_fields = extra_fields
-        self.encoder = load_encoder(config.encoder, layer=config.layer, device=_device_for(config))
+        self.tokenizer = VideoTokenizer(config.output_settings(), device=_device_for(config))
+        self.encoder = self.tokenizer.encoder
 
     @staticmethod
     def resources(config: JobConfig) -> Resources:
@@ -128,8 +128,7 @@ class EncodeCompressStage:
             return {}
         frames = [np.frombuffer(v["frames"], dtype=np.uint8).reshape(v["frames_shape"]) for v in videos]
         try:
-            with torch.inference_mode():
-                tokens = self.encoder.encode(np.concatenate(frames))
+            tokens = self.tokenizer.encode(np.concatenate(frames))
         except Exception as exc:
             for index, row in enumerate(rows):
                 if not _is_failed(row):
@@ -142,17 +141,14 @@ class EncodeCompressStage:
         """The batch's videos in one batched fit (one fit per shape: on an accelerator about the cost of one
         video's), each result identical to compressing the video alone. A video that cannot be compressed fails
         the batched call, so then each is compressed alone and only the bad one becomes its exception."""
-        c = self.config
-        settings = dict(k=None if c.adaptive else c.k, k_min=c.k_min, k_max=c.k_max, k_rule=c.k_rule,
-                        target_fidelity=c.target_fidelity, seed=c.seed)
         ids = list(tokens)
         try:
-            return dict(zip(ids, tokendyn.compress_batch([tokens[i] for i in ids], **settings)))
+            return dict(zip(ids, self.tokenizer.compress_batch([tokens[i] for i in ids])))
         except Exception:
             compressed: dict[str, tokendyn.CompressedVideo | Exception] = {}
             for i in ids:
                 try:
-                    compressed[i] = tokendyn.compress(tokens[i], **settings)
+                    compressed[i] = self.tokenizer.compress(tokens[i])
                 except Exception as exc:
                     compressed[i] = exc
             return compressed

@@ -49,7 +49,7 @@ import av  # noqa: F401  (import order matters, see above)
 import numpy as np
 from PIL import Image
 
-from pipeline.sources import canonical_uri, is_s3_uri, read_bytes
+from pipeline.job.sources import canonical_uri, is_s3_uri, read_bytes
 
 DECODERS = ("decord", "pyav")
 VideoSource = Union[str, os.PathLike, bytes, bytearray, memoryview, io.IOBase]

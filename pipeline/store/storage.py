@@ -5,7 +5,7 @@ Layout under the output root (a local path or s3://bucket/prefix):
     videos/part-<run>-<seq>.parquet   one row per compressed video (schema.video_schema)
     errors/part-<run>-<seq>.parquet   one row per failure (schema.ERROR_SCHEMA)
     lancedb/videos.lance              the same video rows; `pooled` is the vector column, `base` a multivector
-    settings.json                     the settings every video row was made with (pipeline.contract)
+    settings.json                     the settings every video row was made with (pipeline.store.contract)
     run.json                          summary of the last run
     _staging/                         files being written (ignored by readers: the name starts with "_")
     _lancedb_unsynced                 present from a run's start until it ends cleanly (see reconcile)
@@ -46,7 +46,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.schema import ERROR_SCHEMA, check_schema_version
+from pipeline.store.schema import ERROR_SCHEMA, check_schema_version
 
 log = logging.getLogger("tokendyn.pipeline")
 
@@ -510,7 +510,7 @@ class OutputStore:
             return True
         from botocore.exceptions import ClientError
 
-        from pipeline.sources import s3_client, split_s3_uri
+        from pipeline.job.sources import s3_client, split_s3_uri
 
         bucket, key = split_s3_uri(f"s3://{path}")
         try:
@@ -545,7 +545,7 @@ class OutputStore:
             self.fs.delete_file(self._lock_path)
         self._holder = None
 
-    # ---- the settings contract (see pipeline.contract) -----------------------------------------------------------
+    # ---- the settings contract (see pipeline.store.contract) -----------------------------------------------------
     SETTINGS_FILE = "settings.json"
 
     def read_settings(self) -> dict | None:

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import tokendyn
-from pipeline.schema import (SchemaVersionError, compressed_video_from_row, now_utc, video_row, video_schema)
-from pipeline.storage import OutputLocked, OutputStore
+from pipeline.store.schema import (SchemaVersionError, compressed_video_from_row, now_utc, video_row, video_schema)
+from pipeline.store.storage import OutputLocked, OutputStore
 
 DIM = 16
 
@@ -328,7 +328,7 @@ def test_commits_find_ids_through_a_video_id_index(tmp_path):
 
 
 def test_fragments_are_compacted_as_they_pile_up(tmp_path, monkeypatch):
-    monkeypatch.setattr("pipeline.storage.COMPACT_AT_SMALL_FRAGMENTS", 4)
+    monkeypatch.setattr("pipeline.store.storage.COMPACT_AT_SMALL_FRAGMENTS", 4)
     store = OutputStore(str(tmp_path / "out"))
     for i in range(13):
         store.write_videos(video_table([f"v{i}"], seed=i))
@@ -376,7 +376,7 @@ def test_resume_after_a_clean_run_reads_no_parquet(tmp_path, monkeypatch):
 
 
 def test_done_ids_among_a_listing_agrees_with_parquet(tmp_path, monkeypatch):
-    monkeypatch.setattr("pipeline.storage.ID_LOOKUP_CHUNK", 3)
+    monkeypatch.setattr("pipeline.store.storage.ID_LOOKUP_CHUNK", 3)
     store = OutputStore(str(tmp_path / "out"))
     held = [f"v{i}" for i in range(30)] + ["it's", 'say "hi"']
     store.write_videos(video_table(held))

@@ -37,9 +37,9 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
-from pipeline.contract import OutputContract, read_contract
-from pipeline.schema import SCHEMA_VERSION, SchemaVersionError, check_schema_version, compressed_video_from_row
-from pipeline.storage import OutputStore
+from pipeline.store.contract import OutputContract, read_contract
+from pipeline.store.schema import SCHEMA_VERSION, SchemaVersionError, check_schema_version, compressed_video_from_row
+from pipeline.store.storage import OutputStore
 
 SOURCES = ("parquet", "lancedb")
 TENSOR_KEYS = ("base", "dynamics", "cluster_sizes")
@@ -271,7 +271,7 @@ class CachedTokenDataset(Dataset):
 
     def settings(self) -> OutputContract:
         """What the cached videos were made with (encoder, sampling, K, seed): the output's recorded contract.
-        Raises pipeline.contract.SettingsUnknown for an old output whose settings cannot be told for sure."""
+        Raises pipeline.store.contract.SettingsUnknown for an old output whose settings cannot be told for sure."""
         return read_contract(self.store)
 
     @property

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.decode import decode_video
-from pipeline.encoders import Encoder, encoder_input_size, load_encoder
+from pipeline.job.decode import decode_video
+from pipeline.job.encoders import Encoder, encoder_input_size, load_encoder
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

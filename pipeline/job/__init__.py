@@ -1,0 +1,1 @@
+"""The compression job: sources -> decode -> encode -> compress -> the output store, on Ray Data."""
