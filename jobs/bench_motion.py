@@ -5,7 +5,7 @@
 1. Generate captioned synthetic clips with PyAV: a red / green / blue / yellow circle, square or triangle moves
    left, right, up or down, or stays still, over a random textured background ("a red circle moves left").
    The combinations are dealt round-robin, so every split holds every value of every attribute.
-2. Compress them with the real job (pipeline.job.run_job: default encoder, --frames, K = --k) into a cache of
+2. Compress them with the real job (pipeline.job.run.run_job: default encoder, --frames, K = --k) into a cache of
    train and held-out clips.
 3. Build the baselines at the same number of LLM tokens per video from the same encoder tokens of the same
    frames (tokendyn.baselines): uniform spatio-temporal pooling, ToMe merging, one token per frame.
