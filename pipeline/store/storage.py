@@ -549,11 +549,7 @@ class OutputStore:
     SETTINGS_FILE = "settings.json"
 
     def read_settings(self) -> dict | None:
-        try:
-            with self.fs.open_input_stream(f"{self.path}/{self.SETTINGS_FILE}") as src:
-                return json.loads(src.read())
-        except FileNotFoundError:
-            return None
+        return self._read_json(self.SETTINGS_FILE)
 
     def write_settings(self, settings: dict) -> None:
         """Record the output's settings, whole in one step."""
@@ -580,8 +576,12 @@ class OutputStore:
             out.write(json.dumps(summary, indent=2, default=str).encode())
 
     def read_run_summary(self) -> dict | None:
+        return self._read_json("run.json")
+
+    def _read_json(self, name: str) -> dict | None:
+        """A JSON file at the output root; None when absent."""
         try:
-            with self.fs.open_input_stream(f"{self.path}/run.json") as src:
+            with self.fs.open_input_stream(f"{self.path}/{name}") as src:
                 return json.loads(src.read())
         except FileNotFoundError:
             return None
