@@ -221,11 +221,21 @@ class OutputStore:
         return set(lance.search().select(["video_id"]).limit(None).to_arrow().column("video_id").to_pylist())
 
     def lance_table(self):
-        """The LanceDB table, or None when nothing was written yet."""
+        """The LanceDB table, or None when nothing was committed to it yet.
+
+        A crash inside the table's first commit leaves data files but no version: LanceDB lists that table yet
+        cannot open it. It holds nothing Parquet lacks, so it counts as absent and the next write creates it.
+        """
         db = self._lance_db()
         if TABLE_NAME not in db.list_tables().tables:
             return None
-        table = db.open_table(TABLE_NAME)
+        try:
+            table = db.open_table(TABLE_NAME)
+        except ValueError:
+            versions = pafs.FileSelector(f"{self._dir('lancedb')}/{TABLE_NAME}.lance/_versions", allow_not_found=True)
+            if any(info.path.endswith(".manifest") for info in self.fs.get_file_info(versions)):
+                raise
+            return None
         check_schema_version(table.schema, self.lancedb_uri)
         return table
 
@@ -270,10 +280,7 @@ class OutputStore:
             self._write_parquet("errors", table.cast(ERROR_SCHEMA))
 
     def _upsert_lance(self, table: pa.Table) -> None:
-        db = self._lance_db()
-        if TABLE_NAME not in db.list_tables().tables:
-            db.create_table(TABLE_NAME, schema=table.schema, exist_ok=True)
-        lance = db.open_table(TABLE_NAME)
+        lance = self.lance_table() or self._lance_db().create_table(TABLE_NAME, schema=table.schema, exist_ok=True)
         ids = table.column("video_id").to_pylist()
         if self._lance_ids_in(lance, ids):  # a repeated write (crash, --overwrite): replace those rows
             lance.merge_insert("video_id").when_matched_update_all().when_not_matched_insert_all().execute(table)

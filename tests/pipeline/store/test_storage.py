@@ -4,6 +4,7 @@ import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -401,3 +402,26 @@ def test_reconcile_after_a_crash_while_removing_drops_what_parquet_no_longer_hol
     assert resumed.reconcile() == 0
     assert lance_ids(resumed) == ["a"]
     assert resumed.done_ids(["a", "b"]) == {"a"}
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_table_whose_first_commit_never_finished_is_rebuilt_from_parquet(where, tmp_path, request):
+    """A crash inside LanceDB's first commit leaves data files but no version: the table is listed yet unopenable."""
+    if where == "s3":
+        endpoint, bucket = request.getfixturevalue("moto_s3_endpoint"), request.getfixturevalue("s3_bucket")
+        root, options = f"s3://{bucket}/out", {"s3_endpoint_url": endpoint}
+    else:
+        root, options = str(tmp_path / "out"), {}
+    store = OutputStore(root, **options)
+    store.write_videos(video_table(["a", "b"]))
+    versions = f"{store.lancedb_uri.split('://')[-1]}/videos.lance/_versions"
+    store.fs.delete_dir(versions)  # what the crash left: Parquet rows and LanceDB data files, no manifest
+    assert [info for info in store.fs.get_file_info(pafs.FileSelector(store.lancedb_uri.split('://')[-1],
+                                                                      recursive=True))
+            if info.type == pafs.FileType.File]
+
+    resumed = OutputStore(root, **options)
+    assert resumed.lance_table() is None
+    assert resumed.reconcile() == 2
+    resumed.write_videos(video_table(["c"]))
+    assert lance_ids(resumed) == ["a", "b", "c"]
