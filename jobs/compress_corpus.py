@@ -16,7 +16,7 @@ import logging
 import sys
 
 from pipeline.job.config import JobConfig
-from pipeline.job.run import RunSummary, init_ray, run_job
+from pipeline.job.run import RunSummary, run_job
 from pipeline.readers.search import nearest_to_video
 from pipeline.store.schema import SchemaVersionError
 from pipeline.store.storage import OutputLocked, OutputStore
@@ -51,7 +51,6 @@ def main(argv: list[str] | None = None) -> int:
     config = JobConfig.from_args(argv, description=__doc__)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
-    init_ray(config)
     try:
         summary = run_job(config)
     except (FileNotFoundError, ValueError, OutputLocked, SchemaVersionError) as error:

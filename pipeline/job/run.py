@@ -238,6 +238,7 @@ def _run_locked(config: JobConfig, store: OutputStore, listing: Listing, summary
     log.info("%d listed, %d already in the output, %d to do", summary.listed, summary.skipped, len(todo))
 
     if todo:
+        init_ray(config)  # only now: a refused or finished run never starts a cluster
         committer = Committer(store, config, summary, contract)
         dataset = build_dataset(todo, config, listing.extra_fields)
         for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -86,6 +90,34 @@ def test_a_rerun_with_other_settings_is_refused_before_touching_the_output(
     before = snapshot(output)
     err = refused("--base-dtype", "float32")
     assert "base_dtype: 'float16' -> 'float32'" in err
+
+
+def test_a_refusal_or_a_rerun_with_nothing_to_do_starts_no_ray(sample_output, tmp_path):
+    source, _ = sample_output
+    output = tmp_path / "out"
+    shutil.copytree(source, output)
+    ray_tmp = tempfile.mkdtemp(prefix="tdray-", dir="/tmp")  # Ray puts its session directories here
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "HF_HUB_OFFLINE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    entry = Path(__file__).resolve().parents[2] / "jobs" / "compress_corpus.py"
+
+    done = tmp_path / "done.csv"  # the videos the output holds (the corpus also has one that fails every time)
+    done.write_text("\n".join(["uri", *OutputStore(str(output)).read_videos(columns=["uri"]).column("uri")
+                                .to_pylist()]) + "\n")
+
+    def run(*flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(entry), "--input", str(done), "--output", str(output),
+                               *SAMPLE_OUTPUT_FLAGS, *flags], env=env, capture_output=True, text=True, timeout=120)
+
+    try:
+        refused = run("--k", "16")
+        assert refused.returncode == 2 and "k: 8 -> 16" in refused.stderr
+        rerun = run()
+        assert rerun.returncode == 0, rerun.stderr[-2000:]
+        assert "0 to do" in rerun.stderr
+        assert not list(Path(ray_tmp).rglob("session_*"))
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_rebuild_starts_the_output_over_with_the_new_settings(tmp_path, run_job_on, make_synthetic_clip):
