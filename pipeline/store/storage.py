@@ -10,7 +10,7 @@ Layout under the output root (a local path or s3://bucket/prefix):
     _staging/                         files being written (ignored by readers: the name starts with "_")
     _lancedb_unsynced                 present from a run's start until it ends cleanly (see reconcile)
     _lock                             held by the running job (a lease it renews): a second job refuses to start
-    _takeovers/                       one small marker per lock takeover (makes a takeover atomic)
+    _takeovers/                       one small marker per lock takeover (makes a takeover atomic; removed on release)
 
 Exactly-once per video: a Parquet file becomes visible in one step (staged, then moved into videos/; an S3 object
 appears whole), and the set of video_ids in videos/ is what counts as done. LanceDB is written after Parquet with
@@ -549,6 +549,10 @@ class OutputStore:
     def release_lock(self) -> None:
         self.stop_lease()
         if self._holder is not None and self._read_lock().get("token") == self._holder["token"]:
+            # Takeover claims matter only while a takeover is contended; a late contender re-reads the lock anyway.
+            claims = f"{self.path}/_takeovers"
+            if self.fs.get_file_info(claims).type != pafs.FileType.NotFound:
+                self.fs.delete_dir(claims)
             self.fs.delete_file(self._lock_path)
         self._holder = None
 

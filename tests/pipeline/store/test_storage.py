@@ -227,6 +227,9 @@ def test_concurrent_takeovers_of_a_stale_lock_leave_exactly_one_holder(tmp_path,
     winners = _contend(str(out), 4)
     assert len(winners) == 1
     assert json.loads((out / "_lock").read_text())["run_id"] == winners[0].run_id
+    assert (out / "_takeovers").exists()
+    winners[0].release_lock()  # the claims were only needed while the takeover was contended
+    assert sorted(path.name for path in out.iterdir()) == []
 
 
 def test_concurrent_takeovers_of_an_expired_lease_on_s3_leave_exactly_one_holder(
@@ -240,6 +243,9 @@ def test_concurrent_takeovers_of_an_expired_lease_on_s3_leave_exactly_one_holder
     assert len(winners) == 1
     held = json.loads(s3_client.get_object(Bucket=s3_bucket, Key="out/_lock")["Body"].read())
     assert held["run_id"] == winners[0].run_id
+    winners[0].release_lock()
+    left = [item["Key"] for item in s3_client.list_objects_v2(Bucket=s3_bucket, Prefix="out/")["Contents"]]
+    assert left == ["out/"], left
 
 
 def test_an_expired_lease_from_another_host_is_taken_over_a_live_one_is_not(tmp_path):
