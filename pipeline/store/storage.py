@@ -280,7 +280,9 @@ class OutputStore:
             self._write_parquet("errors", table.cast(ERROR_SCHEMA))
 
     def _upsert_lance(self, table: pa.Table) -> None:
-        lance = self.lance_table() or self._lance_db().create_table(TABLE_NAME, schema=table.schema, exist_ok=True)
+        lance = self.lance_table()
+        if lance is None:  # (not `or`: an empty table is falsy)
+            lance = self._lance_db().create_table(TABLE_NAME, schema=table.schema, exist_ok=True)
         ids = table.column("video_id").to_pylist()
         if self._lance_ids_in(lance, ids):  # a repeated write (crash, --overwrite): replace those rows
             lance.merge_insert("video_id").when_matched_update_all().when_not_matched_insert_all().execute(table)

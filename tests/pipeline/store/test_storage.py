@@ -425,9 +425,22 @@ def test_a_table_whose_first_commit_never_finished_is_rebuilt_from_parquet(where
     assert [info for info in store.fs.get_file_info(pafs.FileSelector(store.lancedb_uri.split('://')[-1],
                                                                       recursive=True))
             if info.type == pafs.FileType.File]
+    assert OutputStore(root, **options).lance_table() is None
+    assert_a_resume_fills_lancedb(root, options)
 
+
+def assert_a_resume_fills_lancedb(root: str, options: dict) -> None:
+    """The next run copies the Parquet rows of "a" and "b" into LanceDB, then commits "c" to both."""
     resumed = OutputStore(root, **options)
-    assert resumed.lance_table() is None
     assert resumed.reconcile() == 2
     resumed.write_videos(video_table(["c"]))
     assert lance_ids(resumed) == ["a", "b", "c"]
+
+
+def test_a_table_created_but_never_filled_before_a_crash_is_filled_from_parquet(tmp_path):
+    root = str(tmp_path / "out")
+    store = OutputStore(root)
+    store._write_parquet("videos", video_table(["a", "b"]))
+    store._lance_db().create_table("videos", schema=video_table(["x"]).schema)  # killed before the first add
+    assert store.lance_table().count_rows() == 0
+    assert_a_resume_fills_lancedb(root, {})
