@@ -14,6 +14,7 @@ import math
 import os
 import tempfile
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -81,12 +82,16 @@ def init_ray(config: JobConfig) -> None:
     """Join the cluster under `ray job submit` (RAY_ADDRESS is set), else start a local Ray on loopback."""
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
-        return
-    # Local-only mode: GCS, raylet and dashboard bind 127.0.0.1 instead of the machine's external address.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(address="local", num_cpus=config.num_cpus, include_dashboard=False, log_to_driver=True)
+    with warnings.catch_warnings():
+        # Ray starts its daemons by fork + exec; LanceDB, already loaded to read the output, warns in each child
+        # about forking its runtime, which the exec discards unused.
+        warnings.filterwarnings("ignore", message="lancedb fork support is experimental", category=RuntimeWarning)
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+            return
+        # Local-only mode: GCS, raylet and dashboard bind 127.0.0.1 instead of the machine's external address.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        ray.init(address="local", num_cpus=config.num_cpus, include_dashboard=False, log_to_driver=True)
 
 
 def decoded_video_bytes(config: JobConfig, input_size: tuple[int, int]) -> int:
