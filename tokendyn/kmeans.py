@@ -4,11 +4,11 @@ Rows are L2-normalised and all arithmetic is float32, whatever the input dtype. 
 
 1. Over-seeding. Greedy k-means++ (as scikit-learn: 2 + ln M candidates per step drawn proportionally to the
    squared distance to the nearest chosen seed; the one that lowers the total most is kept) picks M = 2 * K_top
-   seed rows from a seeded generator, and every row joins its nearest seed. The first K_top seeds are drawn one
-   step at a time; the other K_top share each round's distances, a few steps per round (`_seed`), since the
-   loop costs ops rather than arithmetic. The sampling only needs approximate distances, so it runs on a 128-d
-   count sketch of the rows (a random signed sum of coordinate groups) when D > 128. The means and sizes of
-   these up to M clusters are then taken in full dimension.
+   seed rows from a seeded generator, and every row joins its nearest seed. Beyond SEED_ROUNDS + 1 seeds, a few
+   steps share each round's distances (`_seed`), since the loop costs ops rather than arithmetic. The sampling
+   only needs approximate distances, so it runs on a 128-d count sketch of the rows (a random signed sum of
+   coordinate groups) when D > 128. The means and sizes of these up to M clusters are then taken in full
+   dimension.
 2. Ward merging. Repeatedly merge the two clusters whose union raises the distortion least; for mean centroids
    that increase is exactly n_a n_b / (n_a + n_b) * |c_a - c_b|^2. Merging stops at K (fixed mode) or at
    k_min - 1 (adaptive mode, which records the curves D(K) and F(K) on the way). This costs O(M^2 D).
@@ -92,8 +92,8 @@ __all__ = [
 SAME_TOKEN = 1e-4
 SKETCH_DIM = 128
 OVERSEED = 2
-# Over-seeding draws the seeds beyond the first K_top in at most this many rounds (see `_seed`).
-SEED_ROUNDS = 12
+# Over-seeding draws its seeds in at most this many rounds (see `_seed`).
+SEED_ROUNDS = 16
 # Split/merge moves after the first refinement (each followed by a refinement), at most.
 SPLIT_MERGE_PASSES = 4
 MOVE_GAIN_RATIO = 1.5
@@ -217,20 +217,21 @@ def _sketch(x: Tensor, sign: Tensor | None, dim: int = SKETCH_DIM) -> Tensor:
     return out
 
 
-def _seed(p: Tensor, m: int, exact: int, g: torch.Generator) -> Tensor:
+def _seed(p: Tensor, m: int, need: int, g: torch.Generator) -> Tensor:
     """Greedy k-means++ over-seeding, each row labelled with its nearest seed.
 
     p: [B, N, E] rows (the sketch) -> labels [B, N] in [0, m). A seed drawn once every row was a duplicate of an
-    earlier seed labels no row: callers drop empty clusters.
+    earlier seed labels no row: callers drop empty clusters. At least min(need, m) seeds label rows unless every
+    row is a duplicate of a seed (a video with fewer distinct rows has one seed per distinct row).
 
     The draws are sequential (each depends on the distances to the seeds so far) and, at these sizes, bound by
-    the number of ops per step rather than by arithmetic. The first `exact` seeds are drawn one greedy step at
-    a time, so they are distinct rows until every row is covered: a fit at K = exact always has min(K, distinct
-    rows) clusters to start from. The m - exact extra seeds are drawn in at most SEED_ROUNDS rounds of
-    s = ceil((m - exact) / SEED_ROUNDS) greedy steps that share the round's distances: each step draws its
-    candidates independently and keeps its best one. Two steps of a round can land on the same region (or the
-    same row, which then labels nothing); over-seeding and the Ward merges absorb that. The squared norms ride
-    along in two augmented copies of the rows, whose product is the squared distance directly.
+    the number of ops per step rather than by arithmetic. So the m - 1 seeds after the first are drawn in at
+    most SEED_ROUNDS rounds of s = ceil((m - 1) / SEED_ROUNDS) greedy steps that share the round's distances:
+    each step draws its candidates independently and keeps its best one (with s = 1, m <= SEED_ROUNDS + 1, this
+    is plain greedy k-means++). Two steps of a round can land in the same region, which over-seeding and the
+    Ward merges absorb, or on the same row, which then labels nothing. Where that leaves fewer than `need`
+    seeds before the rows run out (m close to N), the video is seeded again one step at a time. The squared
+    norms ride along in two augmented copies of the rows, whose product is the squared distance directly.
     """
     B, N, E = p.shape
     trials = 2 + int(math.log(m))
@@ -247,24 +248,35 @@ def _seed(p: Tensor, m: int, exact: int, g: torch.Generator) -> Tensor:
         c = seeds_aug.index_select(0, (idx if B == 1 else idx + offset).view(-1)).view(B, -1, E + 2)
         return torch.bmm(c, rows_aug_t)
 
-    d2 = dist((u[0, :1] * N).long().clamp_(max=N - 1).expand(B, 1))[:, 0].clamp_min_(0)  # [B, N]
-    labels = torch.zeros(B, N, dtype=torch.int64, device=p.device)
-    per_round = max(1, -(-(m - exact) // SEED_ROUNDS))
-    starts = list(range(1, min(exact, m))) + list(range(max(exact, 1), m, per_round))
-    for first in starts:
-        s = 1 if first < exact else min(per_round, m - first)
-        cum = d2.cumsum(1)
-        # Targets scale the last prefix sum, so they never run past the end.
-        targets = u[first : first + s].view(1, -1) * cum[:, -1:]  # [B, s * trials]
-        cand = torch.searchsorted(cum, targets, right=True).clamp_(max=N - 1)
-        cand_d2 = torch.minimum(dist(cand), d2[:, None, :]).clamp_min_(0)  # [B, s * trials, N]
-        # Per step, the candidate that lowers the potential most.
-        best = cand_d2.sum(2).view(B, s, trials).argmin(2) + torch.arange(0, s * trials, trials, device=p.device)
-        kept = cand_d2.gather(1, best[:, :, None].expand(B, s, N))  # [B, s, N]
-        new_d2, step = kept.min(1) if s > 1 else (kept[:, 0], None)
-        closer = new_d2 < d2
-        labels = torch.where(closer, first if step is None else step + first, labels)
-        d2 = new_d2
+    first_d2 = dist((u[0, :1] * N).long().clamp_(max=N - 1).expand(B, 1))[:, 0].clamp_min_(0)  # [B, N]
+
+    def draw(per_round: int) -> tuple[Tensor, Tensor]:  # -> labels [B, N], distance to the nearest seed [B, N]
+        d2 = first_d2
+        labels = torch.zeros(B, N, dtype=torch.int64, device=p.device)
+        for first in range(1, m, per_round):
+            s = min(per_round, m - first)
+            cum = d2.cumsum(1)
+            # Targets scale the last prefix sum, so they never run past the end.
+            targets = u[first : first + s].view(1, -1) * cum[:, -1:]  # [B, s * trials]
+            cand = torch.searchsorted(cum, targets, right=True).clamp_(max=N - 1)
+            cand_d2 = torch.minimum(dist(cand), d2[:, None, :]).clamp_min_(0)  # [B, s * trials, N]
+            # Per step, the candidate that lowers the potential most.
+            best = cand_d2.sum(2).view(B, s, trials).argmin(2)
+            if s > 1:
+                best += torch.arange(0, s * trials, trials, device=p.device)
+            kept = cand_d2.gather(1, best[:, :, None].expand(B, s, N))  # [B, s, N]
+            new_d2, step = kept.min(1) if s > 1 else (kept[:, 0], None)
+            labels = torch.where(new_d2 < d2, first if step is None else step + first, labels)
+            d2 = new_d2
+        return labels, d2
+
+    per_round = -(-(m - 1) // SEED_ROUNDS)
+    labels, d2 = draw(per_round)
+    if per_round > 1:
+        short = (_counts(labels, m) > 0).sum(1) < min(need, m)
+        short &= (d2 > 0).any(1)  # rows left that no seed covers
+        if bool(short.any()):
+            labels = torch.where(short[:, None], draw(1)[0], labels)
     return labels
 
 
@@ -327,29 +339,29 @@ def _ward_merges(means: Tensor, sizes: Tensor, valid: Tensor, steps: int, cosine
     n_i, n_j = n[:, :, None], n[:, None, :]
     cost = torch.where(pair_ok, n_i * n_j / (n_i + n_j).clamp_min(1) * d2.double().clamp_min(0.0), math.inf)
     taken = []
+    gone = cost.new_full((B, 1, M), math.inf)  # the row (and column) of a slot merged away
     for _ in range(steps):
         # Two-level minimum (per row, then over rows) is much cheaper than one over M * M with its index. The
         # first row holding the global minimum is a, and its first minimal column b > a (the matrix is symmetric).
-        best, a = cost.amin(2).min(1, keepdim=True)  # [B, 1]
-        row_a = cost.gather(1, a[:, :, None].expand(B, 1, M)).view(B, M)
-        b = row_a.argmin(1, keepdim=True)
-        row_b = cost.gather(1, b[:, :, None].expand(B, 1, M)).view(B, M)
-        na, nb = n.gather(1, a), n.gather(1, b)
-        nab = na + nb
-        taken.append((a, b, best))
+        row_min, row_arg = cost.min(2)
+        best, a = row_min.min(1, keepdim=True)  # [B, 1]
+        ab = torch.cat([a, row_arg.gather(1, a)], 1)  # [B, 2]
+        taken.append((ab, best))
+        rows = cost.gather(1, ab[:, :, None].expand(B, 2, M))  # [B, 2, M]: rows a and b
+        n_ab = n.gather(1, ab)  # [B, 2]
+        nab = n_ab.sum(1, keepdim=True)
         # Lance-Williams update for Ward: the cost of merging a + b with j from the costs of a and b with j, so
         # no centroid is ever touched (O(M) per merge). The entries for a and b themselves come out inf.
-        row = (n * (row_a + row_b - best)).addcmul_(na, row_a).addcmul_(nb, row_b).div_(nab + n)
-        n.scatter_(1, a, nab)
-        cost.scatter_(1, a[:, :, None].expand(B, 1, M), row[:, None, :])
-        cost.scatter_(2, a[:, :, None].expand(B, M, 1), row[:, :, None])
-        cost.scatter_(1, b[:, :, None].expand(B, 1, M), math.inf)
-        cost.scatter_(2, b[:, :, None].expand(B, M, 1), math.inf)
+        row = ((n[:, None, :] + n_ab[:, :, None]) * rows).sum(1).sub_(n * best).div_(n + nab)  # [B, M]
+        n.scatter_(1, ab[:, :1], nab)
+        new_rows = torch.cat([row[:, None, :], gone], 1)  # [B, 2, M]: a gets the merged costs, b is gone
+        cost.scatter_(1, ab[:, :, None].expand(B, 2, M), new_rows)
+        cost.scatter_(2, ab[:, None, :].expand(B, M, 2), new_rows.transpose(1, 2))
     if not taken:
         empty = n.new_zeros(B, 0)
         return torch.zeros(B, 0, 2, dtype=torch.int64, device=means.device), empty, empty if cosine else None
-    a, b, best = (torch.cat(t, 1) for t in zip(*taken))
-    pairs = torch.stack([a, b], 2)
+    pairs = torch.stack([ab for ab, _ in taken], 1)  # [B, steps, 2]
+    best = torch.cat([step_best for _, step_best in taken], 1)  # [B, steps]
     # A video out of pairs (at most one cluster left) produced inf costs; those steps are never read.
     finite = torch.isfinite(best)
     costs = torch.where(finite, best, 0.0)
