@@ -171,11 +171,18 @@ def normalize_rows(x: Tensor) -> Tensor:
     Raises ValueError on NaN/Inf. The check runs on the row norms (a NaN or Inf entry makes its norm NaN or Inf),
     which is cheaper than a pass of isfinite over the input.
     """
+    return _normalize(x)[0]
+
+
+def _normalize(x: Tensor) -> tuple[Tensor, Tensor]:
+    """`normalize_rows`, also returning sq_norms [...] float64: the squared norms of the normalised rows (1, or 0
+    for all-zero rows), from the row norms rather than a second pass over the rows."""
     x = x.float()
     norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
     if not bool(torch.isfinite(norms).all()):
         raise ValueError("tokens contain NaN or Inf")
-    return x / norms.clamp_min(1e-12)
+    clamped = norms.clamp_min(1e-12)
+    return x / clamped, (norms / clamped).double().square()[..., 0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -253,20 +260,25 @@ def _seed(p: Tensor, m: int, need: int, g: torch.Generator) -> Tensor:
     def draw(per_round: int) -> tuple[Tensor, Tensor]:  # -> labels [B, N], distance to the nearest seed [B, N]
         d2 = first_d2
         labels = torch.zeros(B, N, dtype=torch.int64, device=p.device)
-        for first in range(1, m, per_round):
-            s = min(per_round, m - first)
+        starts = range(1, m, per_round)
+        fractions = u[1:].reshape(-1).split([min(per_round, m - first) * trials for first in starts])
+        trial_of_step = torch.arange(0, per_round * trials, trials, device=p.device)
+        for first, fraction in zip(starts, fractions):
+            s = fraction.shape[0] // trials
             cum = d2.cumsum(1)
-            # Targets scale the last prefix sum, so they never run past the end.
-            targets = u[first : first + s].view(1, -1) * cum[:, -1:]  # [B, s * trials]
-            cand = torch.searchsorted(cum, targets, right=True).clamp_(max=N - 1)
+            # The first row whose prefix sum reaches the target: targets stay below the last prefix sum, so the
+            # index never runs past the end, and rows of weight 0 are never drawn.
+            cand = torch.searchsorted(cum, fraction * cum[:, -1:])  # [B, s * trials]
             cand_d2 = torch.minimum(dist(cand), d2[:, None, :]).clamp_min_(0)  # [B, s * trials, N]
             # Per step, the candidate that lowers the potential most.
-            best = cand_d2.sum(2).view(B, s, trials).argmin(2)
-            if s > 1:
-                best += torch.arange(0, s * trials, trials, device=p.device)
-            kept = cand_d2.gather(1, best[:, :, None].expand(B, s, N))  # [B, s, N]
-            new_d2, step = kept.min(1) if s > 1 else (kept[:, 0], None)
-            labels = torch.where(new_d2 < d2, first if step is None else step + first, labels)
+            best = cand_d2.sum(2).view(B, s, trials).argmin(2)  # [B, s]
+            if s == 1:
+                new_d2 = cand_d2.gather(1, best[:, :, None].expand(B, 1, N))[:, 0]
+                labels = torch.where(new_d2 < d2, first, labels)
+            else:
+                kept = cand_d2.gather(1, (best + trial_of_step[:s])[:, :, None].expand(B, s, N))  # [B, s, N]
+                new_d2, step = kept.min(1)
+                labels = torch.where(new_d2 < d2, step + first, labels)
             d2 = new_d2
         return labels, d2
 
@@ -512,11 +524,11 @@ def _fill_empty(labels: Tensor, sim_of: Callable[[], Tensor], valid: Tensor, cou
     rare (a cluster must lose all its rows in one step), so it is a plain loop, and the similarities are only
     asked for when it is taken.
     """
-    counts = _counts(labels, valid.shape[1]) if counts is None else counts.clone()
+    counts = _counts(labels, valid.shape[1]) if counts is None else counts
     empty = valid & (counts == 0)
     if not bool(empty.any()):
         return labels
-    labels, sim = labels.clone(), sim_of().clone()
+    labels, sim, counts = labels.clone(), sim_of().clone(), counts.clone()
     for b, j in empty.nonzero().tolist():
         spare = counts[b][labels[b]] >= 2
         i = int(torch.where(spare, sim[b], math.inf).argmin())
@@ -596,6 +608,7 @@ def _lloyd_bounded(
     flat_x, flat_upper, flat_best, flat_assigned = x.reshape(B * N, D), upper.view(B * N, K), best.view(-1), \
         assigned.view(-1)
     slot = torch.arange(B, device=x.device)[:, None] * K  # video b's clusters are rows b K .. b K + K - 1 of the sums
+    unit = torch.ones(N, dtype=torch.int64, device=x.device)
     sums = counts = None
     for i in range(max_iter):
         if i > 0:
@@ -624,9 +637,12 @@ def _lloyd_bounded(
                     moved = (row_label != old_label).nonzero()[:, 0]
                     if moved.shape[0]:
                         moved_rows = x_rows.index_select(0, moved)
-                        into, out_of = row_label[moved] + b * K, old_label[moved] + b * K
+                        into, out_of = row_label[moved], old_label[moved]
+                        if b:
+                            into, out_of = into + b * K, out_of + b * K
                         sums.index_add_(0, into, moved_rows).index_add_(0, out_of, moved_rows, alpha=-1)
-                        counts.index_add_(0, into, torch.ones_like(into)).index_add_(0, out_of, -torch.ones_like(into))
+                        one = unit[: moved.shape[0]]
+                        counts.index_add_(0, into, one).index_add_(0, out_of, one, alpha=-1)
         filled = _fill_empty(assigned, lambda: _dot_own(x, dirs, assigned), valid,
                              None if counts is None else counts.view(B, K))
         if filled is not assigned:
@@ -748,9 +764,10 @@ def _mean_cosine(centres: Tensor, sizes: Tensor, n_rows: int) -> Tensor:
     return (sizes.double() * centres.double().norm(dim=-1)).sum(1) / n_rows
 
 
-def _fit(x: Tensor, k_top: int, adaptive: _Adaptive | None, seed: int, max_iter: int, tol: float
-         ) -> tuple[list[KMeansResult], Tensor | None]:
-    """x [B, N, D] normalised -> per-video results and, in adaptive mode, distortion curves [B, C]."""
+def _fit(x: Tensor, x_sq_total: Tensor, k_top: int, adaptive: _Adaptive | None, seed: int, max_iter: int,
+         tol: float) -> tuple[list[KMeansResult], Tensor | None]:
+    """x [B, N, D] normalised, x_sq_total [B] float64 sum of its squared row norms -> per-video results and, in
+    adaptive mode, distortion curves [B, C]."""
     B, N, _ = x.shape
     g = _generator(seed)
     m = min(int(OVERSEED * k_top), N)
@@ -764,7 +781,6 @@ def _fit(x: Tensor, k_top: int, adaptive: _Adaptive | None, seed: int, max_iter:
     pairs, costs, cos_losses = _ward_merges(means, sizes, valid, max(m - floor, 0),
                                             cosine=adaptive is not None and adaptive.rule == "fidelity")
 
-    x_sq_total = torch.linalg.vector_norm(x, dim=-1).double().square().sum(1)  # no [B, N, D] temporary
     curve = None
     if adaptive is None:
         k_sel = torch.full((B,), k_top, dtype=torch.int64, device=x.device)
@@ -820,7 +836,8 @@ def _run(x: Tensor, k_top: int, adaptive: _Adaptive | None, seed: int, max_iter:
     """`_fit` on x [B, N, D] (any float dtype) in inference mode, which trims the per-op overhead that dominates
     small fits. Inference tensors cannot join an autograd graph later, so the results are returned as clones."""
     with torch.inference_mode():
-        results, curve = _fit(normalize_rows(x), k_top, adaptive, seed, max_iter, tol)
+        x, sq_norms = _normalize(x)
+        results, curve = _fit(x, sq_norms.sum(1), k_top, adaptive, seed, max_iter, tol)
     results = [
         KMeansResult(r.centroids.clone(), r.labels.clone(), r.sizes.clone(), r.distortion, r.iterations, r.fidelity)
         for r in results
