@@ -337,72 +337,81 @@ def _ward_merges(means: Tensor, sizes: Tensor, valid: Tensor, steps: int, cosine
 
     means [B, M, D], sizes [B, M], valid [B, M] -> pairs [B, steps, 2] (slot b merged into slot a < b),
     costs [B, steps] float64 (distortion increase), cos_losses [B, steps] float64 (decrease of the sum over rows
-    of the cosine to their centroid; None unless `cosine`). Steps past a video's last valid pair are meaningless;
-    callers only read the first k_start - floor of them.
+    of the cosine to their centroid; None unless `cosine`), in the order greedy merging (the cheapest pair
+    first) takes them. Steps past a video's last valid pair are meaningless; callers only read the first
+    k_start - floor of them, floor = M - steps.
 
-    The loop is bound by the number of ops per merge (M is small), so everything that does not steer the merging
-    (the cosine losses; fixed K needs none) is computed after it, in one vectorised pass.
+    Merging one pair per step costs a few dozen small ops per merge. Ward's linkage is reducible (merging a and
+    b never brings a + b closer to any cluster than a or b was), so every reciprocal nearest-neighbour pair is a
+    merge of the greedy sequence, at its current cost, and the costs along that sequence never decrease. Each
+    round therefore merges all reciprocal pairs at once (costs updated by Lance-Williams, rows then columns),
+    and the rounds stop once the k-th cheapest merge found (k = the merges the video needs) costs no more than
+    the cheapest pair left, which every later merge costs at least: the k cheapest merges found are then the
+    first k of the greedy sequence, and sorting them by cost gives its order (ties by round, then slot).
     """
     B, M, _ = means.shape
-    n = torch.where(valid, sizes, 0).double().clamp_min(1e-300)  # > 0 keeps (nab + n) from vanishing
+    dev = means.device
+    n = torch.where(valid, sizes, 0).double().clamp_min(1e-300)  # > 0 keeps the denominators from vanishing
     c_sq = (means * means).sum(-1)
     d2 = torch.baddbmm(c_sq[:, :, None] + c_sq[:, None, :], means, means.transpose(1, 2), alpha=-2.0)
-    pair_ok = valid[:, :, None] & valid[:, None, :] & ~torch.eye(M, dtype=torch.bool, device=means.device)
+    eye = torch.eye(M, dtype=torch.bool, device=dev)
+    pair_ok = valid[:, :, None] & valid[:, None, :] & ~eye
     n_i, n_j = n[:, :, None], n[:, None, :]
     cost = torch.where(pair_ok, n_i * n_j / (n_i + n_j).clamp_min(1) * d2.double().clamp_min(0.0), math.inf)
-    taken = []
-    gone = cost.new_full((B, 1, M), math.inf)  # the row (and column) of a slot merged away
-    for _ in range(steps):
-        # Two-level minimum (per row, then over rows) is much cheaper than one over M * M with its index. The
-        # first row holding the global minimum is a, and its first minimal column b > a (the matrix is symmetric).
-        row_min, row_arg = cost.min(2)
-        best, a = row_min.min(1, keepdim=True)  # [B, 1]
-        ab = torch.cat([a, row_arg.gather(1, a)], 1)  # [B, 2]
-        taken.append((ab, best))
-        rows = cost.gather(1, ab[:, :, None].expand(B, 2, M))  # [B, 2, M]: rows a and b
-        n_ab = n.gather(1, ab)  # [B, 2]
-        nab = n_ab.sum(1, keepdim=True)
-        # Lance-Williams update for Ward: the cost of merging a + b with j from the costs of a and b with j, so
-        # no centroid is ever touched (O(M) per merge). The entries for a and b themselves come out inf.
-        row = ((n[:, None, :] + n_ab[:, :, None]) * rows).sum(1).sub_(n * best).div_(n + nab)  # [B, M]
-        n.scatter_(1, ab[:, :1], nab)
-        new_rows = torch.cat([row[:, None, :], gone], 1)  # [B, 2, M]: a gets the merged costs, b is gone
-        cost.scatter_(1, ab[:, :, None].expand(B, 2, M), new_rows)
-        cost.scatter_(2, ab[:, None, :].expand(B, M, 2), new_rows.transpose(1, 2))
-    if not taken:
-        empty = n.new_zeros(B, 0)
-        return torch.zeros(B, 0, 2, dtype=torch.int64, device=means.device), empty, empty if cosine else None
-    pairs = torch.stack([ab for ab, _ in taken], 1)  # [B, steps, 2]
-    best = torch.cat([step_best for _, step_best in taken], 1)  # [B, steps]
-    # A video out of pairs (at most one cluster left) produced inf costs; those steps are never read.
-    finite = torch.isfinite(best)
-    costs = torch.where(finite, best, 0.0)
+    mass = n * c_sq.double()  # n |c|^2 per slot; a merge of a and b leaves mass_a + mass_b - cost
+    ids = torch.arange(M, device=dev)
+    # Per slot b, the merge that removed it: its cost, the slot a it joined, the round, the cosine loss.
+    merged_cost = cost.new_full((B, M), math.inf)
+    merged_into = torch.zeros(B, M, dtype=torch.int64, device=dev)
+    merged_round = torch.zeros(B, M, dtype=torch.int64, device=dev)
+    merged_cos = cost.new_zeros(B, M)
+    needed = (steps - (M - valid.sum(1))).clamp_min(0)  # [B]
+    for r in range(M):  # every round merges at least the cheapest pair of each video not done
+        row_min, nn = cost.min(2)  # [B, M]: each cluster's cheapest partner (the first on ties)
+        cheapest_left = row_min.amin(1)
+        kth_found = merged_cost.sort(1).values.gather(1, (needed - 1).clamp_min(0)[:, None])[:, 0]
+        done = (needed == 0) | (kth_found <= cheapest_left) | torch.isinf(cheapest_left)
+        if bool(done.all()):
+            break
+        mutual = (nn.gather(1, nn) == ids) & torch.isfinite(row_min) & ~done[:, None]
+        is_a, is_b = mutual & (ids < nn), mutual & (nn < ids)  # b joins a < b
+        n_nn, mass_nn = n.gather(1, nn), mass.gather(1, nn)
+        merged_mass = (mass + mass_nn - row_min).clamp_min(0.0)
+        merged_cost = torch.where(is_b, row_min, merged_cost)
+        merged_into = torch.where(is_b, nn, merged_into)
+        merged_round = torch.where(is_b, r, merged_round)
+        if cosine:
+            # sum_i x_i . c_hat over a cluster is n |c| = sqrt(n * n |c|^2): the mean-cosine loss of this merge.
+            loss = (n * mass).sqrt() + (n_nn * mass_nn).sqrt() - ((n + n_nn) * merged_mass).sqrt()
+            merged_cos = torch.where(is_b, loss, merged_cos)
+        n_new = torch.where(is_a, n + n_nn, n)
+        mass = torch.where(is_a, merged_mass, mass)
+        # Lance-Williams for Ward, d(a + b, k) = ((n_a + n_k) d(a, k) + (n_b + n_k) d(b, k) - n_k d(a, b)) /
+        # (n_a + n_b + n_k): first for the rows of the merged pairs (against the old clusters), then for their
+        # columns (against the clusters after the row pass), so two pairs merged in the same round meet right.
+        n_col, n_row, n_pair = n[:, None, :], n[:, :, None], n_nn[:, :, None]
+        c_nn = cost.gather(1, nn[:, :, None].expand(B, M, M))  # row of each cluster's partner
+        rows = ((n_col + n_row) * cost + (n_col + n_pair) * c_nn - n_col * row_min[:, :, None]) \
+            / (n_col + n_row + n_pair)
+        cost = torch.where(is_a[:, :, None], rows, cost)
+        n_row, n_col, n_pair = n_new[:, :, None], n[:, None, :], n_nn[:, None, :]
+        c_nn = cost.gather(2, nn[:, None, :].expand(B, M, M))  # column of each cluster's partner
+        cols = ((n_row + n_col) * cost + (n_row + n_pair) * c_nn - n_row * row_min[:, None, :]) \
+            / (n_row + n_col + n_pair)
+        cost = torch.where(is_a[:, None, :], cols, cost)
+        cost = torch.minimum(cost, cost.transpose(1, 2))  # the two passes round differently: keep it symmetric
+        cost.masked_fill_(is_b[:, :, None] | is_b[:, None, :] | eye, math.inf)
+        n = n_new
+    by_round = merged_round.sort(dim=1, stable=True).indices
+    order = by_round.gather(1, merged_cost.gather(1, by_round).sort(dim=1, stable=True).indices)[:, :steps]
+    pairs = torch.stack([merged_into.gather(1, order), order], 2)
+    costs = merged_cost.gather(1, order)
+    # A video out of pairs (at most one cluster left) has inf costs there; those steps are never read.
+    finite = torch.isfinite(costs)
+    costs = torch.where(finite, costs, 0.0)
     if not cosine:
         return pairs, costs, None
-    return pairs, costs, torch.where(finite, _merge_cos_losses(pairs, costs, sizes, valid, c_sq), 0.0)
-
-
-def _merge_cos_losses(pairs: Tensor, costs: Tensor, sizes: Tensor, valid: Tensor, c_sq: Tensor) -> Tensor:
-    """Cosine losses of a merge sequence: pairs [B, S, 2], costs [B, S] (finite), sizes [B, M], valid [B, M],
-    c_sq [B, M] squared centroid norms -> [B, S] float64 decrease of the sum over rows of the cosine to their
-    centroid at each merge.
-
-    A cluster's rows sum to n c, so their cosines to c / |c| sum to n |c| = sqrt(n * mass) with mass = n |c|^2,
-    and a merge of a and b leaves mass_a + mass_b - cost. The masses and sizes of the merged slots are replayed
-    step by step here (a short loop of scalar-sized ops, outside the merge search).
-    """
-    n = torch.where(valid, sizes, 0).double()
-    mass = n * c_sq.double()
-    losses = []
-    for step in range(pairs.shape[1]):
-        a, b, best = pairs[:, step, :1], pairs[:, step, 1:], costs[:, step : step + 1]
-        na, nb = n.gather(1, a), n.gather(1, b)
-        mass_a, mass_b = mass.gather(1, a), mass.gather(1, b)
-        merged_mass = (mass_a + mass_b - best).clamp_min(0.0)
-        losses.append((na * mass_a).sqrt() + (nb * mass_b).sqrt() - ((na + nb) * merged_mass).sqrt())
-        mass.scatter_(1, a, merged_mass)
-        n.scatter_(1, a, na + nb)
-    return torch.cat(losses, 1)
+    return pairs, costs, torch.where(finite, merged_cos.gather(1, order), 0.0)
 
 
 def _curve(start: Tensor, costs: Tensor, k_start: Tensor, k_min: int, k_max: int) -> Tensor:
