@@ -247,6 +247,35 @@ def test_bounded_lloyd_is_identical_in_a_batch_and_alone(monkeypatch):
         assert single.iterations == batched.iterations
 
 
+def naive_ward(means: torch.Tensor, sizes: torch.Tensor, merges: int) -> list[tuple[int, int]]:
+    """One pair per step, costs from the centroids: means [M, D], sizes [M] -> the merges (a, b), b into a < b."""
+    c, n = means.double().clone(), sizes.double().clone()
+    alive = n > 0
+    taken = []
+    for _ in range(merges):
+        cost = n[:, None] * n[None, :] / (n[:, None] + n[None, :]).clamp_min(1) * torch.cdist(c, c) ** 2
+        cost[~alive] = math.inf
+        cost[:, ~alive] = math.inf
+        cost.fill_diagonal_(math.inf)
+        a, b = sorted(divmod(int(cost.argmin()), len(n)))
+        c[a] = (n[a] * c[a] + n[b] * c[b]) / (n[a] + n[b])
+        n[a] += n[b]
+        alive[b] = False
+        taken.append((a, b))
+    return taken
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_ward_rounds_take_the_merges_of_one_pair_per_step(seed):
+    # Merging all reciprocal nearest-neighbour pairs per round must give the greedy sequence, in its order.
+    x = F.normalize(token_like(400, 24, seed), dim=-1)[None]
+    labels = torch.randint(0, 48, (1, 400), generator=torch.Generator().manual_seed(seed))
+    means, sizes = kmeans._cluster_means(x, labels, 48)
+    pairs, costs, _ = kmeans._ward_merges(means, sizes, sizes > 0, 40)
+    assert [tuple(p) for p in pairs[0].tolist()] == naive_ward(means[0], sizes[0], 40)
+    assert bool((costs[0, 1:] >= costs[0, :-1] * (1 - 1e-9)).all())  # the greedy costs never decrease
+
+
 def test_ward_merges_without_cosine_losses_take_the_same_merges():
     x = F.normalize(blobs(300, 12, 5), dim=-1)[None]
     labels = torch.randint(0, 20, (1, 300), generator=torch.Generator().manual_seed(0))
