@@ -618,6 +618,7 @@ def _lloyd_bounded(
         assigned.view(-1)
     slot = torch.arange(B, device=x.device)[:, None] * K  # video b's clusters are rows b K .. b K + K - 1 of the sums
     unit = torch.ones(N, dtype=torch.int64, device=x.device)
+    every_row = torch.arange(B * N, device=x.device).view(B, N)
     sums = counts = None
     for i in range(max_iter):
         any_moved = i == 0
@@ -633,9 +634,14 @@ def _lloyd_bounded(
             # Per video, so a video does the same ops (and gets the same floats) alone or in a batch.
             for b in range(B):
                 rows = stale if B == 1 else stale[video == b]
+                # Gathering rows costs a copy of them: past a quarter of the video, the product over all of its
+                # rows (read in place) is cheaper.
+                whole = rows.shape[0] * 4 > N
+                if whole:
+                    rows = every_row[b]
                 for s in range(0, rows.shape[0], step):
                     idx = rows[s : s + step]
-                    x_rows = flat_x.index_select(0, idx)
+                    x_rows = x[b, s : s + step] if whole else flat_x.index_select(0, idx)
                     sim = torch.mm(x_rows, dirs[b].T)
                     if invalid is not None:
                         sim.masked_fill_(invalid[b], -math.inf)
