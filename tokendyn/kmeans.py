@@ -210,9 +210,8 @@ def _sketch(x: Tensor, sign: Tensor | None, dim: int = SKETCH_DIM) -> Tensor:
 
     Each coordinate gets a random sign and coordinates j, j + dim, j + 2 dim, ... are summed into entry j.
     Inner products are preserved in expectation (the sign products of distinct coordinates average out), at the
-    cost of one pass over x where a dense random projection would cost a matmul. The map is linear, so the
-    sketch of a mean is the mean of the sketches. The groups are accumulated one by one: no [B, N, D]
-    temporary, and about half the time of a signed copy reduced over a strided axis.
+    cost of one pass over x where a dense random projection would cost a matmul. The groups are accumulated
+    one by one: no [B, N, D] temporary, and about half the time of a signed copy reduced over a strided axis.
     """
     if sign is None:
         return x
