@@ -365,11 +365,13 @@ def _ward_merges(means: Tensor, sizes: Tensor, valid: Tensor, steps: int, cosine
     merged_round = torch.zeros(B, M, dtype=torch.int64, device=dev)
     merged_cos = cost.new_zeros(B, M)
     needed = (steps - (M - valid.sum(1))).clamp_min(0)  # [B]
+    kth = (needed - 1).clamp_min(0)[:, None]
     for r in range(M):  # every round merges at least the cheapest pair of each video not done
         row_min, nn = cost.min(2)  # [B, M]: each cluster's cheapest partner (the first on ties)
         cheapest_left = row_min.amin(1)
-        kth_found = merged_cost.sort(1).values.gather(1, (needed - 1).clamp_min(0)[:, None])[:, 0]
-        done = (needed == 0) | (kth_found <= cheapest_left) | torch.isinf(cheapest_left)
+        done = (needed == 0) | torch.isinf(cheapest_left)
+        if r:
+            done |= merged_cost.sort(1).values.gather(1, kth)[:, 0] <= cheapest_left
         if bool(done.all()):
             break
         mutual = (nn.gather(1, nn) == ids) & torch.isfinite(row_min) & ~done[:, None]
@@ -388,15 +390,15 @@ def _ward_merges(means: Tensor, sizes: Tensor, valid: Tensor, steps: int, cosine
         # Lance-Williams for Ward, d(a + b, k) = ((n_a + n_k) d(a, k) + (n_b + n_k) d(b, k) - n_k d(a, b)) /
         # (n_a + n_b + n_k): first for the rows of the merged pairs (against the old clusters), then for their
         # columns (against the clusters after the row pass), so two pairs merged in the same round meet right.
-        n_col, n_row, n_pair = n[:, None, :], n[:, :, None], n_nn[:, :, None]
+        n_k, with_a, with_b = n[:, None, :], n[:, :, None], n_nn[:, :, None]
         c_nn = cost.gather(1, nn[:, :, None].expand(B, M, M))  # row of each cluster's partner
-        rows = ((n_col + n_row) * cost + (n_col + n_pair) * c_nn - n_col * row_min[:, :, None]) \
-            / (n_col + n_row + n_pair)
+        with_a, with_b = n_k + with_a, n_k + with_b
+        rows = (with_a * cost + with_b * c_nn - n_k * row_min[:, :, None]) / (with_a + with_b - n_k)
         cost = torch.where(is_a[:, :, None], rows, cost)
-        n_row, n_col, n_pair = n_new[:, :, None], n[:, None, :], n_nn[:, None, :]
+        n_k, with_a, with_b = n_new[:, :, None], n[:, None, :], n_nn[:, None, :]
         c_nn = cost.gather(2, nn[:, None, :].expand(B, M, M))  # column of each cluster's partner
-        cols = ((n_row + n_col) * cost + (n_row + n_pair) * c_nn - n_row * row_min[:, None, :]) \
-            / (n_row + n_col + n_pair)
+        with_a, with_b = n_k + with_a, n_k + with_b
+        cols = (with_a * cost + with_b * c_nn - n_k * row_min[:, None, :]) / (with_a + with_b - n_k)
         cost = torch.where(is_a[:, None, :], cols, cost)
         cost = torch.minimum(cost, cost.transpose(1, 2))  # the two passes round differently: keep it symmetric
         cost.masked_fill_(is_b[:, :, None] | is_b[:, None, :] | eye, math.inf)
@@ -628,7 +630,7 @@ def _lloyd_bounded(
             best -= drift.gather(1, assigned)
             upper += drift[:, None, :]
             rival = upper.scatter(2, assigned[:, :, None], -math.inf).amax(2)
-            stale = (best <= rival + BOUND_MARGIN).view(-1).nonzero()[:, 0]  # rows of [B * N]
+            stale = (best <= rival.add_(BOUND_MARGIN)).view(-1).nonzero().view(-1)  # rows of [B * N]
             video = torch.div(stale, N, rounding_mode="floor") if B > 1 else None
             # Per video, so a video does the same ops (and gets the same floats) alone or in a batch.
             for b in range(B):
