@@ -606,9 +606,11 @@ def _lloyd_bounded(
     """
     B, N, D = x.shape
     K = valid.shape[1]
+    iters = torch.zeros(B, dtype=torch.int64, device=x.device)
+    if not bool(active.any()):
+        return labels, centres, iters
     invalid = None if bool(valid.all()) else ~valid
     active = active.clone()
-    iters = torch.zeros(B, dtype=torch.int64, device=x.device)
     dirs = F.normalize(centres, dim=-1, eps=1e-12)
     step = _rows_per_chunk(K)
     upper = torch.cat([torch.bmm(x[:, s : s + step], dirs.transpose(1, 2)) for s in range(0, N, step)], 1)
@@ -655,7 +657,7 @@ def _lloyd_bounded(
                     if moved.shape[0]:
                         any_moved = True
                         moved_rows = x_rows.index_select(0, moved)
-                        into, out_of = row_label[moved], old_label[moved]
+                        into, out_of = row_label.index_select(0, moved), old_label.index_select(0, moved)
                         if b:
                             into, out_of = into + b * K, out_of + b * K
                         sums.index_add_(0, into, moved_rows).index_add_(0, out_of, moved_rows, alpha=-1)
@@ -679,8 +681,11 @@ def _lloyd_bounded(
             counts = _counts(flat[None], B * K)[0]
         means = (sums / counts.clamp_min(1)[:, None].to(x.dtype)).view(B, K, D)
         shift = torch.linalg.vector_norm(means - centres, dim=-1).amax(1)  # [B]
-        centres = torch.where(active[:, None, None], means, centres)
-        labels = torch.where(active[:, None], assigned, labels)
+        if B == 1:  # alone, the video is active here: the loop ends as soon as it is not
+            centres, labels = means, assigned
+        else:
+            centres = torch.where(active[:, None, None], means, centres)
+            labels = torch.where(active[:, None], assigned, labels)
         iters += active
         active &= shift >= tol
         if not bool(active.any()):
