@@ -4,15 +4,18 @@ Rows are L2-normalised and all arithmetic is float32, whatever the input dtype. 
 
 1. Over-seeding. Greedy k-means++ (as scikit-learn: 2 + ln M candidates per step drawn proportionally to the
    squared distance to the nearest chosen seed; the one that lowers the total most is kept) picks M = 2 * K_top
-   seed rows from a seeded generator, and every row joins its nearest seed. The sampling only needs approximate
-   distances, so it runs on a 128-d count sketch of the rows (a random signed sum of coordinate groups) when
-   D > 128. The means and sizes of these up to M clusters are then taken in full dimension.
+   seed rows from a seeded generator, and every row joins its nearest seed. Beyond SEED_ROUNDS + 1 seeds, a few
+   steps share each round's distances (`_seed`), since the loop costs ops rather than arithmetic. The sampling
+   only needs approximate distances, so it runs on a 128-d count sketch of the rows (a random signed sum of
+   coordinate groups) when D > 128. The means and sizes of these up to M clusters are then taken in full
+   dimension.
 2. Ward merging. Repeatedly merge the two clusters whose union raises the distortion least; for mean centroids
    that increase is exactly n_a n_b / (n_a + n_b) * |c_a - c_b|^2. Merging stops at K (fixed mode) or at
    k_min - 1 (adaptive mode, which records the curves D(K) and F(K) on the way). This costs O(M^2 D).
 3. (adaptive mode only) Select K on the curves, see below, and replay the merges down to it.
 4. Lloyd refinement at K: each row goes to the centroid of highest cosine similarity, each centroid becomes the
-   mean of its member rows, until no centroid moves by `tol` (L2) or after `max_iter` iterations.
+   mean of its member rows, until no centroid moves by `tol` (L2) or after `max_iter` iterations. On CPU, for
+   videos large enough, bounds on the similarities skip the rows whose label cannot change (`_lloyd_bounded`).
 5. Split/merge moves (at most SPLIT_MERGE_PASSES): split the cluster whose 2-way split lowers the distortion
    most and merge the cheapest pair of the K + 1 clusters that leaves, when the split gains more than
    MOVE_GAIN_RATIO times what the merge costs; refine again and keep the move if the distortion went down.
@@ -66,6 +69,7 @@ can spare one). Cluster ids are numbered in order of first appearance.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -88,6 +92,8 @@ __all__ = [
 SAME_TOKEN = 1e-4
 SKETCH_DIM = 128
 OVERSEED = 2
+# Over-seeding draws its seeds in at most this many rounds (see `_seed`).
+SEED_ROUNDS = 12
 # Split/merge moves after the first refinement (each followed by a refinement), at most.
 SPLIT_MERGE_PASSES = 4
 MOVE_GAIN_RATIO = 1.5
@@ -95,6 +101,12 @@ MOVE_GAIN_RATIO = 1.5
 # norm of 1 only up to rounding).
 FIDELITY_SLACK = 1e-6
 CONVERGENCE_CHECK_EVERY = 4
+# Lloyd on CPU skips the rows that bounds prove cannot change label (`_lloyd_bounded`) once one video's
+# similarity product has this many multiply-adds (16 frames x 7 x 7 x 1280 at K = 32 has 2^25).
+BOUNDED_LLOYD_MIN_WORK = 1 << 23
+# Bounds must separate a row's best similarity from the others by this much before it is skipped; float32
+# rounding of the similarities and drifts is orders of magnitude smaller.
+BOUND_MARGIN = 1e-4
 K_RULES = ("fidelity", "elbow")
 # Bounds a [B, rows, K] similarity block to a few tens of MB per video. It depends on K only, so a video gives
 # bit-identical results alone or in a batch.
@@ -159,11 +171,18 @@ def normalize_rows(x: Tensor) -> Tensor:
     Raises ValueError on NaN/Inf. The check runs on the row norms (a NaN or Inf entry makes its norm NaN or Inf),
     which is cheaper than a pass of isfinite over the input.
     """
+    return _normalize(x)[0]
+
+
+def _normalize(x: Tensor) -> tuple[Tensor, Tensor]:
+    """`normalize_rows`, also returning sq_norms [...] float64: the squared norms of the normalised rows (1, or 0
+    for all-zero rows), from the row norms rather than a second pass over the rows."""
     x = x.float()
     norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
     if not bool(torch.isfinite(norms).all()):
         raise ValueError("tokens contain NaN or Inf")
-    return x / norms.clamp_min(1e-12)
+    clamped = norms.clamp_min(1e-12)
+    return x / clamped, (norms / clamped).double().square()[..., 0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -179,53 +198,96 @@ def _generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _sketch(x: Tensor, dim: int, g: torch.Generator) -> Tensor:
-    """Count sketch: x [B, N, D] -> [B, N, dim] (x itself when D <= dim).
+def _sketch_signs(d: int, dim: int, g: torch.Generator, like: Tensor) -> Tensor | None:
+    """Random signs [d] (dtype and device of `like`) for `_sketch`, or None when d <= dim (no sketch needed)."""
+    if d <= dim:
+        return None
+    return (torch.rand(d, generator=g) < 0.5).to(like.device, like.dtype) * 2 - 1
+
+
+def _sketch(x: Tensor, sign: Tensor | None, dim: int = SKETCH_DIM) -> Tensor:
+    """Count sketch: x [B, N, D], sign [D] from `_sketch_signs` -> [B, N, dim] (x itself when sign is None).
 
     Each coordinate gets a random sign and coordinates j, j + dim, j + 2 dim, ... are summed into entry j.
     Inner products are preserved in expectation (the sign products of distinct coordinates average out), at the
-    cost of one pass over x where a dense random projection would cost a matmul.
+    cost of one pass over x where a dense random projection would cost a matmul. The groups are accumulated
+    one by one: no [B, N, D] temporary, and about half the time of a signed copy reduced over a strided axis.
     """
-    B, N, D = x.shape
-    if D <= dim:
+    if sign is None:
         return x
-    sign = (torch.rand(D, generator=g) < 0.5).to(x.device, x.dtype) * 2 - 1
-    y = x * sign
-    if D % dim:
-        y = F.pad(y, (0, dim - D % dim))
-    return y.view(B, N, -1, dim).sum(2)
+    D = x.shape[-1]
+    out = x[..., :dim] * sign[:dim]
+    for start in range(dim, D, dim):
+        width = min(dim, D - start)
+        out[..., :width].addcmul_(x[..., start : start + width], sign[start : start + width])
+    return out
 
 
-def _seed(p: Tensor, m: int, g: torch.Generator) -> Tensor:
+def _seed(p: Tensor, m: int, need: int, g: torch.Generator) -> Tensor:
     """Greedy k-means++ over-seeding, each row labelled with its nearest seed.
 
     p: [B, N, E] rows (the sketch) -> labels [B, N] in [0, m). A seed drawn once every row was a duplicate of an
-    earlier seed labels no row: callers drop empty clusters.
+    earlier seed labels no row: callers drop empty clusters. At least min(need, m) seeds label rows unless every
+    row is a duplicate of a seed (a video with fewer distinct rows has one seed per distinct row).
+
+    The draws are sequential (each depends on the distances to the seeds so far) and, at these sizes, bound by
+    the number of ops per step rather than by arithmetic. So the m - 1 seeds after the first are drawn in at
+    most SEED_ROUNDS rounds of s = ceil((m - 1) / SEED_ROUNDS) greedy steps that share the round's distances:
+    each step draws its candidates independently and keeps its best one (with s = 1, m <= SEED_ROUNDS + 1, this
+    is plain greedy k-means++). Two steps of a round can land in the same region, which over-seeding and the
+    Ward merges absorb, or on the same row, which then labels nothing. Where that leaves fewer than `need`
+    seeds before the rows run out (m close to N), the video is seeded again one step at a time. The squared
+    norms ride along in two augmented copies of the rows, whose product is the squared distance directly.
     """
     B, N, E = p.shape
     trials = 2 + int(math.log(m))
     u = torch.rand(m, trials, generator=g).to(p.device)  # shared by all videos: same draws alone or in a batch
-    p_sq = (p * p).sum(-1)  # [B, N]
-    seed_sq = p_sq - SAME_TOKEN  # distances below SAME_TOKEN become 0: duplicates of a seed carry no weight
-    p_t = p.transpose(1, 2).contiguous()  # [B, E, N]: [L, E] x [E, N] is the fast shape for few candidates
-    flat_p = p.reshape(B * N, E)
+    p_sq = (p * p).sum(-1, keepdim=True)  # [B, N, 1]
+    ones = torch.ones_like(p_sq)
+    # [-2 p_i, 1, |p_i|^2 - SAME_TOKEN] . [p_j, |p_j|^2, 1] = |p_i - p_j|^2 - SAME_TOKEN: distances below
+    # SAME_TOKEN become 0 (after the clamp), so duplicates of a seed carry no weight.
+    seeds_aug = torch.cat([p * -2.0, ones, p_sq - SAME_TOKEN], 2).view(B * N, E + 2)
+    rows_aug_t = torch.cat([p, p_sq, ones], 2).transpose(1, 2).contiguous()  # [B, E + 2, N]: the fast shape
     offset = torch.arange(B, device=p.device)[:, None] * N
 
-    def dist(idx: Tensor) -> Tensor:  # idx [B, L] rows -> [B, L, N] squared distance minus SAME_TOKEN, >= 0
-        c = flat_p.index_select(0, (idx if B == 1 else idx + offset).view(-1)).view(B, -1, E)
-        return torch.baddbmm(seed_sq.gather(1, idx)[:, :, None] + p_sq[:, None, :], c, p_t, alpha=-2.0).clamp_min_(0)
+    def dist(idx: Tensor) -> Tensor:  # idx [B, L] rows -> [B, L, N] squared distance minus SAME_TOKEN (not clamped)
+        c = seeds_aug.index_select(0, (idx if B == 1 else idx + offset).view(-1)).view(B, -1, E + 2)
+        return torch.bmm(c, rows_aug_t)
 
-    d2 = dist((u[0, :1] * N).long().clamp_(max=N - 1).expand(B, 1))[:, 0]  # [B, N]
-    labels = torch.zeros(B, N, dtype=torch.int64, device=p.device)
-    for i, u_i in enumerate(u.unbind(0)[1:], start=1):
-        cum = d2.cumsum(1)
-        # Targets scale the last prefix sum, so they never run past the end.
-        cand = torch.searchsorted(cum, u_i * cum[:, -1:], right=True).clamp_(max=N - 1)  # [B, L]
-        cand_d2 = torch.minimum(d2[:, None, :], dist(cand))  # [B, L, N]
-        best = cand_d2.sum(2).argmin(1)  # [B]: the candidate that lowers the potential most
-        new_d2 = cand_d2[torch.arange(B, device=p.device), best] if B > 1 else cand_d2[0, best]
-        labels.masked_fill_(new_d2 < d2, i)
-        d2 = new_d2
+    first_d2 = dist((u[0, :1] * N).long().clamp_(max=N - 1).expand(B, 1))[:, 0].clamp_min_(0)  # [B, N]
+
+    def draw(per_round: int) -> tuple[Tensor, Tensor]:  # -> labels [B, N], distance to the nearest seed [B, N]
+        d2 = first_d2
+        labels = torch.zeros(B, N, dtype=torch.int64, device=p.device)
+        starts = range(1, m, per_round)
+        fractions = u[1:].reshape(-1).split([min(per_round, m - first) * trials for first in starts])
+        trial_of_step = torch.arange(0, per_round * trials, trials, device=p.device)
+        for first, fraction in zip(starts, fractions):
+            s = fraction.shape[0] // trials
+            cum = d2.cumsum(1)
+            # The first row whose prefix sum reaches the target: targets stay below the last prefix sum, so the
+            # index never runs past the end, and rows of weight 0 are never drawn.
+            cand = torch.searchsorted(cum, fraction * cum[:, -1:])  # [B, s * trials]
+            cand_d2 = torch.minimum(dist(cand), d2[:, None, :]).clamp_min_(0)  # [B, s * trials, N]
+            # Per step, the candidate that lowers the potential most.
+            best = cand_d2.sum(2).view(B, s, trials).argmin(2)  # [B, s]
+            if s == 1:
+                new_d2 = cand_d2.gather(1, best[:, :, None].expand(B, 1, N))[:, 0]
+                labels = torch.where(new_d2 < d2, first, labels)
+            else:
+                kept = cand_d2.gather(1, (best + trial_of_step[:s])[:, :, None].expand(B, s, N))  # [B, s, N]
+                new_d2, step = kept.min(1)
+                labels = torch.where(new_d2 < d2, step + first, labels)
+            d2 = new_d2
+        return labels, d2
+
+    per_round = -(-(m - 1) // SEED_ROUNDS)
+    labels, d2 = draw(per_round)
+    if per_round > 1:
+        short = (_counts(labels, m) > 0).sum(1) < min(need, m)
+        short &= (d2 > 0).any(1)  # rows left that no seed covers
+        if bool(short.any()):
+            labels = torch.where(short[:, None], draw(1)[0], labels)
     return labels
 
 
@@ -268,54 +330,89 @@ def _distortion(x_sq_total: Tensor, means: Tensor, sizes: Tensor) -> Tensor:
 # Ward merging and the elbow
 
 
-def _ward_merges(means: Tensor, sizes: Tensor, valid: Tensor, steps: int) -> tuple[Tensor, Tensor, Tensor]:
+def _ward_merges(means: Tensor, sizes: Tensor, valid: Tensor, steps: int, cosine: bool = True
+                 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Greedy Ward merging, `steps` merges per video.
 
     means [B, M, D], sizes [B, M], valid [B, M] -> pairs [B, steps, 2] (slot b merged into slot a < b),
     costs [B, steps] float64 (distortion increase), cos_losses [B, steps] float64 (decrease of the sum over rows
-    of the cosine to their centroid). Steps past a video's last valid pair are meaningless; callers only read
-    the first k_start - floor of them.
+    of the cosine to their centroid; None unless `cosine`), in the order greedy merging (the cheapest pair
+    first) takes them. Steps past a video's last valid pair are meaningless; callers only read the first
+    k_start - floor of them, floor = M - steps.
+
+    Merging one pair per step costs a few dozen small ops per merge. Ward's linkage is reducible (merging a and
+    b never brings a + b closer to any cluster than a or b was), so every reciprocal nearest-neighbour pair is a
+    merge of the greedy sequence, at its current cost, and the costs along that sequence never decrease. Each
+    round therefore merges all reciprocal pairs at once (costs updated by Lance-Williams, rows then columns),
+    and the rounds stop once the k-th cheapest merge found (k = the merges the video needs) costs no more than
+    the cheapest pair left, which every later merge costs at least: the k cheapest merges found are then the
+    first k of the greedy sequence, and sorting them by cost gives its order (ties by round, then slot).
     """
     B, M, _ = means.shape
-    n = torch.where(valid, sizes, 0).double().clamp_min(1e-300)  # > 0 keeps (nab + n) from vanishing
+    dev = means.device
+    n = torch.where(valid, sizes, 0).double().clamp_min(1e-300)  # > 0 keeps the denominators from vanishing
     c_sq = (means * means).sum(-1)
-    mass = n * c_sq.double()  # n |c|^2 per slot; a merge of a and b leaves mass_a + mass_b - cost
     d2 = torch.baddbmm(c_sq[:, :, None] + c_sq[:, None, :], means, means.transpose(1, 2), alpha=-2.0)
-    pair_ok = valid[:, :, None] & valid[:, None, :] & ~torch.eye(M, dtype=torch.bool, device=means.device)
+    eye = torch.eye(M, dtype=torch.bool, device=dev)
+    pair_ok = valid[:, :, None] & valid[:, None, :] & ~eye
     n_i, n_j = n[:, :, None], n[:, None, :]
     cost = torch.where(pair_ok, n_i * n_j / (n_i + n_j).clamp_min(1) * d2.double().clamp_min(0.0), math.inf)
-    taken = []
-    for _ in range(steps):
-        # Two-level minimum (per row, then over rows) is much cheaper than one over M * M with its index. The
-        # first row holding the global minimum is a, and its first minimal column b > a (the matrix is symmetric).
-        best, a = cost.amin(2).min(1, keepdim=True)  # [B, 1]
-        row_a = cost.gather(1, a[:, :, None].expand(B, 1, M))[:, 0]  # [B, M]
-        b = row_a.argmin(1, keepdim=True)
-        row_b = cost.gather(1, b[:, :, None].expand(B, 1, M))[:, 0]
-        na, nb = n.gather(1, a), n.gather(1, b)
-        nab = na + nb
-        mass_a, mass_b = mass.gather(1, a), mass.gather(1, b)
-        merged_mass = (mass_a + mass_b - best).clamp_min(0.0)
-        # sum_i x_i . c_hat over a cluster is n |c| = sqrt(n * n |c|^2): the mean-cosine loss of this merge.
-        cos_loss = (na * mass_a).sqrt() + (nb * mass_b).sqrt() - (nab * merged_mass).sqrt()
-        taken.append((a, b, best, cos_loss))
-        mass.scatter_(1, a, merged_mass)
-        # Lance-Williams update for Ward: the cost of merging a + b with j from the costs of a and b with j, so
-        # no centroid is ever touched (O(M) per merge). The entries for a and b themselves come out inf.
-        row = (n * (row_a + row_b - best)).addcmul_(na, row_a).addcmul_(nb, row_b).div_(nab + n)
-        n.scatter_(1, a, nab)
-        cost.scatter_(1, a[:, :, None].expand(B, 1, M), row[:, None, :])
-        cost.scatter_(2, a[:, :, None].expand(B, M, 1), row[:, :, None])
-        cost.scatter_(1, b[:, :, None].expand(B, 1, M), math.inf)
-        cost.scatter_(2, b[:, :, None].expand(B, M, 1), math.inf)
-    if not taken:
-        empty = n.new_zeros(B, 0)
-        return torch.zeros(B, 0, 2, dtype=torch.int64, device=means.device), empty, empty
-    a, b, best, cos_loss = (torch.cat(t, 1) for t in zip(*taken))
-    pairs = torch.stack([a, b], 2)
-    # A video out of pairs (at most one cluster left) produced inf costs; those steps are never read.
-    finite = torch.isfinite(best)
-    return pairs, torch.where(finite, best, 0.0), torch.where(finite, cos_loss, 0.0)
+    mass = n * c_sq.double()  # n |c|^2 per slot; a merge of a and b leaves mass_a + mass_b - cost
+    ids = torch.arange(M, device=dev)
+    # Per slot b, the merge that removed it: its cost, the slot a it joined, the round, the cosine loss.
+    merged_cost = cost.new_full((B, M), math.inf)
+    merged_into = torch.zeros(B, M, dtype=torch.int64, device=dev)
+    merged_round = torch.zeros(B, M, dtype=torch.int64, device=dev)
+    merged_cos = cost.new_zeros(B, M)
+    needed = (steps - (M - valid.sum(1))).clamp_min(0)  # [B]
+    kth = (needed - 1).clamp_min(0)[:, None]
+    for r in range(M):  # every round merges at least the cheapest pair of each video not done
+        row_min, nn = cost.min(2)  # [B, M]: each cluster's cheapest partner (the first on ties)
+        cheapest_left = row_min.amin(1)
+        done = (needed == 0) | torch.isinf(cheapest_left)
+        if r:
+            done |= merged_cost.sort(1).values.gather(1, kth)[:, 0] <= cheapest_left
+        if bool(done.all()):
+            break
+        mutual = (nn.gather(1, nn) == ids) & torch.isfinite(row_min) & ~done[:, None]
+        is_a, is_b = mutual & (ids < nn), mutual & (nn < ids)  # b joins a < b
+        n_nn, mass_nn = n.gather(1, nn), mass.gather(1, nn)
+        merged_mass = (mass + mass_nn - row_min).clamp_min(0.0)
+        merged_cost = torch.where(is_b, row_min, merged_cost)
+        merged_into = torch.where(is_b, nn, merged_into)
+        merged_round = torch.where(is_b, r, merged_round)
+        if cosine:
+            # sum_i x_i . c_hat over a cluster is n |c| = sqrt(n * n |c|^2): the mean-cosine loss of this merge.
+            loss = (n * mass).sqrt() + (n_nn * mass_nn).sqrt() - ((n + n_nn) * merged_mass).sqrt()
+            merged_cos = torch.where(is_b, loss, merged_cos)
+        n_new = torch.where(is_a, n + n_nn, n)
+        mass = torch.where(is_a, merged_mass, mass)
+        # Lance-Williams for Ward, d(a + b, k) = ((n_a + n_k) d(a, k) + (n_b + n_k) d(b, k) - n_k d(a, b)) /
+        # (n_a + n_b + n_k): first for the rows of the merged pairs (against the old clusters), then for their
+        # columns (against the clusters after the row pass), so two pairs merged in the same round meet right.
+        n_k, with_a, with_b = n[:, None, :], n[:, :, None], n_nn[:, :, None]
+        c_nn = cost.gather(1, nn[:, :, None].expand(B, M, M))  # row of each cluster's partner
+        with_a, with_b = n_k + with_a, n_k + with_b
+        rows = (with_a * cost + with_b * c_nn - n_k * row_min[:, :, None]) / (with_a + with_b - n_k)
+        cost = torch.where(is_a[:, :, None], rows, cost)
+        n_k, with_a, with_b = n_new[:, :, None], n[:, None, :], n_nn[:, None, :]
+        c_nn = cost.gather(2, nn[:, None, :].expand(B, M, M))  # column of each cluster's partner
+        with_a, with_b = n_k + with_a, n_k + with_b
+        cols = (with_a * cost + with_b * c_nn - n_k * row_min[:, None, :]) / (with_a + with_b - n_k)
+        cost = torch.where(is_a[:, None, :], cols, cost)
+        cost = torch.minimum(cost, cost.transpose(1, 2))  # the two passes round differently: keep it symmetric
+        cost.masked_fill_(is_b[:, :, None] | is_b[:, None, :] | eye, math.inf)
+        n = n_new
+    by_round = merged_round.sort(dim=1, stable=True).indices
+    order = by_round.gather(1, merged_cost.gather(1, by_round).sort(dim=1, stable=True).indices)[:, :steps]
+    pairs = torch.stack([merged_into.gather(1, order), order], 2)
+    costs = merged_cost.gather(1, order)
+    # A video out of pairs (at most one cluster left) has inf costs there; those steps are never read.
+    finite = torch.isfinite(costs)
+    costs = torch.where(finite, costs, 0.0)
+    if not cosine:
+        return pairs, costs, None
+    return pairs, costs, torch.where(finite, merged_cos.gather(1, order), 0.0)
 
 
 def _curve(start: Tensor, costs: Tensor, k_start: Tensor, k_min: int, k_max: int) -> Tensor:
@@ -415,17 +512,33 @@ def _assign(x: Tensor, centres: Tensor, valid: Tensor | None) -> tuple[Tensor, T
     return torch.cat(labels, 1), torch.cat(best, 1)
 
 
-def _fill_empty(labels: Tensor, sim: Tensor, valid: Tensor) -> Tensor:
-    """labels [B, N], sim [B, N] (to own centroid), valid [B, K] -> labels [B, N], every valid cluster non-empty.
+def _dot_own(x: Tensor, vectors: Tensor, labels: Tensor) -> Tensor:
+    """x [B, N, D], vectors [B, K, D], labels [B, N] -> [B, N] x_i . vectors[l_i].
+
+    Row chunks of a [B, N, K] product, then the own column: a gather of the vectors to [B, N, D] would cost
+    as much arithmetic and a fresh N x D buffer (page faults that cost more than the product here).
+    """
+    N = x.shape[1]
+    step = _rows_per_chunk(vectors.shape[1])
+    vectors_t = vectors.transpose(1, 2)
+    return torch.cat([torch.bmm(x[:, s : s + step], vectors_t).gather(2, labels[:, s : s + step, None])[:, :, 0]
+                      for s in range(0, N, step)], 1)
+
+
+def _fill_empty(labels: Tensor, sim_of: Callable[[], Tensor], valid: Tensor, counts: Tensor | None = None
+                ) -> Tensor:
+    """labels [B, N], sim_of() -> [B, N] (cosine of each row to its own centroid), valid [B, K], counts [B, K]
+    (the cluster sizes, when known) -> labels [B, N], every valid cluster non-empty (a new tensor if any moved).
 
     An empty cluster takes the row least similar to its own centroid among clusters of size >= 2. This path is
-    rare (a cluster must lose all its rows in one step), so it is a plain loop.
+    rare (a cluster must lose all its rows in one step), so it is a plain loop, and the similarities are only
+    asked for when it is taken.
     """
-    counts = _counts(labels, valid.shape[1])
+    counts = _counts(labels, valid.shape[1]) if counts is None else counts
     empty = valid & (counts == 0)
     if not bool(empty.any()):
         return labels
-    labels, sim = labels.clone(), sim.clone()
+    labels, sim, counts = labels.clone(), sim_of().clone(), counts.clone()
     for b, j in empty.nonzero().tolist():
         spare = counts[b][labels[b]] >= 2
         i = int(torch.where(spare, sim[b], math.inf).argmin())
@@ -437,12 +550,10 @@ def _fill_empty(labels: Tensor, sim: Tensor, valid: Tensor) -> Tensor:
 
 
 def _lloyd(
-    x: Tensor, centres: Tensor, valid: Tensor, max_iter: int, tol: float, active: Tensor, labels: Tensor,
-    sim: Tensor
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """x [B, N, D]; centres [B, K, D] start; valid [B, K]; active [B] videos to refine; labels [B, N] and sim [B, N]
-    kept for the others -> labels [B, N], means [B, K, D], iterations [B], sim [B, N] (cosine of each row to the
-    centroid it was assigned to, at the last assignment).
+    x: Tensor, centres: Tensor, valid: Tensor, max_iter: int, tol: float, active: Tensor, labels: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """x [B, N, D]; centres [B, K, D] start; valid [B, K]; active [B] videos to refine; labels [B, N] kept for
+    the others -> labels [B, N], means [B, K, D], iterations [B].
 
     The returned centroids of the refined videos are the means of their labels. A video that has converged (or
     was not active) is frozen, so its result does not depend on the rest of the batch. On an accelerator the
@@ -450,49 +561,163 @@ def _lloyd(
     the extra iterations no-ops for the result).
     """
     B, K = valid.shape
+    if _bounds_pay(x, K):
+        return _lloyd_bounded(x, centres, valid, max_iter, tol, active, labels)
     mask = None if bool(valid.all()) else valid
     check_every = 1 if x.device.type == "cpu" else CONVERGENCE_CHECK_EVERY
     active = active.clone()
     iters = torch.zeros(B, dtype=torch.int64, device=x.device)
     for i in range(max_iter):
         new_labels, new_sim = _assign(x, centres, mask)
-        new_labels = _fill_empty(new_labels, new_sim, valid)
+        new_labels = _fill_empty(new_labels, lambda: new_sim, valid)
         means, _ = _cluster_means(x, new_labels, K)
         shift = (means - centres).norm(dim=-1).amax(1)  # [B]
         centres = torch.where(active[:, None, None], means, centres)
         labels = torch.where(active[:, None], new_labels, labels)
-        sim = torch.where(active[:, None], new_sim, sim)
         iters += active.long()
         active &= shift >= tol
         if (i + 1) % check_every == 0 and not bool(active.any()):
             break
-    return labels, centres, iters, sim
+    return labels, centres, iters
 
 
-def _split_merge(x: Tensor, labels: Tensor, centres: Tensor, sim: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+def _bounds_pay(x: Tensor, k: int) -> bool:
+    """Whether `_lloyd_bounded` refines x [B, N, D] at K = k: on CPU (it reads counts back every iteration), and
+    where one video's similarity product (N D K multiply-adds) outweighs the few dozen small ops per iteration
+    that the bounds cost. It depends on the shape of one video only: a video takes the same path alone or in a
+    batch."""
+    return x.device.type == "cpu" and k >= 2 and x.shape[1] * x.shape[2] * k >= BOUNDED_LLOYD_MIN_WORK
+
+
+def _lloyd_bounded(
+    x: Tensor, centres: Tensor, valid: Tensor, max_iter: int, tol: float, active: Tensor, labels: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`_lloyd` (same arguments, same labels) that only revisits the rows whose label can change.
+
+    Elkan's bounds for cosine similarity: for unit x and centroid directions u, u', |x.u' - x.u| <= |u' - u|.
+    Each row keeps a lower bound on its similarity to its own centroid and an upper bound on its similarity to
+    each other one ([B, N, K], as one similarity block); when the directions move by drift_j, the first drops
+    by its own cluster's drift and each of the others grows by that cluster's drift. Only rows where the bounds
+    no longer separate (with a margin far above float32 rounding) are recomputed, exactly, and the cluster sums
+    are updated with the rows that changed cluster. Near convergence that is a small share of the rows, so an
+    iteration costs a few dozen small ops instead of an N x K product and a pass over x. The labels are those
+    of `_assign` (the full argmax): a skipped row's argmax cannot have moved. The centroids are the member means
+    up to the float32 rounding of the updates (about 1e-7 relative).
+    """
+    B, N, D = x.shape
+    K = valid.shape[1]
+    iters = torch.zeros(B, dtype=torch.int64, device=x.device)
+    if not bool(active.any()):
+        return labels, centres, iters
+    invalid = None if bool(valid.all()) else ~valid
+    active = active.clone()
+    dirs = F.normalize(centres, dim=-1, eps=1e-12)
+    step = _rows_per_chunk(K)
+    upper = torch.cat([torch.bmm(x[:, s : s + step], dirs.transpose(1, 2)) for s in range(0, N, step)], 1)
+    if invalid is not None:
+        upper.masked_fill_(invalid[:, None, :], -math.inf)
+    best, assigned = upper.max(-1)  # [B, N]: first maximum, as `_assign`
+    flat_x, flat_upper, flat_best, flat_assigned = x.reshape(B * N, D), upper.view(B * N, K), best.view(-1), \
+        assigned.view(-1)
+    slot = torch.arange(B, device=x.device)[:, None] * K  # video b's clusters are rows b K .. b K + K - 1 of the sums
+    unit = torch.ones(N, dtype=torch.int64, device=x.device)
+    every_row = torch.arange(B * N, device=x.device).view(B, N)
+    sums = counts = None
+    for i in range(max_iter):
+        any_moved = i == 0
+        if i > 0:
+            new_dirs = F.normalize(centres, dim=-1, eps=1e-12)
+            drift = torch.linalg.vector_norm(new_dirs - dirs, dim=-1)  # [B, K]
+            dirs = new_dirs
+            best -= drift.gather(1, assigned)
+            upper += drift[:, None, :]
+            rival = upper.scatter(2, assigned[:, :, None], -math.inf).amax(2)
+            stale = (best <= rival.add_(BOUND_MARGIN)).view(-1).nonzero().view(-1)  # rows of [B * N]
+            video = torch.div(stale, N, rounding_mode="floor") if B > 1 else None
+            # Per video, so a video does the same ops (and gets the same floats) alone or in a batch.
+            for b in range(B):
+                rows = stale if B == 1 else stale[video == b]
+                # Gathering rows costs a copy of them: past a quarter of the video, the product over all of its
+                # rows (read in place) is cheaper.
+                whole = rows.shape[0] * 4 > N
+                if whole:
+                    rows = every_row[b]
+                for s in range(0, rows.shape[0], step):
+                    idx = rows[s : s + step]
+                    x_rows = x[b, s : s + step] if whole else flat_x.index_select(0, idx)
+                    sim = torch.mm(x_rows, dirs[b].T)
+                    if invalid is not None:
+                        sim.masked_fill_(invalid[b], -math.inf)
+                    flat_upper.index_copy_(0, idx, sim)
+                    row_best, row_label = sim.max(-1)
+                    flat_best.index_copy_(0, idx, row_best)
+                    old_label = flat_assigned.index_select(0, idx)
+                    flat_assigned.index_copy_(0, idx, row_label)
+                    moved = (row_label != old_label).nonzero()[:, 0]
+                    if moved.shape[0]:
+                        any_moved = True
+                        moved_rows = x_rows.index_select(0, moved)
+                        into, out_of = row_label.index_select(0, moved), old_label.index_select(0, moved)
+                        if b:
+                            into, out_of = into + b * K, out_of + b * K
+                        sums.index_add_(0, into, moved_rows).index_add_(0, out_of, moved_rows, alpha=-1)
+                        one = unit[: moved.shape[0]]
+                        counts.index_add_(0, into, one).index_add_(0, out_of, one, alpha=-1)
+        if not any_moved:  # same labels, so the same (non-empty) clusters and means: every centroid stays put
+            iters += active
+            active &= tol <= 0.0
+            if not bool(active.any()):
+                break
+            continue
+        filled = _fill_empty(assigned, lambda: _dot_own(x, dirs, assigned), valid,
+                             None if counts is None else counts.view(B, K))
+        if filled is not assigned:
+            best.copy_(torch.where(filled != assigned, -math.inf, best))  # moved rows: recomputed next time
+            assigned.copy_(filled)
+            sums = None
+        if sums is None:  # a fresh sum over the rows: the first iteration, or after a refill
+            flat = (assigned + slot).view(-1)
+            sums = x.new_zeros(B * K, D).index_add_(0, flat, flat_x)
+            counts = _counts(flat[None], B * K)[0]
+        means = (sums / counts.clamp_min(1)[:, None].to(x.dtype)).view(B, K, D)
+        shift = torch.linalg.vector_norm(means - centres, dim=-1).amax(1)  # [B]
+        if B == 1:  # alone, the video is active here: the loop ends as soon as it is not
+            centres, labels = means, assigned
+        else:
+            centres = torch.where(active[:, None, None], means, centres)
+            labels = torch.where(active[:, None], assigned, labels)
+        iters += active
+        active &= shift >= tol
+        if not bool(active.any()):
+            break
+    return labels, centres, iters
+
+
+def _split_merge(x: Tensor, labels: Tensor, centres: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
     """One split/merge move per video: split the cluster whose 2-way split lowers the distortion most and
     merge the cheapest pair of the resulting K + 1 clusters, when the gain beats the cost.
 
-    x [B, N, D]; labels [B, N], centres [B, K, D] (their means) and sim [B, N] (cosine of each row to its
-    centroid) from Lloyd; valid [B, K] -> new centres [B, K, D] (unchanged where no move), moved [B] bool.
+    x [B, N, D]; labels [B, N] and centres [B, K, D] (their means) from Lloyd; valid [B, K] -> new centres
+    [B, K, D] (unchanged where no move), moved [B] bool.
 
     Each cluster is split by one 2-means step inside it (by cosine, as Lloyd), from its centroid and its member
     least similar to it; the split gain n_a n_b / n |c_a - c_b|^2 and the Ward merge cost are exact distortion
     changes. This recovers a small distinct cluster that seeding never hit: it sits in some cluster as its least
     similar members, and splitting it off gains far more than merging two pieces of a diffuse background costs.
-    Cost: O(N D) for the split, O(K^2 D) for the merge costs; nothing N x N.
+    Cost: two [N, K] similarity products (to the centroids, to the farthest members), O(N D) for the halves'
+    means, O(K^2 D) for the merge costs; nothing N x N.
     """
     B, N, D = x.shape
     K = centres.shape[1]
     pos = torch.arange(N, device=x.device).expand(B, N)
-    own = (labels if B == 1 else labels + torch.arange(B, device=x.device)[:, None] * K).view(-1)
 
+    sim = _dot_own(x, F.normalize(centres, dim=-1, eps=1e-12), labels)  # [B, N] cosine to the own centroid
     lowest = sim.new_full((B, K), math.inf).scatter_reduce(1, labels, sim, reduce="amin")
     far = torch.full((B, K), N, dtype=torch.int64, device=x.device).scatter_reduce(
         1, labels, torch.where(sim <= lowest.gather(1, labels), pos, N), reduce="amin"
     )
     far_rows = x.gather(1, far.clamp(max=N - 1)[:, :, None].expand(B, K, D))  # unit rows
-    to_far = torch.einsum("bnd,bnd->bn", x, far_rows.reshape(B * K, D).index_select(0, own).view(B, N, D))
+    to_far = _dot_own(x, far_rows, labels)
     half_means, half_sizes = _cluster_means(x, labels * 2 + (to_far > sim).long(), 2 * K)
     first, second = half_means[:, 0::2], half_means[:, 1::2]
     n_a, n_b = half_sizes[:, 0::2].double(), half_sizes[:, 1::2].double()
@@ -519,6 +744,8 @@ def _split_merge(x: Tensor, labels: Tensor, centres: Tensor, sim: Tensor, valid:
     # Splitting off a distinct cluster gains several times what the merge costs (2x to 4x on the planted-object
     # tests); on diffuse data the moves trade nearly equal amounts (< 0.1% of the distortion) and are left out.
     moved = split_gain > MOVE_GAIN_RATIO * merge_cost + 1e-9 * N
+    if not bool(moved.any()):  # the common case on diffuse content; the caller reads it back anyway
+        return centres, moved
 
     na, nb = n[rows, a][:, None], n[rows, b][:, None]
     merged = ((na * cand[rows, a].double() + nb * cand[rows, b].double()) / (na + nb).clamp_min(1)).float()
@@ -568,20 +795,23 @@ def _mean_cosine(centres: Tensor, sizes: Tensor, n_rows: int) -> Tensor:
     return (sizes.double() * centres.double().norm(dim=-1)).sum(1) / n_rows
 
 
-def _fit(x: Tensor, k_top: int, adaptive: _Adaptive | None, seed: int, max_iter: int, tol: float
-         ) -> tuple[list[KMeansResult], Tensor | None]:
-    """x [B, N, D] normalised -> per-video results and, in adaptive mode, distortion curves [B, C]."""
+def _fit(x: Tensor, x_sq_total: Tensor, k_top: int, adaptive: _Adaptive | None, seed: int, max_iter: int,
+         tol: float) -> tuple[list[KMeansResult], Tensor | None]:
+    """x [B, N, D] normalised, x_sq_total [B] float64 sum of its squared row norms -> per-video results and, in
+    adaptive mode, distortion curves [B, C]."""
     B, N, _ = x.shape
     g = _generator(seed)
     m = min(int(OVERSEED * k_top), N)
-    seed_labels = _seed(_sketch(x, SKETCH_DIM, g), m, g)
+    sign = _sketch_signs(x.shape[2], SKETCH_DIM, g, x)
+    p = _sketch(x, sign)
+    seed_labels = _seed(p, m, k_top, g)
     means, sizes = _cluster_means(x, seed_labels, m)
     valid = sizes > 0
     k_start = valid.sum(1)
     floor = k_top if adaptive is None else max(adaptive.k_min - 1, 1)
-    pairs, costs, cos_losses = _ward_merges(means, sizes, valid, max(m - floor, 0))
+    pairs, costs, cos_losses = _ward_merges(means, sizes, valid, max(m - floor, 0),
+                                            cosine=adaptive is not None and adaptive.rule == "fidelity")
 
-    x_sq_total = torch.linalg.vector_norm(x, dim=-1).double().square().sum(1)  # no [B, N, D] temporary
     curve = None
     if adaptive is None:
         k_sel = torch.full((B,), k_top, dtype=torch.int64, device=x.device)
@@ -604,23 +834,20 @@ def _fit(x: Tensor, k_top: int, adaptive: _Adaptive | None, seed: int, max_iter:
 
     everyone = torch.ones(B, dtype=torch.bool, device=x.device)
     labels = torch.zeros(B, N, dtype=torch.int64, device=x.device)
-    sim = x.new_zeros(B, N)
-    labels, centres, iters, sim = _lloyd(x, centres, slot_valid, max_iter, tol, everyone, labels, sim)
+    labels, centres, iters = _lloyd(x, centres, slot_valid, max_iter, tol, everyone, labels)
     distortion = _distortion(x_sq_total, centres, _counts(labels, centres.shape[1]))
     searching = everyone  # videos whose last move paid off; the others would only propose it again
     for _ in range(SPLIT_MERGE_PASSES):
-        start, moved = _split_merge(x, labels, centres, sim, slot_valid)
+        start, moved = _split_merge(x, labels, centres, slot_valid)
         moved &= searching
         if not bool(moved.any()):
             break
-        new_labels, new_centres, new_iters, new_sim = _lloyd(x, start, slot_valid, max_iter, tol, moved, labels,
-                                                             sim)
+        new_labels, new_centres, new_iters = _lloyd(x, start, slot_valid, max_iter, tol, moved, labels)
         new_distortion = _distortion(x_sq_total, new_centres, _counts(new_labels, centres.shape[1]))
         # Lloyd assigns by cosine, not by distance: keep a move only where it lowered the distortion.
         better = moved & (new_distortion < distortion)
         labels = torch.where(better[:, None], new_labels, labels)
         centres = torch.where(better[:, None, None], new_centres, centres)
-        sim = torch.where(better[:, None], new_sim, sim)
         distortion = torch.where(better, new_distortion, distortion)
         iters += new_iters
         searching = better
@@ -640,7 +867,8 @@ def _run(x: Tensor, k_top: int, adaptive: _Adaptive | None, seed: int, max_iter:
     """`_fit` on x [B, N, D] (any float dtype) in inference mode, which trims the per-op overhead that dominates
     small fits. Inference tensors cannot join an autograd graph later, so the results are returned as clones."""
     with torch.inference_mode():
-        results, curve = _fit(normalize_rows(x), k_top, adaptive, seed, max_iter, tol)
+        x, sq_norms = _normalize(x)
+        results, curve = _fit(x, sq_norms.sum(1), k_top, adaptive, seed, max_iter, tol)
     results = [
         KMeansResult(r.centroids.clone(), r.labels.clone(), r.sizes.clone(), r.distortion, r.iterations, r.fidelity)
         for r in results

@@ -223,13 +223,84 @@ def test_chunked_similarity_gives_the_same_clustering(monkeypatch):
     assert torch.equal(whole.labels, chunked.labels)
 
 
+@pytest.mark.parametrize("make, n, dim, k", [(token_like, 500, 160, 16), (blobs, 400, 8, 12)])
+def test_bounded_lloyd_gives_the_labels_of_the_full_one(monkeypatch, make, n, dim, k):
+    # Same start, same labels at every step: the bounds only skip rows whose argmax cannot move.
+    x = F.normalize(make(n, dim, 0), dim=-1)[None]
+    start = x[:, torch.randperm(n, generator=torch.Generator().manual_seed(1))[:k]]
+    valid = torch.ones(1, k, dtype=torch.bool)
+    everyone = torch.ones(1, dtype=torch.bool)
+    none = torch.zeros(1, n, dtype=torch.int64)
+    monkeypatch.setattr(kmeans, "BOUNDED_LLOYD_MIN_WORK", 1 << 62)
+    full = kmeans._lloyd(x, start, valid, 50, 1e-4, everyone, none)
+    monkeypatch.setattr(kmeans, "BOUNDED_LLOYD_MIN_WORK", 0)
+    bounded = kmeans._lloyd(x, start, valid, 50, 1e-4, everyone, none)
+    assert torch.equal(full[0], bounded[0]) and torch.equal(full[2], bounded[2])
+    torch.testing.assert_close(full[1], bounded[1], rtol=0, atol=1e-6)
+
+
+def test_bounded_lloyd_is_identical_in_a_batch_and_alone(monkeypatch):
+    monkeypatch.setattr(kmeans, "BOUNDED_LLOYD_MIN_WORK", 0)
+    xs = torch.stack([token_like(300, 160, s) for s in range(3)])
+    for single, batched in zip([spherical_kmeans(x, 12, seed=3) for x in xs], spherical_kmeans_batch(xs, 12, seed=3)):
+        assert torch.equal(single.labels, batched.labels) and torch.equal(single.centroids, batched.centroids)
+        assert single.iterations == batched.iterations
+
+
+def naive_ward(means: torch.Tensor, sizes: torch.Tensor, merges: int) -> list[tuple[int, int]]:
+    """One pair per step, costs from the centroids: means [M, D], sizes [M] -> the merges (a, b), b into a < b."""
+    c, n = means.double().clone(), sizes.double().clone()
+    alive = n > 0
+    taken = []
+    for _ in range(merges):
+        cost = n[:, None] * n[None, :] / (n[:, None] + n[None, :]).clamp_min(1) * torch.cdist(c, c) ** 2
+        cost[~alive] = math.inf
+        cost[:, ~alive] = math.inf
+        cost.fill_diagonal_(math.inf)
+        a, b = sorted(divmod(int(cost.argmin()), len(n)))
+        c[a] = (n[a] * c[a] + n[b] * c[b]) / (n[a] + n[b])
+        n[a] += n[b]
+        alive[b] = False
+        taken.append((a, b))
+    return taken
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_ward_rounds_take_the_merges_of_one_pair_per_step(seed):
+    # Merging all reciprocal nearest-neighbour pairs per round must give the greedy sequence, in its order.
+    x = F.normalize(token_like(400, 24, seed), dim=-1)[None]
+    labels = torch.randint(0, 48, (1, 400), generator=torch.Generator().manual_seed(seed))
+    means, sizes = kmeans._cluster_means(x, labels, 48)
+    pairs, costs, _ = kmeans._ward_merges(means, sizes, sizes > 0, 40)
+    assert [tuple(p) for p in pairs[0].tolist()] == naive_ward(means[0], sizes[0], 40)
+    assert bool((costs[0, 1:] >= costs[0, :-1] * (1 - 1e-9)).all())  # the greedy costs never decrease
+
+
+def test_ward_merges_without_cosine_losses_take_the_same_merges():
+    x = F.normalize(blobs(300, 12, 5), dim=-1)[None]
+    labels = torch.randint(0, 20, (1, 300), generator=torch.Generator().manual_seed(0))
+    means, sizes = kmeans._cluster_means(x, labels, 20)
+    with_cos = kmeans._ward_merges(means, sizes, sizes > 0, 17)
+    without = kmeans._ward_merges(means, sizes, sizes > 0, 17, cosine=False)
+    assert torch.equal(with_cos[0], without[0]) and torch.equal(with_cos[1], without[1]) and without[2] is None
+
+
+@pytest.mark.parametrize("n, k", [(60, 50), (100, 90)])
+def test_k_close_to_the_number_of_rows_gives_k_clusters(n, k):
+    # Every row is a seed (2 K > n): the extra seeds, drawn several per round, can pick the same row twice, so
+    # the first K seeds must be drawn one at a time to be K distinct rows.
+    x = torch.randn(n, 16, generator=torch.Generator().manual_seed(0))
+    for seed in range(4):
+        assert spherical_kmeans(x, k, seed=seed).k == k
+
+
 def test_empty_clusters_are_refilled():
     # Two clusters start on the same side; the refill must still leave every cluster non-empty.
     x = torch.cat([torch.randn(50, 4) * 0.01 + torch.tensor([1.0, 0, 0, 0]), torch.randn(3, 4)])
     labels = torch.zeros(1, 53, dtype=torch.int64)
     sim = torch.rand(1, 53)
     valid = torch.ones(1, 3, dtype=torch.bool)
-    filled = kmeans._fill_empty(labels, sim, valid)
+    filled = kmeans._fill_empty(labels, lambda: sim, valid)
     assert torch.bincount(filled[0], minlength=3).min() >= 1
     # The rows moved are the least similar ones.
     moved = (filled[0] != 0).nonzero()[:, 0]
