@@ -57,10 +57,14 @@ LEASE_S = 300.0
 RENEWALS_PER_LEASE = 5
 # IVF partitions need enough rows to train on; below this an exact scan is fast anyway.
 MIN_ROWS_FOR_VECTOR_INDEX = 5000
-# Each LanceDB commit adds a fragment (data file). Once this many small ones pile up they are compacted and the
-# indexes take in the new rows, so id lookups (the index, plus a scan of the rows it does not cover yet) and
-# searches cost the same at any table size.
-COMPACT_AT_SMALL_FRAGMENTS = 32
+# Each LanceDB commit adds a fragment (data file) that the indexes do not cover yet. Once this many such fragments
+# (or COMPACTED_FRAGMENT_ROWS rows in them) pile up they are merged and the indexes take in their rows, so id
+# lookups (the index, plus a scan of the rows it does not cover yet) and searches cost the same at any table size.
+COMPACT_AT_NEW_FRAGMENTS = 32
+# Compaction merges small fragments into fragments of up to this many rows and leaves larger ones alone, so no
+# compaction rewrites more than about this many rows (plus the new ones) whatever the size of the table.
+# (LanceDB's own optimize() targets 1M rows: below that, every compaction rewrote the growing last fragment.)
+COMPACTED_FRAGMENT_ROWS = 65_536
 # The IVF index is trained once, then new rows join its existing partitions; it is retrained (sqrt(rows)
 # partitions) only once the table has outgrown the partitions it was trained with by this factor.
 RETRAIN_AT_PARTITION_GROWTH = 2
@@ -121,6 +125,13 @@ def _lease_key(holder: dict) -> str:
 def _created_at_by_id(table: pa.Table):
     """(video_id, created_at) pairs of a table's rows."""
     return zip(table.column("video_id").to_pylist(), table.column("created_at").to_pylist())
+
+
+def _unindexed_fragments(dataset) -> list:
+    """The fragments of a lance dataset that its video_id index does not cover (all of them when it has none)."""
+    covered = {fragment_id for index in dataset.describe_indices() if index.name == ID_INDEX_NAME
+               for segment in index.segments for fragment_id in segment.fragment_ids}
+    return [fragment for fragment in dataset.get_fragments() if fragment.fragment_id not in covered]
 
 
 def _utc(epoch_s) -> str:
@@ -291,12 +302,33 @@ class OutputStore:
             lance.create_index("video_id", config=BTree(), name=ID_INDEX_NAME)
         self.compact_if_needed(lance)
 
-    def compact_if_needed(self, lance=None) -> bool:
-        """Merge LanceDB's small fragments and bring its indexes up to date once enough have piled up."""
+    def compact_if_needed(self, lance=None, force: bool = False) -> bool:
+        """Merge the fragments the indexes do not cover yet and bring the indexes up to date, once enough have
+        piled up (`force`: whenever there are any). Returns whether it compacted.
+
+        Each step is bounded: compaction merges only fragments smaller than COMPACTED_FRAGMENT_ROWS, the video_id
+        index takes in the new rows, and the vector index gets them as a delta (new rows assigned to the trained
+        partitions; `build_vector_index` merges or retrains). Needs the `lance` package (pylance): LanceDB's own
+        optimize() offers no fragment size below 1M rows.
+        """
         lance = lance or self.lance_table()
-        if lance is None or lance.stats()["fragment_stats"]["num_small_fragments"] < COMPACT_AT_SMALL_FRAGMENTS:
+        if lance is None:
             return False
-        lance.optimize()
+        dataset = lance.to_lance()
+        pending = _unindexed_fragments(dataset)
+        if not pending or not force and (len(pending) < COMPACT_AT_NEW_FRAGMENTS and
+                                         sum(f.metadata.physical_rows for f in pending) < COMPACTED_FRAGMENT_ROWS):
+            return False
+        dataset.optimize.compact_files(target_rows_per_fragment=COMPACTED_FRAGMENT_ROWS)
+        lance.checkout_latest()
+        names = [index.name for index in lance.list_indices()]
+        if ID_INDEX_NAME in names:
+            lance.to_lance().optimize.optimize_indices(index_names=[ID_INDEX_NAME])
+            lance.checkout_latest()
+        vector = [name for name in names if name != ID_INDEX_NAME]
+        if vector:
+            lance.to_lance().optimize.optimize_indices(index_names=vector, num_indices_to_merge=0)
+            lance.checkout_latest()
         return True
 
     def _set_unsynced_marker(self, present: bool) -> None:
@@ -398,13 +430,15 @@ class OutputStore:
     def build_vector_index(self, min_rows: int = MIN_ROWS_FOR_VECTOR_INDEX) -> bool:
         """Bring the ANN index on `pooled` up to date once the table is large enough. Returns whether one exists.
 
-        The index is trained once; later calls add the new rows to its partitions (with compaction), and retrain
-        only when the table has grown RETRAIN_AT_PARTITION_GROWTH times past the partitions it was trained with.
-        The video_id index takes in new rows at the same time, so the next run's lookups need no scan.
+        The index is trained once; later calls add the new rows to its partitions (merging the deltas that
+        compactions added during the run), and retrain only when the table has grown RETRAIN_AT_PARTITION_GROWTH
+        times past the partitions it was trained with. Everything not compacted yet is compacted first and the
+        video_id index takes in its rows, so the next run's lookups need no scan.
         """
         lance = self.lance_table()
         if lance is None:
             return False
+        self.compact_if_needed(lance, force=True)
         rows = lance.count_rows()
         built = rows >= min_rows
         if built:
@@ -417,8 +451,13 @@ class OutputStore:
                 # IVF with scalar-quantised vectors: ~4x smaller than float32 and near-exact recall once re-ranked.
                 lance.create_index("pooled", config=IvfSq(distance_type="cosine", num_partitions=partitions),
                                    name=f"{VECTOR_INDEX_PREFIX}{partitions}")
-        if any(lance.index_stats(index.name).num_unindexed_rows for index in lance.list_indices()):
-            lance.optimize()
+        for index in lance.list_indices():
+            stats = lance.index_stats(index.name)
+            if index.name != ID_INDEX_NAME and (stats.num_indices > 1 or stats.num_unindexed_rows):
+                # The deltas that compactions added (and any rows not in the index) become one index again.
+                lance.to_lance().optimize.optimize_indices(index_names=[index.name],
+                                                           num_indices_to_merge=stats.num_indices)
+                lance.checkout_latest()
         return built
 
     # ---- one writer at a time -------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import torch
 
 import tokendyn
 from pipeline.store.schema import (SchemaVersionError, compressed_video_from_row, now_utc, video_row, video_schema)
-from pipeline.store.storage import OutputLocked, OutputStore
+from pipeline.store.storage import OutputLocked, OutputStore, _unindexed_fragments
 
 DIM = 16
 
@@ -329,14 +329,30 @@ def test_commits_find_ids_through_a_video_id_index(tmp_path):
 
 
 def test_fragments_are_compacted_as_they_pile_up(tmp_path, monkeypatch):
-    monkeypatch.setattr("pipeline.store.storage.COMPACT_AT_SMALL_FRAGMENTS", 4)
+    monkeypatch.setattr("pipeline.store.storage.COMPACT_AT_NEW_FRAGMENTS", 4)
     store = OutputStore(str(tmp_path / "out"))
     for i in range(13):
         store.write_videos(video_table([f"v{i}"], seed=i))
-        assert fragment_count(store) < 4 + 1
+        assert len(_unindexed_fragments(store.lance_table().to_lance())) < 4
+        assert fragment_count(store) < 4 + 3
     assert lance_ids(store) == sorted(f"v{i}" for i in range(13))
     (index,) = [i for i in store.lance_table().list_indices() if i.columns == ["video_id"]]
     assert store.lance_table().index_stats(index.name).num_unindexed_rows < 4
+
+
+def test_compaction_leaves_full_fragments_alone(tmp_path, monkeypatch):
+    """No compaction rewrites a fragment that reached the target size, so its cost does not grow with the table."""
+    monkeypatch.setattr("pipeline.store.storage.COMPACT_AT_NEW_FRAGMENTS", 4)
+    monkeypatch.setattr("pipeline.store.storage.COMPACTED_FRAGMENT_ROWS", 8)
+    store = OutputStore(str(tmp_path / "out"))
+    full: dict[int, int] = {}  # fragment id -> rows, for every fragment that reached the target
+    for i in range(40):
+        store.write_videos(video_table([f"v{i}-{j}" for j in range(3)], seed=i))
+        fragments = {f.fragment_id: f.metadata.physical_rows for f in store.lance_table().to_lance().get_fragments()}
+        assert all(fragments.get(fragment_id) == rows for fragment_id, rows in full.items())
+        full.update({fragment_id: rows for fragment_id, rows in fragments.items() if rows >= 8})
+    assert len(full) >= 8
+    assert lance_ids(store) == sorted(f"v{i}-{j}" for i in range(40) for j in range(3))
 
 
 def test_vector_index_is_trained_once_then_extended_until_the_table_outgrows_it(tmp_path):
