@@ -40,6 +40,7 @@ from urllib.parse import urlparse
 
 import lancedb
 from lancedb.index import BTree, IvfSq
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
@@ -76,6 +77,11 @@ UNSYNCED_MARKER = "_lancedb_unsynced"
 # the table (LOOKUP_FRACTION) reads the id column whole instead.
 ID_LOOKUP_CHUNK = 2048
 LOOKUP_FRACTION = 0.25
+# The id digest (lancedb/_video_id_digest.arrow): a sorted 128-bit hash of every video_id in the LanceDB fragments
+# it names, rewritten after each compaction. A resume looks its listing up there (a binary search per id, whatever
+# the size of the table) and scans only the fragments added since; see _digest_ids_among.
+ID_DIGEST_FILE = "_video_id_digest.arrow"
+ID_HASH_BYTES = 16
 
 
 def is_s3(uri: str) -> bool:
@@ -132,6 +138,29 @@ def _unindexed_fragments(dataset) -> list:
     covered = {fragment_id for index in dataset.describe_indices() if index.name == ID_INDEX_NAME
                for segment in index.segments for fragment_id in segment.fragment_ids}
     return [fragment for fragment in dataset.get_fragments() if fragment.fragment_id not in covered]
+
+
+def _id_hashes(video_ids: list[str]) -> np.ndarray:
+    """128-bit hashes of video ids, as fixed-size byte strings that sort and compare like the hashes themselves.
+
+    At 128 bits two of a billion ids collide with a probability of about 1e-21."""
+    digests = b"".join(hashlib.blake2b(video_id.encode(), digest_size=ID_HASH_BYTES).digest() for video_id in video_ids)
+    return np.frombuffer(digests, dtype=f"S{ID_HASH_BYTES}")
+
+
+def _fragment_ids(dataset, fragments: list) -> list[str]:
+    """The video ids held by these fragments of a lance dataset (deleted rows left out)."""
+    return dataset.scanner(columns=["video_id"], fragments=fragments).to_table().column("video_id").to_pylist()
+
+
+def _fragment_key(fragment) -> str:
+    """Names a lance fragment for good: its id and its first data file (a new table reuses ids, not file names)."""
+    return f"{fragment.fragment_id}:{fragment.metadata.files[0].path}"
+
+
+def _deletion_state(fragment) -> list | None:
+    deletion = fragment.metadata.deletion_file
+    return None if deletion is None else [deletion.id, deletion.read_version, deletion.num_deleted_rows]
 
 
 def _utc(epoch_s) -> str:
@@ -213,9 +242,80 @@ class OutputStore:
         lance = self.lance_table()
         if lance is None or not wanted:
             return set()
+        found = self._digest_ids_among(lance, wanted)
+        if found is not None:
+            return found
         if len(wanted) > LOOKUP_FRACTION * lance.count_rows():
             return self._lance_ids(lance) & wanted
         return self._lance_ids_in(lance, wanted)
+
+    # ---- the id digest ---------------------------------------------------------------------------------------
+    @property
+    def _digest_path(self) -> str:
+        return f"{self._dir('lancedb')}/{ID_DIGEST_FILE}"
+
+    def _read_id_digest(self) -> tuple[np.ndarray, dict] | None:
+        """(sorted id hashes, {fragment: deletion state} they cover), or None when there is no digest."""
+        try:
+            with self.fs.open_input_file(self._digest_path) as src:
+                table = pa.ipc.open_file(src).read_all()
+        except FileNotFoundError:
+            return None
+        covered = json.loads(table.schema.metadata[b"fragments"])
+        column = table.column("id_hash").combine_chunks()
+        return np.frombuffer(column.buffers()[1], dtype=f"S{ID_HASH_BYTES}", count=len(column)), covered
+
+    def _write_id_digest(self, hashes: np.ndarray, dataset) -> None:
+        """Record `hashes` (sorted) as the digest of every fragment of `dataset`, whole in one step."""
+        covered = {_fragment_key(fragment): _deletion_state(fragment) for fragment in dataset.get_fragments()}
+        column = pa.FixedSizeBinaryArray.from_buffers(pa.binary(ID_HASH_BYTES), len(hashes),
+                                                      [None, pa.py_buffer(hashes.tobytes())])
+        table = pa.table({"id_hash": column}).replace_schema_metadata({"fragments": json.dumps(covered)})
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+        self._replace(self._digest_path, sink.getvalue().to_pybytes())
+
+    @staticmethod
+    def _digest_state(dataset, digest) -> list | None:
+        """The fragments of `dataset` the digest does not cover yet, or None when the digest no longer holds: a
+        fragment it covers is gone or lost rows since (a compaction it did not see, a delete, a replacement)."""
+        if digest is None:
+            return None
+        fragments = {_fragment_key(fragment): fragment for fragment in dataset.get_fragments()}
+        _, covered = digest
+        if any(key not in fragments or _deletion_state(fragments[key]) != state for key, state in covered.items()):
+            return None
+        return [fragment for key, fragment in fragments.items() if key not in covered]
+
+    def _digest_ids_among(self, lance, wanted: set[str]) -> set[str] | None:
+        """Which of `wanted` the table holds, from the id digest and a scan of the fragments added since it was
+        written; None when there is no digest that still holds (the caller then asks the video_id index)."""
+        digest = self._read_id_digest()
+        dataset = lance.to_lance()
+        newer = self._digest_state(dataset, digest)
+        if newer is None:
+            return None
+        ordered = list(wanted)
+        hashes = _id_hashes(ordered)
+        position = np.minimum(np.searchsorted(digest[0], hashes), max(len(digest[0]) - 1, 0))
+        held = digest[0][position] == hashes if len(digest[0]) else np.zeros(len(ordered), dtype=bool)
+        found = {video_id for video_id, is_held in zip(ordered, held.tolist()) if is_held}
+        if newer:
+            found.update(wanted.intersection(_fragment_ids(dataset, newer)))
+        return found
+
+    def _id_digest_after_compaction(self, dataset) -> np.ndarray | None:
+        """Before a compaction of `dataset`: the digest's hashes with those of the fragments it does not cover yet
+        merged in (what the compacted table will hold), or None when a digest must be made from scratch."""
+        digest = self._read_id_digest()
+        newer = self._digest_state(dataset, digest)
+        if newer is None:
+            return None
+        if not newer:
+            return digest[0]
+        added = np.sort(_id_hashes(_fragment_ids(dataset, newer)))
+        return np.insert(digest[0], np.searchsorted(digest[0], added), added)
 
     @staticmethod
     def _lance_ids_in(lance, wanted: Iterable[str]) -> set[str]:
@@ -319,6 +419,7 @@ class OutputStore:
         if not pending or not force and (len(pending) < COMPACT_AT_NEW_FRAGMENTS and
                                          sum(f.metadata.physical_rows for f in pending) < COMPACTED_FRAGMENT_ROWS):
             return False
+        hashes = self._id_digest_after_compaction(dataset)
         dataset.optimize.compact_files(target_rows_per_fragment=COMPACTED_FRAGMENT_ROWS)
         lance.checkout_latest()
         names = [index.name for index in lance.list_indices()]
@@ -329,6 +430,10 @@ class OutputStore:
         if vector:
             lance.to_lance().optimize.optimize_indices(index_names=vector, num_indices_to_merge=0)
             lance.checkout_latest()
+        dataset = lance.to_lance()
+        if hashes is None:  # no digest yet, or one a delete or a crash made stale: made from every id once
+            hashes = np.sort(_id_hashes(dataset.to_table(columns=["video_id"]).column("video_id").to_pylist()))
+        self._write_id_digest(hashes, dataset)
         return True
 
     def _set_unsynced_marker(self, present: bool) -> None:

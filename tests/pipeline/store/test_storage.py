@@ -441,3 +441,81 @@ def test_a_table_whose_first_commit_never_finished_is_rebuilt_from_parquet(where
     assert resumed.reconcile() == 2
     resumed.write_videos(video_table(["c"]))
     assert lance_ids(resumed) == ["a", "b", "c"]
+
+
+def _no_index_lookups(monkeypatch, store: OutputStore) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("looked the listing up in LanceDB instead of the id digest")
+
+    monkeypatch.setattr(store, "_lance_ids_in", refuse)
+    monkeypatch.setattr(store, "_lance_ids", refuse)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_resume_looks_its_listing_up_in_the_id_digest(where, tmp_path, request, monkeypatch):
+    if where == "s3":
+        endpoint, bucket = request.getfixturevalue("moto_s3_endpoint"), request.getfixturevalue("s3_bucket")
+        root, options = f"s3://{bucket}/out", {"s3_endpoint_url": endpoint}
+    else:
+        root, options = str(tmp_path / "out"), {}
+    store = OutputStore(root, **options)
+    store.reconcile()
+    store.write_videos(video_table(["a", "b", "it's"]))
+    store.write_videos(video_table(["c"], seed=1))
+    store.build_vector_index()  # the end of a run: compacts, which writes the digest
+    store.finish_run()
+
+    resumed = OutputStore(root, **options)
+    resumed.reconcile()
+    with monkeypatch.context() as patch:
+        _no_index_lookups(patch, resumed)
+        assert resumed.done_ids(["a", "c", "it's", "new"]) == {"a", "c", "it's"}
+    resumed.write_videos(video_table(["d"], seed=2))  # after the digest: found by scanning the newer fragment
+    _no_index_lookups(monkeypatch, resumed)
+    assert resumed.done_ids(["a", "d", "new"]) == {"a", "d"}
+
+
+def test_the_id_digest_agrees_with_parquet_through_deletes_replacements_and_crashes(tmp_path, monkeypatch):
+    """Random runs of commits, replacements, removals, compactions and crashes (one cutting a compaction short
+    before the digest is written): after each, a resumed run's listing lookup equals what Parquet holds."""
+    monkeypatch.setattr("pipeline.store.storage.COMPACT_AT_NEW_FRAGMENTS", 3)
+    root = str(tmp_path / "out")
+    rng = np.random.default_rng(0)
+    store, written, used_digest, crashes = OutputStore(root), 0, 0, 0
+    store.reconcile()
+    for step in range(24):
+        action = rng.choice(["write", "write", "replace", "remove", "compact", "crash in compaction"])
+        held = sorted(store.done_ids())
+        if action == "write":
+            store.write_videos(video_table([f"v{written + i}" for i in range(2)], seed=step))
+            written += 2
+        elif action == "replace" and held:
+            store.write_videos(video_table(list(rng.choice(held, size=min(2, len(held)), replace=False)),
+                                           seed=step), replace=True)
+        elif action == "remove" and held:
+            store.remove_videos([str(rng.choice(held))])
+        elif action == "compact":
+            store.compact_if_needed(force=True)
+        elif action == "crash in compaction":
+            def crash(*args, **kwargs):
+                raise RuntimeError("killed")
+
+            monkeypatch.setattr(store, "_write_id_digest", crash)
+            try:
+                store.write_videos(video_table([f"v{written}"], seed=step))
+                store.compact_if_needed(force=True)  # (nothing to compact when that write created the table)
+            except RuntimeError:
+                crashes += 1
+            written += 1
+            store = OutputStore(root)  # the next run
+            store.reconcile()
+        expected = store.done_ids()  # read from Parquet
+        resumed = OutputStore(root)
+        resumed.reconcile()
+        listing = [f"v{i}" for i in range(written + 3)]
+        digest = resumed._digest_ids_among(resumed.lance_table(), set(listing)) if resumed.lance_table() else None
+        used_digest += digest is not None
+        assert digest in (None, expected & set(listing)), action
+        assert resumed.done_ids(listing) == expected & set(listing), action
+        resumed.finish_run()
+    assert used_digest >= 8 and crashes >= 1
