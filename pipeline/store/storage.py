@@ -5,6 +5,7 @@ Layout under the output root (a local path or s3://bucket/prefix):
     videos/part-<run>-<seq>.parquet   one row per compressed video (schema.video_schema)
     errors/part-<run>-<seq>.parquet   one row per failure (schema.ERROR_SCHEMA)
     lancedb/videos.lance              the same video rows; `pooled` is the vector column, `base` a multivector
+    lancedb/_video_id_digest.arrow    hashes of the video ids in LanceDB, for a resume's lookups (see below)
     settings.json                     the settings every video row was made with (pipeline.store.contract)
     run.json                          summary of the last run
     _staging/                         files being written (ignored by readers: the name starts with "_")
@@ -18,8 +19,12 @@ merge_insert on video_id, so repeating a write never duplicates a row; `reconcil
 a crash left only in Parquet.
 
 Flat with size: a commit looks its ids up in a scalar index on video_id and appends when they are all new (the
-usual case; merge_insert otherwise), small fragments are compacted as they pile up, the vector index is trained
-once and then extended, and a resume looks the listed ids up in the video_id index instead of reading every id.
+usual case; merge_insert otherwise); the fragments commits add are compacted as they pile up, into fragments of at
+most COMPACTED_FRAGMENT_ROWS so that no compaction rewrites more than that; the vector index is trained once and
+then extended; and a resume looks the listed ids up in the id digest (lancedb/_video_id_digest.arrow: sorted
+hashes of the ids, rewritten at each compaction, plus a scan of the fragments added since) instead of reading
+every id. The digest is only trusted while every fragment it covers is unchanged; otherwise the video_id index
+answers and the next compaction makes a new digest.
 """
 
 from __future__ import annotations
@@ -69,6 +74,9 @@ COMPACTED_FRAGMENT_ROWS = 65_536
 # The IVF index is trained once, then new rows join its existing partitions; it is retrained (sqrt(rows)
 # partitions) only once the table has outgrown the partitions it was trained with by this factor.
 RETRAIN_AT_PARTITION_GROWTH = 2
+# During a run, new rows join the vector index as deltas of at least this many rows per partition (see
+# compact_if_needed); searches scan the rows not in it yet.
+VECTOR_DELTA_ROWS_PER_PARTITION = 128
 VECTOR_INDEX_PREFIX = "pooled_ivf"  # the index's name ends with the partition count it was trained with
 ID_INDEX_NAME = "video_id_idx"
 # Present while a run may have left LanceDB out of step with Parquet (from its start until it ends cleanly).
@@ -133,6 +141,11 @@ def _created_at_by_id(table: pa.Table):
     return zip(table.column("video_id").to_pylist(), table.column("created_at").to_pylist())
 
 
+def _vector_delta_rows(index_name: str) -> int:
+    """How many new rows compactions let wait before they join this vector index as a delta."""
+    return max(COMPACTED_FRAGMENT_ROWS // 2, VECTOR_DELTA_ROWS_PER_PARTITION * (_trained_partitions(index_name) or 0))
+
+
 def _unindexed_fragments(dataset) -> list:
     """The fragments of a lance dataset that its video_id index does not cover (all of them when it has none)."""
     covered = {fragment_id for index in dataset.describe_indices() if index.name == ID_INDEX_NAME
@@ -140,12 +153,34 @@ def _unindexed_fragments(dataset) -> list:
     return [fragment for fragment in dataset.get_fragments() if fragment.fragment_id not in covered]
 
 
-def _id_hashes(video_ids: list[str]) -> np.ndarray:
-    """128-bit hashes of video ids, as fixed-size byte strings that sort and compare like the hashes themselves.
+Hashes = tuple[np.ndarray, np.ndarray]  # ([n] uint64, [n] uint64): the halves of n 128-bit hashes, by first half
+
+
+def _id_hashes(video_ids: list[str], sort: bool = True) -> Hashes:
+    """128-bit hashes of video ids, sorted by their first half (else in the order of the ids).
 
     At 128 bits two of a billion ids collide with a probability of about 1e-21."""
     digests = b"".join(hashlib.blake2b(video_id.encode(), digest_size=ID_HASH_BYTES).digest() for video_id in video_ids)
-    return np.frombuffer(digests, dtype=f"S{ID_HASH_BYTES}")
+    halves = np.frombuffer(digests, dtype=np.uint64).reshape(-1, 2)
+    order = np.argsort(halves[:, 0], kind="stable") if sort else slice(None)
+    return np.ascontiguousarray(halves[order, 0]), np.ascontiguousarray(halves[order, 1])
+
+
+def _merge_hashes(hashes: Hashes, added: Hashes) -> Hashes:
+    at = np.searchsorted(hashes[0], added[0])
+    return np.insert(hashes[0], at, added[0]), np.insert(hashes[1], at, added[1])
+
+
+def _hashes_held(hashes: Hashes, wanted: Hashes) -> np.ndarray:
+    """[m] bool: which of `wanted` are in `hashes` (binary searches on the first halves)."""
+    (first, second), (wanted_first, wanted_second) = hashes, wanted
+    left, right = np.searchsorted(first, wanted_first, "left"), np.searchsorted(first, wanted_first, "right")
+    held = np.zeros(len(wanted_first), dtype=bool)
+    one = right - left == 1  # the usual case; several share a first half with a probability of ~n^2 / 2^65
+    held[one] = second[left[one]] == wanted_second[one]
+    for i in np.flatnonzero(right - left > 1):
+        held[i] = bool((second[left[i]:right[i]] == wanted_second[i]).any())
+    return held
 
 
 def _fragment_ids(dataset, fragments: list) -> list[str]:
@@ -254,23 +289,29 @@ class OutputStore:
     def _digest_path(self) -> str:
         return f"{self._dir('lancedb')}/{ID_DIGEST_FILE}"
 
-    def _read_id_digest(self) -> tuple[np.ndarray, dict] | None:
+    def _read_id_digest(self) -> tuple[Hashes, dict] | None:
         """(sorted id hashes, {fragment: deletion state} they cover), or None when there is no digest."""
         try:
-            with self.fs.open_input_file(self._digest_path) as src:
-                table = pa.ipc.open_file(src).read_all()
+            if is_s3(self.root):
+                with self.fs.open_input_file(self._digest_path) as src:
+                    table = pa.ipc.open_file(src).read_all()
+            else:  # mapped, not read: a lookup touches only the pages its binary searches land on
+                table = pa.ipc.open_file(pa.memory_map(self._digest_path)).read_all()
         except FileNotFoundError:
             return None
         covered = json.loads(table.schema.metadata[b"fragments"])
-        column = table.column("id_hash").combine_chunks()
-        return np.frombuffer(column.buffers()[1], dtype=f"S{ID_HASH_BYTES}", count=len(column)), covered
+        halves = []
+        for name in ("hash_first", "hash_second"):
+            column = table.column(name)
+            column = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()  # (one: written whole)
+            halves.append(np.frombuffer(column.buffers()[1], dtype=np.uint64, count=len(column)))
+        return (halves[0], halves[1]), covered
 
-    def _write_id_digest(self, hashes: np.ndarray, dataset) -> None:
-        """Record `hashes` (sorted) as the digest of every fragment of `dataset`, whole in one step."""
+    def _write_id_digest(self, hashes: Hashes, dataset) -> None:
+        """Record `hashes` as the digest of every fragment of `dataset`, whole in one step."""
         covered = {_fragment_key(fragment): _deletion_state(fragment) for fragment in dataset.get_fragments()}
-        column = pa.FixedSizeBinaryArray.from_buffers(pa.binary(ID_HASH_BYTES), len(hashes),
-                                                      [None, pa.py_buffer(hashes.tobytes())])
-        table = pa.table({"id_hash": column}).replace_schema_metadata({"fragments": json.dumps(covered)})
+        table = pa.table({"hash_first": hashes[0], "hash_second": hashes[1]})
+        table = table.replace_schema_metadata({"fragments": json.dumps(covered)})
         sink = pa.BufferOutputStream()
         with pa.ipc.new_file(sink, table.schema) as writer:
             writer.write_table(table)
@@ -297,25 +338,21 @@ class OutputStore:
         if newer is None:
             return None
         ordered = list(wanted)
-        hashes = _id_hashes(ordered)
-        position = np.minimum(np.searchsorted(digest[0], hashes), max(len(digest[0]) - 1, 0))
-        held = digest[0][position] == hashes if len(digest[0]) else np.zeros(len(ordered), dtype=bool)
+        held = _hashes_held(digest[0], _id_hashes(ordered, sort=False))
         found = {video_id for video_id, is_held in zip(ordered, held.tolist()) if is_held}
         if newer:
             found.update(wanted.intersection(_fragment_ids(dataset, newer)))
         return found
 
-    def _id_digest_after_compaction(self, dataset) -> np.ndarray | None:
-        """Before a compaction of `dataset`: the digest's hashes with those of the fragments it does not cover yet
-        merged in (what the compacted table will hold), or None when a digest must be made from scratch."""
+    def _id_digest_covering(self, dataset, or_none: bool = False) -> Hashes | None:
+        """Hashes of every id `dataset` holds: the digest's, with those of the fragments added since merged
+        in. Without a digest that still holds they are made from every id (once after a delete, a crash or an
+        output from before digests), or with `or_none` None is returned instead."""
         digest = self._read_id_digest()
         newer = self._digest_state(dataset, digest)
         if newer is None:
-            return None
-        if not newer:
-            return digest[0]
-        added = np.sort(_id_hashes(_fragment_ids(dataset, newer)))
-        return np.insert(digest[0], np.searchsorted(digest[0], added), added)
+            return None if or_none else _id_hashes(_fragment_ids(dataset, dataset.get_fragments()))
+        return _merge_hashes(digest[0], _id_hashes(_fragment_ids(dataset, newer))) if newer else digest[0]
 
     @staticmethod
     def _lance_ids_in(lance, wanted: Iterable[str]) -> set[str]:
@@ -407,9 +444,10 @@ class OutputStore:
         piled up (`force`: whenever there are any). Returns whether it compacted.
 
         Each step is bounded: compaction merges only fragments smaller than COMPACTED_FRAGMENT_ROWS, the video_id
-        index takes in the new rows, and the vector index gets them as a delta (new rows assigned to the trained
-        partitions; `build_vector_index` merges or retrains). Needs the `lance` package (pylance): LanceDB's own
-        optimize() offers no fragment size below 1M rows.
+        index takes in the new rows, the vector index gets them as a delta (assigned to the trained partitions;
+        `build_vector_index` merges the deltas or retrains) once enough are waiting, and the id digest has their
+        hashes merged in. Needs the `lance` package (pylance): LanceDB's own optimize() offers no fragment size
+        below 1M rows.
         """
         lance = lance or self.lance_table()
         if lance is None:
@@ -418,22 +456,25 @@ class OutputStore:
         pending = _unindexed_fragments(dataset)
         if not pending or not force and (len(pending) < COMPACT_AT_NEW_FRAGMENTS and
                                          sum(f.metadata.physical_rows for f in pending) < COMPACTED_FRAGMENT_ROWS):
+            if force and self._digest_state(dataset, self._read_id_digest()) != []:
+                self._write_id_digest(self._id_digest_covering(dataset), dataset)  # none yet, or a stale one
             return False
-        hashes = self._id_digest_after_compaction(dataset)
+        hashes = self._id_digest_covering(dataset, or_none=True)
         dataset.optimize.compact_files(target_rows_per_fragment=COMPACTED_FRAGMENT_ROWS)
         lance.checkout_latest()
         names = [index.name for index in lance.list_indices()]
         if ID_INDEX_NAME in names:
             lance.to_lance().optimize.optimize_indices(index_names=[ID_INDEX_NAME])
             lance.checkout_latest()
-        vector = [name for name in names if name != ID_INDEX_NAME]
+        # The vector index gets the new rows as a delta once there are enough of them: writing a delta costs about
+        # as much per partition as per thousand rows, so it waits for more rows the more partitions there are.
+        vector = [name for name in names if name != ID_INDEX_NAME and
+                  lance.index_stats(name).num_unindexed_rows >= _vector_delta_rows(name)]
         if vector:
             lance.to_lance().optimize.optimize_indices(index_names=vector, num_indices_to_merge=0)
             lance.checkout_latest()
         dataset = lance.to_lance()
-        if hashes is None:  # no digest yet, or one a delete or a crash made stale: made from every id once
-            hashes = np.sort(_id_hashes(dataset.to_table(columns=["video_id"]).column("video_id").to_pylist()))
-        self._write_id_digest(hashes, dataset)
+        self._write_id_digest(self._id_digest_covering(dataset) if hashes is None else hashes, dataset)
         return True
 
     def _set_unsynced_marker(self, present: bool) -> None:

@@ -11,7 +11,8 @@ import torch
 
 import tokendyn
 from pipeline.store.schema import (SchemaVersionError, compressed_video_from_row, now_utc, video_row, video_schema)
-from pipeline.store.storage import OutputLocked, OutputStore, _unindexed_fragments
+from pipeline.store.storage import (OutputLocked, OutputStore, _hashes_held, _id_hashes, _merge_hashes,
+                                    _unindexed_fragments)
 
 DIM = 16
 
@@ -519,3 +520,46 @@ def test_the_id_digest_agrees_with_parquet_through_deletes_replacements_and_cras
         assert resumed.done_ids(listing) == expected & set(listing), action
         resumed.finish_run()
     assert used_digest >= 8 and crashes >= 1
+
+
+def test_a_run_ends_with_an_id_digest_even_with_nothing_to_compact(tmp_path, monkeypatch):
+    store = OutputStore(str(tmp_path / "out"))
+    store.write_videos(video_table(["a", "b"]))  # creates the table, whose video_id index covers it all
+    assert not store.compact_if_needed(force=True)
+    store.build_vector_index()
+    store.finish_run()
+    resumed = OutputStore(str(tmp_path / "out"))
+    resumed.reconcile()
+    _no_index_lookups(monkeypatch, resumed)
+    assert resumed.done_ids(["a", "x"]) == {"a"}
+
+
+def test_new_rows_join_the_vector_index_as_deltas_once_enough_wait(tmp_path, monkeypatch):
+    monkeypatch.setattr("pipeline.store.storage.COMPACT_AT_NEW_FRAGMENTS", 2)
+    monkeypatch.setattr("pipeline.store.storage.COMPACTED_FRAGMENT_ROWS", 16)
+    monkeypatch.setattr("pipeline.store.storage.VECTOR_DELTA_ROWS_PER_PARTITION", 2)
+    store = OutputStore(str(tmp_path / "out"))
+    store.write_videos(video_table([f"v{i}" for i in range(40)]))
+    assert store.build_vector_index(min_rows=20)  # 6 partitions: deltas of at least 12 rows
+    (name,) = [i.name for i in store.lance_table().list_indices() if i.columns == ["pooled"]]
+    segments = []
+    for i in range(20):
+        store.write_videos(video_table([f"w{i}"], seed=i))
+        stats = store.lance_table().index_stats(name)
+        assert stats.num_unindexed_rows < 12 + 2
+        segments.append(stats.num_indices)
+    assert max(segments) > 1
+    store.build_vector_index(min_rows=20)
+    stats = store.lance_table().index_stats(name)
+    assert stats.num_indices == 1 and stats.num_unindexed_rows == 0
+
+
+def test_hash_lookups_find_exactly_the_held_ids_even_when_first_halves_collide():
+    held = _id_hashes([f"v{i}" for i in range(200)])
+    # Ids whose hashes share a first half with a held one (made up: 128-bit collisions cannot be found).
+    twins = (held[0][:5].copy(), held[1][:5] ^ np.uint64(1))
+    merged = _merge_hashes(held, twins)
+    assert np.all(np.diff(merged[0].astype(np.float64)) >= 0)
+    wanted = _id_hashes([f"v{i}" for i in range(0, 400, 2)], sort=False)
+    assert _hashes_held(merged, wanted).tolist() == [i < 200 for i in range(0, 400, 2)]
+    assert _hashes_held(merged, twins).all() and not _hashes_held(held, twins).any()
