@@ -428,7 +428,9 @@ class OutputStore:
             self._write_parquet("errors", table.cast(ERROR_SCHEMA))
 
     def _upsert_lance(self, table: pa.Table) -> None:
-        lance = self.lance_table() or self._lance_db().create_table(TABLE_NAME, schema=table.schema, exist_ok=True)
+        lance = self.lance_table()
+        if lance is None:  # (not `or`: a table without rows is falsy, as after a crash between creating and adding)
+            lance = self._lance_db().create_table(TABLE_NAME, schema=table.schema, exist_ok=True)
         ids = table.column("video_id").to_pylist()
         if self._lance_ids_in(lance, ids):  # a repeated write (crash, --overwrite): replace those rows
             lance.merge_insert("video_id").when_matched_update_all().when_not_matched_insert_all().execute(table)
@@ -449,7 +451,7 @@ class OutputStore:
         hashes merged in. Needs the `lance` package (pylance): LanceDB's own optimize() offers no fragment size
         below 1M rows.
         """
-        lance = lance or self.lance_table()
+        lance = self.lance_table() if lance is None else lance
         if lance is None:
             return False
         dataset = lance.to_lance()

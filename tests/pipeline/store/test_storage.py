@@ -563,3 +563,18 @@ def test_hash_lookups_find_exactly_the_held_ids_even_when_first_halves_collide()
     wanted = _id_hashes([f"v{i}" for i in range(0, 400, 2)], sort=False)
     assert _hashes_held(merged, wanted).tolist() == [i < 200 for i in range(0, 400, 2)]
     assert _hashes_held(merged, twins).all() and not _hashes_held(held, twins).any()
+
+
+def test_a_table_left_empty_by_a_crash_after_its_creation_is_filled_from_parquet(tmp_path):
+    """A crash between creating the LanceDB table and adding the first rows leaves a table with no rows (which
+    Python counts as false): the resumed run must add to it, not try to create it again."""
+    store = OutputStore(str(tmp_path / "out"))
+    store.reconcile()
+    written = video_table(["a", "b"])
+    store._write_parquet("videos", written)
+    store._lance_db().create_table("videos", schema=written.schema)
+
+    resumed = OutputStore(str(tmp_path / "out"))
+    assert resumed.reconcile() == 2
+    assert lance_ids(resumed) == ["a", "b"]
+    assert resumed.done_ids(["a", "c"]) == {"a"}
