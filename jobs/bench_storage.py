@@ -11,14 +11,18 @@ index, finish_run). Then, as the next run would:
     index refresh     build_vector_index() after those commits (new rows join the trained index)
     search            pooled ANN through pipeline.readers.search (the job's IVF index): p50 / p95 latency of --queries
                       held-out queries, recall@10 against an exact numpy cosine scan of every row
-    fragments         LanceDB fragments after the commits
+    fragments         LanceDB fragments after the commits: those awaiting compaction (what a scan or an id lookup
+                      pays for per row), all of them, and the mean rows per fragment
 
 Synthetic rows come from jobs/bench_search.py (topic-clustered pooled vectors, --base-k base vectors each; columns
-neither path reads are null). Sizes are filled first, then measured round by round (each round times every size once, so load
-from other processes hits all sizes alike) and printed side by side with the ratio of the largest to the smallest.
+neither path reads are null). Sizes are filled first, then measured round by round (each round times every size
+once, so load from other processes hits all sizes alike) and printed side by side with the ratio of the largest to
+the smallest. With --workdir and --reuse-fills, a fill made by an earlier run is measured again (on a hard-linked
+copy) instead of being made again.
 
     python jobs/bench_storage.py                             # 10k, 100k and 1M rows, dim 256
     python jobs/bench_storage.py --sizes 10000 40000 --commits 12 --queries 20
+    python jobs/bench_storage.py --workdir /data/bench --reuse-fills   # fill once, measure many times
 
 Exit status 1 when a figure at the largest size exceeds --max-ratio times its value at the smallest
 (--max-search-ratio for search latency).
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -40,8 +45,9 @@ import numpy as np
 from bench_search import _unit, corpus_rows, synthetic_corpus
 from pipeline.readers.search import SearchParams, VideoSearch
 from pipeline.store.schema import video_schema
-from pipeline.store.storage import OutputStore
+from pipeline.store.storage import OutputStore, _unindexed_fragments
 
+FILL_COMPLETE = "_bench_fill_complete"  # written once a fill has finished: only then is it reused
 FILL_ROWS_PER_FILE = 20_000  # the fill writes bigger files than a job would, to be quick; commits use real sizes
 
 
@@ -79,15 +85,20 @@ class Output:
         return table
 
 
-def fill(args: argparse.Namespace, size: int, root: str, schema) -> Output:
-    """An output holding `size` rows, closed as a finished run leaves it (vector index built, finish_run)."""
+def fill(args: argparse.Namespace, size: int, root: str, schema, write: bool = True) -> Output:
+    """An output holding `size` rows, closed as a finished run leaves it (vector index built, finish_run).
+
+    write=False: the rows are already there (a kept fill); only the pooled vectors and the generator's state are
+    made again, and the output is closed once more in case the store's code now keeps more than the fill did.
+    """
     rng = np.random.default_rng(args.seed)
     output = Output(size, root, rng, _unit(rng.standard_normal((max(1, size // 100), args.dim), dtype=np.float32)))
     started = time.perf_counter()
     store = OutputStore(root)
     store.reconcile()
     for table in synthetic_batches(rng, output.centres, 0, size, args.base_k, schema, output.pooled):
-        store.write_videos(table)
+        if write:
+            store.write_videos(table)
     store.build_vector_index()
     store.finish_run()
     output.figures.update(rows=size, fill_s=round(time.perf_counter() - started, 1))
@@ -115,13 +126,17 @@ def measure(args: argparse.Namespace, outputs: list[Output], schema) -> None:
             commits[id(output)].append(timed(lambda: output.store.write_videos(table)))
 
     for output in outputs:
+        dataset = output.store.lance_table().to_lance()
+        fragments = len(dataset.get_fragments())
+        awaiting = len(_unindexed_fragments(dataset))
         index_s = timed(output.store.build_vector_index)
         output.store.finish_run()
         output.figures.update(
             commit_p50_ms=1000 * float(np.median(commits[id(output)])),
             commit_mean_ms=1000 * float(np.mean(commits[id(output)])),
             startup_ms=1000 * float(np.median(startups[id(output)])), index_refresh_s=index_s,
-            fragments=output.store.lance_table().stats()["fragment_stats"]["num_fragments"])
+            fragments=fragments, fragments_awaiting=awaiting,
+            rows_per_fragment=dataset.count_rows() / fragments)
 
     searches = [(o, VideoSearch(o.store, SearchParams()), _unit(np.concatenate(o.pooled))) for o in outputs]
     latencies, recalls = {id(o): [] for o in outputs}, {id(o): [] for o in outputs}
@@ -147,8 +162,10 @@ FIGURES = [  # (key, label, format, ratio limit attribute or None)
     ("search_p50_ms", "pooled ANN search p50 (ms)", "{:.1f}", "max_search_ratio"),
     ("search_p95_ms", "pooled ANN search p95 (ms)", "{:.1f}", "max_search_ratio"),
     ("recall_at_10", "recall@10", "{:.3f}", None),
-    ("fragments", "LanceDB fragments", "{:d}", "max_ratio"),
-    ("fill_s", "fill (not a goal; s)", "{:.0f}", None),
+    ("fragments_awaiting", "LanceDB fragments awaiting compaction", "{:d}", "max_ratio"),
+    ("fragments", "LanceDB fragments, all", "{:d}", None),
+    ("rows_per_fragment", "rows per fragment, mean", "{:,.0f}", None),
+    ("fill_s", "fill (not a goal; s; when it was filled)", "{:.0f}", None),
 ]
 
 
@@ -188,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-search-ratio", type=float, default=2.0, help="Goal for search latency.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", help="Keep the output roots here instead of a temporary directory.")
+    parser.add_argument("--reuse-fills", action="store_true",
+                        help="With --workdir: measure copies of the outputs a previous run filled there (same "
+                             "--sizes, --dim, --base-k, --seed) instead of filling them again. Refill (leave this "
+                             "out) after changing how the store lays out its files.")
     parser.add_argument("--json", action="store_true", help="Print the results as JSON instead of a table.")
     return parser
 
@@ -196,10 +217,19 @@ def run_benchmark(args: argparse.Namespace, workdir: Path) -> list[dict]:
     schema = video_schema(args.dim, base_dtype="float16")
     outputs = []
     for size in sorted(args.sizes):
+        filled = workdir / f"filled-{size}-d{args.dim}-k{args.base_k}-s{args.seed}"
         root = workdir / f"rows-{size}"
         shutil.rmtree(root, ignore_errors=True)
-        outputs.append(fill(args, size, str(root), schema))
-        print(f"filled {size:,} rows in {outputs[-1].figures['fill_s']} s", file=sys.stderr, flush=True)
+        reuse = args.reuse_fills and (filled / FILL_COMPLETE).exists()
+        if not reuse:
+            shutil.rmtree(filled, ignore_errors=True)
+            fill_s = fill(args, size, str(filled), schema).figures["fill_s"]
+            (filled / FILL_COMPLETE).write_text(str(fill_s))
+        # Measured on a copy, so that the fill can be measured again. Hard links: nothing rewrites a file in place.
+        shutil.copytree(filled, root, copy_function=os.link)
+        outputs.append(fill(args, size, str(root), schema, write=False))
+        outputs[-1].figures["fill_s"] = float((filled / FILL_COMPLETE).read_text())
+        print(f"{'reused' if reuse else 'filled'} {size:,} rows", file=sys.stderr, flush=True)
     measure(args, outputs, schema)
     return [output.figures for output in outputs]
 

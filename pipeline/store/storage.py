@@ -5,6 +5,7 @@ Layout under the output root (a local path or s3://bucket/prefix):
     videos/part-<run>-<seq>.parquet   one row per compressed video (schema.video_schema)
     errors/part-<run>-<seq>.parquet   one row per failure (schema.ERROR_SCHEMA)
     lancedb/videos.lance              the same video rows; `pooled` is the vector column, `base` a multivector
+    lancedb/_video_id_digest.arrow    hashes of the video ids in LanceDB, for a resume's lookups (see below)
     settings.json                     the settings every video row was made with (pipeline.store.contract)
     run.json                          summary of the last run
     _staging/                         files being written (ignored by readers: the name starts with "_")
@@ -18,8 +19,12 @@ merge_insert on video_id, so repeating a write never duplicates a row; `reconcil
 a crash left only in Parquet.
 
 Flat with size: a commit looks its ids up in a scalar index on video_id and appends when they are all new (the
-usual case; merge_insert otherwise), small fragments are compacted as they pile up, the vector index is trained
-once and then extended, and a resume looks the listed ids up in the video_id index instead of reading every id.
+usual case; merge_insert otherwise); the fragments commits add are compacted as they pile up, into fragments of at
+most COMPACTED_FRAGMENT_ROWS so that no compaction rewrites more than that; the vector index is trained once and
+then extended; and a resume looks the listed ids up in the id digest (lancedb/_video_id_digest.arrow: sorted
+hashes of the ids, rewritten at each compaction, plus a scan of the fragments added since) instead of reading
+every id. The digest is only trusted while every fragment it covers is unchanged; otherwise the video_id index
+answers and the next compaction makes a new digest.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from urllib.parse import urlparse
 
 import lancedb
 from lancedb.index import BTree, IvfSq
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
@@ -57,13 +63,20 @@ LEASE_S = 300.0
 RENEWALS_PER_LEASE = 5
 # IVF partitions need enough rows to train on; below this an exact scan is fast anyway.
 MIN_ROWS_FOR_VECTOR_INDEX = 5000
-# Each LanceDB commit adds a fragment (data file). Once this many small ones pile up they are compacted and the
-# indexes take in the new rows, so id lookups (the index, plus a scan of the rows it does not cover yet) and
-# searches cost the same at any table size.
-COMPACT_AT_SMALL_FRAGMENTS = 32
+# Each LanceDB commit adds a fragment (data file) that the indexes do not cover yet. Once this many such fragments
+# (or COMPACTED_FRAGMENT_ROWS rows in them) pile up they are merged and the indexes take in their rows, so id
+# lookups (the index, plus a scan of the rows it does not cover yet) and searches cost the same at any table size.
+COMPACT_AT_NEW_FRAGMENTS = 32
+# Compaction merges small fragments into fragments of up to this many rows and leaves larger ones alone, so no
+# compaction rewrites more than about this many rows (plus the new ones) whatever the size of the table.
+# (LanceDB's own optimize() targets 1M rows: below that, every compaction rewrote the growing last fragment.)
+COMPACTED_FRAGMENT_ROWS = 65_536
 # The IVF index is trained once, then new rows join its existing partitions; it is retrained (sqrt(rows)
 # partitions) only once the table has outgrown the partitions it was trained with by this factor.
 RETRAIN_AT_PARTITION_GROWTH = 2
+# During a run, new rows join the vector index as deltas of at least this many rows per partition (see
+# compact_if_needed); searches scan the rows not in it yet.
+VECTOR_DELTA_ROWS_PER_PARTITION = 128
 VECTOR_INDEX_PREFIX = "pooled_ivf"  # the index's name ends with the partition count it was trained with
 ID_INDEX_NAME = "video_id_idx"
 # Present while a run may have left LanceDB out of step with Parquet (from its start until it ends cleanly).
@@ -72,6 +85,11 @@ UNSYNCED_MARKER = "_lancedb_unsynced"
 # the table (LOOKUP_FRACTION) reads the id column whole instead.
 ID_LOOKUP_CHUNK = 2048
 LOOKUP_FRACTION = 0.25
+# The id digest (lancedb/_video_id_digest.arrow): a sorted 128-bit hash of every video_id in the LanceDB fragments
+# it names, rewritten after each compaction. A resume looks its listing up there (a binary search per id, whatever
+# the size of the table) and scans only the fragments added since; see _digest_ids_among.
+ID_DIGEST_FILE = "_video_id_digest.arrow"
+ID_HASH_BYTES = 16
 
 
 def is_s3(uri: str) -> bool:
@@ -121,6 +139,63 @@ def _lease_key(holder: dict) -> str:
 def _created_at_by_id(table: pa.Table):
     """(video_id, created_at) pairs of a table's rows."""
     return zip(table.column("video_id").to_pylist(), table.column("created_at").to_pylist())
+
+
+def _vector_delta_rows(index_name: str) -> int:
+    """How many new rows compactions let wait before they join this vector index as a delta."""
+    return max(COMPACTED_FRAGMENT_ROWS // 2, VECTOR_DELTA_ROWS_PER_PARTITION * (_trained_partitions(index_name) or 0))
+
+
+def _unindexed_fragments(dataset) -> list:
+    """The fragments of a lance dataset that its video_id index does not cover (all of them when it has none)."""
+    covered = {fragment_id for index in dataset.describe_indices() if index.name == ID_INDEX_NAME
+               for segment in index.segments for fragment_id in segment.fragment_ids}
+    return [fragment for fragment in dataset.get_fragments() if fragment.fragment_id not in covered]
+
+
+Hashes = tuple[np.ndarray, np.ndarray]  # ([n] uint64, [n] uint64): the halves of n 128-bit hashes, by first half
+
+
+def _id_hashes(video_ids: list[str], sort: bool = True) -> Hashes:
+    """128-bit hashes of video ids, sorted by their first half (else in the order of the ids).
+
+    At 128 bits two of a billion ids collide with a probability of about 1e-21."""
+    digests = b"".join(hashlib.blake2b(video_id.encode(), digest_size=ID_HASH_BYTES).digest() for video_id in video_ids)
+    halves = np.frombuffer(digests, dtype=np.uint64).reshape(-1, 2)
+    order = np.argsort(halves[:, 0], kind="stable") if sort else slice(None)
+    return np.ascontiguousarray(halves[order, 0]), np.ascontiguousarray(halves[order, 1])
+
+
+def _merge_hashes(hashes: Hashes, added: Hashes) -> Hashes:
+    at = np.searchsorted(hashes[0], added[0])
+    return np.insert(hashes[0], at, added[0]), np.insert(hashes[1], at, added[1])
+
+
+def _hashes_held(hashes: Hashes, wanted: Hashes) -> np.ndarray:
+    """[m] bool: which of `wanted` are in `hashes` (binary searches on the first halves)."""
+    (first, second), (wanted_first, wanted_second) = hashes, wanted
+    left, right = np.searchsorted(first, wanted_first, "left"), np.searchsorted(first, wanted_first, "right")
+    held = np.zeros(len(wanted_first), dtype=bool)
+    one = right - left == 1  # the usual case; several share a first half with a probability of ~n^2 / 2^65
+    held[one] = second[left[one]] == wanted_second[one]
+    for i in np.flatnonzero(right - left > 1):
+        held[i] = bool((second[left[i]:right[i]] == wanted_second[i]).any())
+    return held
+
+
+def _fragment_ids(dataset, fragments: list) -> list[str]:
+    """The video ids held by these fragments of a lance dataset (deleted rows left out)."""
+    return dataset.scanner(columns=["video_id"], fragments=fragments).to_table().column("video_id").to_pylist()
+
+
+def _fragment_key(fragment) -> str:
+    """Names a lance fragment for good: its id and its first data file (a new table reuses ids, not file names)."""
+    return f"{fragment.fragment_id}:{fragment.metadata.files[0].path}"
+
+
+def _deletion_state(fragment) -> list | None:
+    deletion = fragment.metadata.deletion_file
+    return None if deletion is None else [deletion.id, deletion.read_version, deletion.num_deleted_rows]
 
 
 def _utc(epoch_s) -> str:
@@ -202,9 +277,82 @@ class OutputStore:
         lance = self.lance_table()
         if lance is None or not wanted:
             return set()
+        found = self._digest_ids_among(lance, wanted)
+        if found is not None:
+            return found
         if len(wanted) > LOOKUP_FRACTION * lance.count_rows():
             return self._lance_ids(lance) & wanted
         return self._lance_ids_in(lance, wanted)
+
+    # ---- the id digest ---------------------------------------------------------------------------------------
+    @property
+    def _digest_path(self) -> str:
+        return f"{self._dir('lancedb')}/{ID_DIGEST_FILE}"
+
+    def _read_id_digest(self) -> tuple[Hashes, dict] | None:
+        """(sorted id hashes, {fragment: deletion state} they cover), or None when there is no digest."""
+        try:
+            if is_s3(self.root):
+                with self.fs.open_input_file(self._digest_path) as src:
+                    table = pa.ipc.open_file(src).read_all()
+            else:  # mapped, not read: a lookup touches only the pages its binary searches land on
+                table = pa.ipc.open_file(pa.memory_map(self._digest_path)).read_all()
+        except FileNotFoundError:
+            return None
+        covered = json.loads(table.schema.metadata[b"fragments"])
+        halves = []
+        for name in ("hash_first", "hash_second"):
+            column = table.column(name)
+            column = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()  # (one: written whole)
+            halves.append(np.frombuffer(column.buffers()[1], dtype=np.uint64, count=len(column)))
+        return (halves[0], halves[1]), covered
+
+    def _write_id_digest(self, hashes: Hashes, dataset) -> None:
+        """Record `hashes` as the digest of every fragment of `dataset`, whole in one step."""
+        covered = {_fragment_key(fragment): _deletion_state(fragment) for fragment in dataset.get_fragments()}
+        table = pa.table({"hash_first": hashes[0], "hash_second": hashes[1]})
+        table = table.replace_schema_metadata({"fragments": json.dumps(covered)})
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+        self._replace(self._digest_path, sink.getvalue().to_pybytes())
+
+    @staticmethod
+    def _digest_state(dataset, digest) -> list | None:
+        """The fragments of `dataset` the digest does not cover yet, or None when the digest no longer holds: a
+        fragment it covers is gone or lost rows since (a compaction it did not see, a delete, a replacement)."""
+        if digest is None:
+            return None
+        fragments = {_fragment_key(fragment): fragment for fragment in dataset.get_fragments()}
+        _, covered = digest
+        if any(key not in fragments or _deletion_state(fragments[key]) != state for key, state in covered.items()):
+            return None
+        return [fragment for key, fragment in fragments.items() if key not in covered]
+
+    def _digest_ids_among(self, lance, wanted: set[str]) -> set[str] | None:
+        """Which of `wanted` the table holds, from the id digest and a scan of the fragments added since it was
+        written; None when there is no digest that still holds (the caller then asks the video_id index)."""
+        digest = self._read_id_digest()
+        dataset = lance.to_lance()
+        newer = self._digest_state(dataset, digest)
+        if newer is None:
+            return None
+        ordered = list(wanted)
+        held = _hashes_held(digest[0], _id_hashes(ordered, sort=False))
+        found = {video_id for video_id, is_held in zip(ordered, held.tolist()) if is_held}
+        if newer:
+            found.update(wanted.intersection(_fragment_ids(dataset, newer)))
+        return found
+
+    def _id_digest_covering(self, dataset, or_none: bool = False) -> Hashes | None:
+        """Hashes of every id `dataset` holds: the digest's, with those of the fragments added since merged
+        in. Without a digest that still holds they are made from every id (once after a delete, a crash or an
+        output from before digests), or with `or_none` None is returned instead."""
+        digest = self._read_id_digest()
+        newer = self._digest_state(dataset, digest)
+        if newer is None:
+            return None if or_none else _id_hashes(_fragment_ids(dataset, dataset.get_fragments()))
+        return _merge_hashes(digest[0], _id_hashes(_fragment_ids(dataset, newer))) if newer else digest[0]
 
     @staticmethod
     def _lance_ids_in(lance, wanted: Iterable[str]) -> set[str]:
@@ -281,7 +429,7 @@ class OutputStore:
 
     def _upsert_lance(self, table: pa.Table) -> None:
         lance = self.lance_table()
-        if lance is None:  # (not `or`: an empty table is falsy)
+        if lance is None:  # (not `or`: a table without rows is falsy, as after a crash between creating and adding)
             lance = self._lance_db().create_table(TABLE_NAME, schema=table.schema, exist_ok=True)
         ids = table.column("video_id").to_pylist()
         if self._lance_ids_in(lance, ids):  # a repeated write (crash, --overwrite): replace those rows
@@ -293,12 +441,42 @@ class OutputStore:
             lance.create_index("video_id", config=BTree(), name=ID_INDEX_NAME)
         self.compact_if_needed(lance)
 
-    def compact_if_needed(self, lance=None) -> bool:
-        """Merge LanceDB's small fragments and bring its indexes up to date once enough have piled up."""
-        lance = lance or self.lance_table()
-        if lance is None or lance.stats()["fragment_stats"]["num_small_fragments"] < COMPACT_AT_SMALL_FRAGMENTS:
+    def compact_if_needed(self, lance=None, force: bool = False) -> bool:
+        """Merge the fragments the indexes do not cover yet and bring the indexes up to date, once enough have
+        piled up (`force`: whenever there are any). Returns whether it compacted.
+
+        Each step is bounded: compaction merges only fragments smaller than COMPACTED_FRAGMENT_ROWS, the video_id
+        index takes in the new rows, the vector index gets them as a delta (assigned to the trained partitions;
+        `build_vector_index` merges the deltas or retrains) once enough are waiting, and the id digest has their
+        hashes merged in. Needs the `lance` package (pylance): LanceDB's own optimize() offers no fragment size
+        below 1M rows.
+        """
+        lance = self.lance_table() if lance is None else lance
+        if lance is None:
             return False
-        lance.optimize()
+        dataset = lance.to_lance()
+        pending = _unindexed_fragments(dataset)
+        if not pending or not force and (len(pending) < COMPACT_AT_NEW_FRAGMENTS and
+                                         sum(f.metadata.physical_rows for f in pending) < COMPACTED_FRAGMENT_ROWS):
+            if force and self._digest_state(dataset, self._read_id_digest()) != []:
+                self._write_id_digest(self._id_digest_covering(dataset), dataset)  # none yet, or a stale one
+            return False
+        hashes = self._id_digest_covering(dataset, or_none=True)
+        dataset.optimize.compact_files(target_rows_per_fragment=COMPACTED_FRAGMENT_ROWS)
+        lance.checkout_latest()
+        names = [index.name for index in lance.list_indices()]
+        if ID_INDEX_NAME in names:
+            lance.to_lance().optimize.optimize_indices(index_names=[ID_INDEX_NAME])
+            lance.checkout_latest()
+        # The vector index gets the new rows as a delta once there are enough of them: writing a delta costs about
+        # as much per partition as per thousand rows, so it waits for more rows the more partitions there are.
+        vector = [name for name in names if name != ID_INDEX_NAME and
+                  lance.index_stats(name).num_unindexed_rows >= _vector_delta_rows(name)]
+        if vector:
+            lance.to_lance().optimize.optimize_indices(index_names=vector, num_indices_to_merge=0)
+            lance.checkout_latest()
+        dataset = lance.to_lance()
+        self._write_id_digest(self._id_digest_covering(dataset) if hashes is None else hashes, dataset)
         return True
 
     def _set_unsynced_marker(self, present: bool) -> None:
@@ -400,13 +578,15 @@ class OutputStore:
     def build_vector_index(self, min_rows: int = MIN_ROWS_FOR_VECTOR_INDEX) -> bool:
         """Bring the ANN index on `pooled` up to date once the table is large enough. Returns whether one exists.
 
-        The index is trained once; later calls add the new rows to its partitions (with compaction), and retrain
-        only when the table has grown RETRAIN_AT_PARTITION_GROWTH times past the partitions it was trained with.
-        The video_id index takes in new rows at the same time, so the next run's lookups need no scan.
+        The index is trained once; later calls add the new rows to its partitions (merging the deltas that
+        compactions added during the run), and retrain only when the table has grown RETRAIN_AT_PARTITION_GROWTH
+        times past the partitions it was trained with. Everything not compacted yet is compacted first and the
+        video_id index takes in its rows, so the next run's lookups need no scan.
         """
         lance = self.lance_table()
         if lance is None:
             return False
+        self.compact_if_needed(lance, force=True)
         rows = lance.count_rows()
         built = rows >= min_rows
         if built:
@@ -419,8 +599,13 @@ class OutputStore:
                 # IVF with scalar-quantised vectors: ~4x smaller than float32 and near-exact recall once re-ranked.
                 lance.create_index("pooled", config=IvfSq(distance_type="cosine", num_partitions=partitions),
                                    name=f"{VECTOR_INDEX_PREFIX}{partitions}")
-        if any(lance.index_stats(index.name).num_unindexed_rows for index in lance.list_indices()):
-            lance.optimize()
+        for index in lance.list_indices():
+            stats = lance.index_stats(index.name)
+            if index.name != ID_INDEX_NAME and (stats.num_indices > 1 or stats.num_unindexed_rows):
+                # The deltas that compactions added (and any rows not in the index) become one index again.
+                lance.to_lance().optimize.optimize_indices(index_names=[index.name],
+                                                           num_indices_to_merge=stats.num_indices)
+                lance.checkout_latest()
         return built
 
     # ---- one writer at a time -------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ import torch
 
 import tokendyn
 from pipeline.store.schema import (SchemaVersionError, compressed_video_from_row, now_utc, video_row, video_schema)
-from pipeline.store.storage import OutputLocked, OutputStore
+from pipeline.store.storage import (OutputLocked, OutputStore, _hashes_held, _id_hashes, _merge_hashes,
+                                    _unindexed_fragments)
 
 DIM = 16
 
@@ -335,14 +336,30 @@ def test_commits_find_ids_through_a_video_id_index(tmp_path):
 
 
 def test_fragments_are_compacted_as_they_pile_up(tmp_path, monkeypatch):
-    monkeypatch.setattr("pipeline.store.storage.COMPACT_AT_SMALL_FRAGMENTS", 4)
+    monkeypatch.setattr("pipeline.store.storage.COMPACT_AT_NEW_FRAGMENTS", 4)
     store = OutputStore(str(tmp_path / "out"))
     for i in range(13):
         store.write_videos(video_table([f"v{i}"], seed=i))
-        assert fragment_count(store) < 4 + 1
+        assert len(_unindexed_fragments(store.lance_table().to_lance())) < 4
+        assert fragment_count(store) < 4 + 3
     assert lance_ids(store) == sorted(f"v{i}" for i in range(13))
     (index,) = [i for i in store.lance_table().list_indices() if i.columns == ["video_id"]]
     assert store.lance_table().index_stats(index.name).num_unindexed_rows < 4
+
+
+def test_compaction_leaves_full_fragments_alone(tmp_path, monkeypatch):
+    """No compaction rewrites a fragment that reached the target size, so its cost does not grow with the table."""
+    monkeypatch.setattr("pipeline.store.storage.COMPACT_AT_NEW_FRAGMENTS", 4)
+    monkeypatch.setattr("pipeline.store.storage.COMPACTED_FRAGMENT_ROWS", 8)
+    store = OutputStore(str(tmp_path / "out"))
+    full: dict[int, int] = {}  # fragment id -> rows, for every fragment that reached the target
+    for i in range(40):
+        store.write_videos(video_table([f"v{i}-{j}" for j in range(3)], seed=i))
+        fragments = {f.fragment_id: f.metadata.physical_rows for f in store.lance_table().to_lance().get_fragments()}
+        assert all(fragments.get(fragment_id) == rows for fragment_id, rows in full.items())
+        full.update({fragment_id: rows for fragment_id, rows in fragments.items() if rows >= 8})
+    assert len(full) >= 8
+    assert lance_ids(store) == sorted(f"v{i}-{j}" for i in range(40) for j in range(3))
 
 
 def test_vector_index_is_trained_once_then_extended_until_the_table_outgrows_it(tmp_path):
@@ -437,10 +454,137 @@ def assert_a_resume_fills_lancedb(root: str, options: dict) -> None:
     assert lance_ids(resumed) == ["a", "b", "c"]
 
 
-def test_a_table_created_but_never_filled_before_a_crash_is_filled_from_parquet(tmp_path):
+def _no_index_lookups(monkeypatch, store: OutputStore) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("looked the listing up in LanceDB instead of the id digest")
+
+    monkeypatch.setattr(store, "_lance_ids_in", refuse)
+    monkeypatch.setattr(store, "_lance_ids", refuse)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_resume_looks_its_listing_up_in_the_id_digest(where, tmp_path, request, monkeypatch):
+    if where == "s3":
+        endpoint, bucket = request.getfixturevalue("moto_s3_endpoint"), request.getfixturevalue("s3_bucket")
+        root, options = f"s3://{bucket}/out", {"s3_endpoint_url": endpoint}
+    else:
+        root, options = str(tmp_path / "out"), {}
+    store = OutputStore(root, **options)
+    store.reconcile()
+    store.write_videos(video_table(["a", "b", "it's"]))
+    store.write_videos(video_table(["c"], seed=1))
+    store.build_vector_index()  # the end of a run: compacts, which writes the digest
+    store.finish_run()
+
+    resumed = OutputStore(root, **options)
+    resumed.reconcile()
+    with monkeypatch.context() as patch:
+        _no_index_lookups(patch, resumed)
+        assert resumed.done_ids(["a", "c", "it's", "new"]) == {"a", "c", "it's"}
+    resumed.write_videos(video_table(["d"], seed=2))  # after the digest: found by scanning the newer fragment
+    _no_index_lookups(monkeypatch, resumed)
+    assert resumed.done_ids(["a", "d", "new"]) == {"a", "d"}
+
+
+def test_the_id_digest_agrees_with_parquet_through_deletes_replacements_and_crashes(tmp_path, monkeypatch):
+    """Random runs of commits, replacements, removals, compactions and crashes (one cutting a compaction short
+    before the digest is written): after each, a resumed run's listing lookup equals what Parquet holds."""
+    monkeypatch.setattr("pipeline.store.storage.COMPACT_AT_NEW_FRAGMENTS", 3)
     root = str(tmp_path / "out")
-    store = OutputStore(root)
-    store._write_parquet("videos", video_table(["a", "b"]))
-    store._lance_db().create_table("videos", schema=video_table(["x"]).schema)  # killed before the first add
-    assert store.lance_table().count_rows() == 0
-    assert_a_resume_fills_lancedb(root, {})
+    rng = np.random.default_rng(0)
+    store, written, used_digest, crashes = OutputStore(root), 0, 0, 0
+    store.reconcile()
+    for step in range(24):
+        action = rng.choice(["write", "write", "replace", "remove", "compact", "crash in compaction"])
+        held = sorted(store.done_ids())
+        if action == "write":
+            store.write_videos(video_table([f"v{written + i}" for i in range(2)], seed=step))
+            written += 2
+        elif action == "replace" and held:
+            store.write_videos(video_table(list(rng.choice(held, size=min(2, len(held)), replace=False)),
+                                           seed=step), replace=True)
+        elif action == "remove" and held:
+            store.remove_videos([str(rng.choice(held))])
+        elif action == "compact":
+            store.compact_if_needed(force=True)
+        elif action == "crash in compaction":
+            def crash(*args, **kwargs):
+                raise RuntimeError("killed")
+
+            monkeypatch.setattr(store, "_write_id_digest", crash)
+            try:
+                store.write_videos(video_table([f"v{written}"], seed=step))
+                store.compact_if_needed(force=True)  # (nothing to compact when that write created the table)
+            except RuntimeError:
+                crashes += 1
+            written += 1
+            store = OutputStore(root)  # the next run
+            store.reconcile()
+        expected = store.done_ids()  # read from Parquet
+        resumed = OutputStore(root)
+        resumed.reconcile()
+        listing = [f"v{i}" for i in range(written + 3)]
+        digest = resumed._digest_ids_among(resumed.lance_table(), set(listing)) if resumed.lance_table() else None
+        used_digest += digest is not None
+        assert digest in (None, expected & set(listing)), action
+        assert resumed.done_ids(listing) == expected & set(listing), action
+        resumed.finish_run()
+    assert used_digest >= 8 and crashes >= 1
+
+
+def test_a_run_ends_with_an_id_digest_even_with_nothing_to_compact(tmp_path, monkeypatch):
+    store = OutputStore(str(tmp_path / "out"))
+    store.write_videos(video_table(["a", "b"]))  # creates the table, whose video_id index covers it all
+    assert not store.compact_if_needed(force=True)
+    store.build_vector_index()
+    store.finish_run()
+    resumed = OutputStore(str(tmp_path / "out"))
+    resumed.reconcile()
+    _no_index_lookups(monkeypatch, resumed)
+    assert resumed.done_ids(["a", "x"]) == {"a"}
+
+
+def test_new_rows_join_the_vector_index_as_deltas_once_enough_wait(tmp_path, monkeypatch):
+    monkeypatch.setattr("pipeline.store.storage.COMPACT_AT_NEW_FRAGMENTS", 2)
+    monkeypatch.setattr("pipeline.store.storage.COMPACTED_FRAGMENT_ROWS", 16)
+    monkeypatch.setattr("pipeline.store.storage.VECTOR_DELTA_ROWS_PER_PARTITION", 2)
+    store = OutputStore(str(tmp_path / "out"))
+    store.write_videos(video_table([f"v{i}" for i in range(40)]))
+    assert store.build_vector_index(min_rows=20)  # 6 partitions: deltas of at least 12 rows
+    (name,) = [i.name for i in store.lance_table().list_indices() if i.columns == ["pooled"]]
+    segments = []
+    for i in range(20):
+        store.write_videos(video_table([f"w{i}"], seed=i))
+        stats = store.lance_table().index_stats(name)
+        assert stats.num_unindexed_rows < 12 + 2
+        segments.append(stats.num_indices)
+    assert max(segments) > 1
+    store.build_vector_index(min_rows=20)
+    stats = store.lance_table().index_stats(name)
+    assert stats.num_indices == 1 and stats.num_unindexed_rows == 0
+
+
+def test_hash_lookups_find_exactly_the_held_ids_even_when_first_halves_collide():
+    held = _id_hashes([f"v{i}" for i in range(200)])
+    # Ids whose hashes share a first half with a held one (made up: 128-bit collisions cannot be found).
+    twins = (held[0][:5].copy(), held[1][:5] ^ np.uint64(1))
+    merged = _merge_hashes(held, twins)
+    assert np.all(np.diff(merged[0].astype(np.float64)) >= 0)
+    wanted = _id_hashes([f"v{i}" for i in range(0, 400, 2)], sort=False)
+    assert _hashes_held(merged, wanted).tolist() == [i < 200 for i in range(0, 400, 2)]
+    assert _hashes_held(merged, twins).all() and not _hashes_held(held, twins).any()
+
+
+def test_a_table_left_empty_by_a_crash_after_its_creation_is_filled_from_parquet(tmp_path):
+    """A crash between creating the LanceDB table and adding the first rows leaves a table with no rows (which
+    Python counts as false): the resumed run must add to it, not try to create it again."""
+    store = OutputStore(str(tmp_path / "out"))
+    store.reconcile()
+    written = video_table(["a", "b"])
+    store._write_parquet("videos", written)
+    store._lance_db().create_table("videos", schema=written.schema)
+
+    resumed = OutputStore(str(tmp_path / "out"))
+    assert resumed.reconcile() == 2
+    assert lance_ids(resumed) == ["a", "b"]
+    assert resumed.done_ids(["a", "c"]) == {"a"}
