@@ -427,14 +427,18 @@ def test_reconcile_after_a_crash_while_removing_drops_what_parquet_no_longer_hol
     assert resumed.done_ids(["a", "b"]) == {"a"}
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
-def test_a_table_whose_first_commit_never_finished_is_rebuilt_from_parquet(where, tmp_path, request):
+@pytest.fixture(params=["local", "s3"])
+def output_root(request, tmp_path) -> tuple[str, dict]:
+    """(root, OutputStore options) of an empty output, on local disk and on moto S3."""
+    if request.param == "local":
+        return str(tmp_path / "out"), {}
+    endpoint, bucket = request.getfixturevalue("moto_s3_endpoint"), request.getfixturevalue("s3_bucket")
+    return f"s3://{bucket}/out", {"s3_endpoint_url": endpoint}
+
+
+def test_a_table_whose_first_commit_never_finished_is_rebuilt_from_parquet(output_root):
     """A crash inside LanceDB's first commit leaves data files but no version: the table is listed yet unopenable."""
-    if where == "s3":
-        endpoint, bucket = request.getfixturevalue("moto_s3_endpoint"), request.getfixturevalue("s3_bucket")
-        root, options = f"s3://{bucket}/out", {"s3_endpoint_url": endpoint}
-    else:
-        root, options = str(tmp_path / "out"), {}
+    root, options = output_root
     store = OutputStore(root, **options)
     store.write_videos(video_table(["a", "b"]))
     versions = f"{store.lancedb_uri.split('://')[-1]}/videos.lance/_versions"
@@ -443,11 +447,7 @@ def test_a_table_whose_first_commit_never_finished_is_rebuilt_from_parquet(where
                                                                       recursive=True))
             if info.type == pafs.FileType.File]
     assert OutputStore(root, **options).lance_table() is None
-    assert_a_resume_fills_lancedb(root, options)
 
-
-def assert_a_resume_fills_lancedb(root: str, options: dict) -> None:
-    """The next run copies the Parquet rows of "a" and "b" into LanceDB, then commits "c" to both."""
     resumed = OutputStore(root, **options)
     assert resumed.reconcile() == 2
     resumed.write_videos(video_table(["c"]))
@@ -462,13 +462,8 @@ def _no_index_lookups(monkeypatch, store: OutputStore) -> None:
     monkeypatch.setattr(store, "_lance_ids", refuse)
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
-def test_a_resume_looks_its_listing_up_in_the_id_digest(where, tmp_path, request, monkeypatch):
-    if where == "s3":
-        endpoint, bucket = request.getfixturevalue("moto_s3_endpoint"), request.getfixturevalue("s3_bucket")
-        root, options = f"s3://{bucket}/out", {"s3_endpoint_url": endpoint}
-    else:
-        root, options = str(tmp_path / "out"), {}
+def test_a_resume_looks_its_listing_up_in_the_id_digest(output_root, monkeypatch):
+    root, options = output_root
     store = OutputStore(root, **options)
     store.reconcile()
     store.write_videos(video_table(["a", "b", "it's"]))
