@@ -83,9 +83,9 @@ def init_ray(config: JobConfig) -> None:
     if ray.is_initialized():
         return
     with warnings.catch_warnings():
-        # Ray starts its daemons by fork + exec; LanceDB, already loaded to read the output, warns in each child
-        # about forking its runtime, which the exec discards unused.
-        warnings.filterwarnings("ignore", message="lancedb fork support is experimental", category=RuntimeWarning)
+        # Ray starts its daemons by fork + exec. LanceDB and Lance, already loaded to read the output, warn that
+        # their runtimes are not fork-safe; the exec discards the child's copy unused.
+        warnings.filterwarnings("ignore", message="(lancedb fork support is experimental|lance is not fork-safe)")
         if os.environ.get("RAY_ADDRESS"):
             ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
             return
