@@ -44,7 +44,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import lancedb
-from lancedb.index import BTree, IvfSq
+from lancedb.index import BTree, IvfRq
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -71,13 +71,23 @@ COMPACT_AT_NEW_FRAGMENTS = 32
 # compaction rewrites more than about this many rows (plus the new ones) whatever the size of the table.
 # (LanceDB's own optimize() targets 1M rows: below that, every compaction rewrote the growing last fragment.)
 COMPACTED_FRAGMENT_ROWS = 65_536
-# The IVF index is trained once, then new rows join its existing partitions; it is retrained (sqrt(rows)
-# partitions) only once the table has outgrown the partitions it was trained with by this factor.
+# The IVF index has sqrt(rows) partitions but none of more than MAX_ROWS_PER_PARTITION rows on average (from 250k
+# rows on), so the fixed number of partitions a query visits scans about the same number of rows at any size.
+# (More partitions at small sizes lost members of small clusters split across partitions.) It is trained once,
+# then new rows join its existing partitions; it is retrained only once the table has outgrown the partitions it
+# was trained with by RETRAIN_AT_PARTITION_GROWTH. Training samples TRAINING_ROWS_PER_PARTITION rows per
+# partition (Lance's default, 256, is four times the training work).
+MAX_ROWS_PER_PARTITION = 500
 RETRAIN_AT_PARTITION_GROWTH = 2
+TRAINING_ROWS_PER_PARTITION = 64
+# Bits per dimension of the index's RaBitQ codes: 4 bits rank well enough that re-scoring 5 * k candidates with
+# the full vectors (SearchParams) keeps recall@10 near 1; 1-bit codes needed 10 * k (README, Scaling the output
+# store).
+VECTOR_INDEX_BITS = 4
 # During a run, new rows join the vector index as deltas of at least this many rows per partition (see
 # compact_if_needed); searches scan the rows not in it yet.
 VECTOR_DELTA_ROWS_PER_PARTITION = 128
-VECTOR_INDEX_PREFIX = "pooled_ivf"  # the index's name ends with the partition count it was trained with
+VECTOR_INDEX_PREFIX = "pooled_ivf_rq"  # the index's name ends with the partition count it was trained with
 ID_INDEX_NAME = "video_id_idx"
 # Present while a run may have left LanceDB out of step with Parquet (from its start until it ends cleanly).
 UNSYNCED_MARKER = "_lancedb_unsynced"
@@ -590,15 +600,16 @@ class OutputStore:
         rows = lance.count_rows()
         built = rows >= min_rows
         if built:
-            partitions = max(1, int(math.sqrt(rows)))
+            partitions = max(1, int(math.sqrt(rows)), rows // MAX_ROWS_PER_PARTITION)
             current = [index for index in lance.list_indices() if index.columns == ["pooled"]]
             trained = _trained_partitions(current[0].name) if current else None
             if trained is None or partitions >= RETRAIN_AT_PARTITION_GROWTH * trained:
                 for index in current:
                     lance.drop_index(index.name)
-                # IVF with scalar-quantised vectors: ~4x smaller than float32 and near-exact recall once re-ranked.
-                lance.create_index("pooled", config=IvfSq(distance_type="cosine", num_partitions=partitions),
-                                   name=f"{VECTOR_INDEX_PREFIX}{partitions}")
+                # 4-bit codes are 8x smaller than float32 vectors.
+                config = IvfRq(distance_type="cosine", num_partitions=partitions, num_bits=VECTOR_INDEX_BITS,
+                               sample_rate=max(1, min(TRAINING_ROWS_PER_PARTITION, rows // partitions)))
+                lance.create_index("pooled", config=config, name=f"{VECTOR_INDEX_PREFIX}{partitions}")
         for index in lance.list_indices():
             stats = lance.index_stats(index.name)
             if index.name != ID_INDEX_NAME and (stats.num_indices > 1 or stats.num_unindexed_rows):

@@ -50,7 +50,7 @@ class SearchParams:
     """Knobs of the ANN search. The defaults reach recall@10 >= 0.95 at 100k videos (jobs/bench_search.py)."""
 
     nprobes: int = 20  # IVF partitions visited per query
-    refine_factor: int | None = 10  # re-score refine_factor * limit candidates with the full vectors
+    refine_factor: int | None = 5  # re-score refine_factor * limit candidates with the full vectors
     candidates: int = 100  # pooled-ANN candidates re-ranked by MaxSim (at least k)
 
 

@@ -106,20 +106,45 @@ def test_exact_mode_matches_numpy_brute_force(tmp_path):
         assert hits[0].uri == f"/videos/{ids[0]}.mp4"
 
 
-def test_ann_mode_with_an_index_reaches_high_recall(tmp_path):
-    rng = np.random.default_rng(1)
-    pooled = clustered_vectors(rng, 3000, 32, clusters=30)
+def ann_test_set(rng, kind: str, n: int = 3000, dim: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(table vectors [n, dim], 20 queries [20, dim]) of one kind of corpus."""
+    if kind == "clustered":  # topics shared by many videos, as in a real corpus
+        return clustered_vectors(rng, n, dim, 30), clustered_vectors(rng, 20, dim, 30)
+    if kind == "small clusters in large noisy ones":  # queries aim at the 6 clusters of 10 videos each
+        small = clustered_vectors(rng, 60, dim, 6)
+        queries = small[rng.choice(60, 20)] + 0.05 * rng.standard_normal((20, dim)).astype(np.float32)
+        return np.concatenate([clustered_vectors(rng, n - 60, dim, 3), small]), queries
+    if kind == "duplicates":  # every video three times: ties at every rank
+        videos = clustered_vectors(rng, n // 3, dim, 30)
+        return np.concatenate([videos, videos, videos]), clustered_vectors(rng, 20, dim, 30)
+    vectors = rng.standard_normal((n + 20, dim)).astype(np.float32)  # structureless noise
+    return vectors[:n], vectors[n:]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("kind, worst, mean", [
+    ("clustered", 0.9, 0.98),
+    ("small clusters in large noisy ones", 0.7, 0.95),
+    ("duplicates", 0.9, 0.98),
+    # No IVF index does well here: nearest neighbours are barely nearer than any other vector, and a query visits
+    # 20 of the 54 partitions (measured 0.72-0.81 mean, 0.5 for the worst query).
+    ("structureless noise", 0.2, 0.5),
+])
+def test_ann_recall_against_numpy_brute_force(tmp_path, seed, kind, worst, mean):
+    rng = np.random.default_rng(seed)
+    pooled, queries = ann_test_set(rng, kind)
     search = VideoSearch(write_store(tmp_path / "out", pooled, [p[None] for p in pooled]))
     assert search.build_index(min_rows=1000)
     # The vector index, next to the store's own index on video_id.
     assert sorted(index.columns for index in search.table.list_indices()) == [["pooled"], ["video_id"]]
 
-    queries = clustered_vectors(rng, 20, 32, clusters=30)
     recalls = []
     for query in queries:
-        found = {h.video_id for h in search.by_vectors(query, k=10, mode="ann")}
-        recalls.append(len(found & set(numpy_cosine_top(pooled, query, 10)[0])) / 10)
-    assert np.mean(recalls) >= 0.95
+        hits = search.by_vectors(query, k=10, mode="ann")
+        tenth_best = numpy_cosine_top(pooled, query, 10)[1][-1]
+        # A hit counts when it scores as well as the 10th best video (duplicates tie).
+        recalls.append(np.mean([hit.score >= tenth_best - 1e-5 for hit in hits]) if len(hits) == 10 else 0.0)
+    assert min(recalls) >= worst and np.mean(recalls) >= mean, recalls
 
 
 def test_maxsim_scores_equal_the_numpy_oracle(tmp_path):

@@ -8,11 +8,12 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import torch
+from lancedb.index import IvfSq
 
 import tokendyn
 from pipeline.store.schema import (SchemaVersionError, compressed_video_from_row, now_utc, video_row, video_schema)
 from pipeline.store.storage import (OutputLocked, OutputStore, _hashes_held, _id_hashes, _merge_hashes,
-                                    _unindexed_fragments)
+                                    _trained_partitions, _unindexed_fragments)
 
 DIM = 16
 
@@ -362,7 +363,8 @@ def test_compaction_leaves_full_fragments_alone(tmp_path, monkeypatch):
     assert lance_ids(store) == sorted(f"v{i}-{j}" for i in range(40) for j in range(3))
 
 
-def test_vector_index_is_trained_once_then_extended_until_the_table_outgrows_it(tmp_path):
+def test_vector_index_is_trained_once_then_extended_until_the_table_outgrows_it(tmp_path, monkeypatch):
+    monkeypatch.setattr("pipeline.store.storage.MAX_ROWS_PER_PARTITION", 10)  # from 100 rows on: rows / 10
     store = OutputStore(str(tmp_path / "out"))
     store.write_videos(video_table([f"v{i}" for i in range(40)]))
     assert store.build_vector_index(min_rows=20)
@@ -372,15 +374,27 @@ def test_vector_index_is_trained_once_then_extended_until_the_table_outgrows_it(
         return index
 
     first = pooled_index()
+    assert _trained_partitions(first.name) == 6  # sqrt(40)
     store.write_videos(video_table([f"w{i}" for i in range(40)], seed=1))  # 80 rows: sqrt grows 6 -> 8
     assert store.build_vector_index(min_rows=20)
     assert pooled_index().name == first.name  # extended, not retrained (the name carries the partitions)
     assert store.lance_table().index_stats(first.name).num_unindexed_rows == 0
 
-    store.write_videos(video_table([f"x{i}" for i in range(100)], seed=2))  # 180 rows: sqrt 13 >= 2 * 6
+    store.write_videos(video_table([f"x{i}" for i in range(100)], seed=2))  # 180 rows: 18 >= 2 * 6
     assert store.build_vector_index(min_rows=20)
-    assert pooled_index().name != first.name  # retrained with more partitions
+    assert _trained_partitions(pooled_index().name) == 18  # retrained with more partitions
     assert store.lance_table().index_stats(pooled_index().name).num_indexed_rows == 180
+
+
+def test_a_vector_index_of_an_earlier_layout_is_replaced_at_the_next_build(tmp_path):
+    """Outputs written before the RaBitQ index carry an IVF-SQ index named pooled_ivf<partitions>."""
+    store = OutputStore(str(tmp_path / "out"))
+    store.write_videos(video_table([f"v{i}" for i in range(40)]))
+    store.lance_table().create_index("pooled", config=IvfSq(distance_type="cosine", num_partitions=4),
+                                     name="pooled_ivf4")
+    assert store.build_vector_index(min_rows=20)
+    (index,) = [i for i in store.lance_table().list_indices() if i.columns == ["pooled"]]
+    assert index.index_type == "IvfRq" and _trained_partitions(index.name) == 6
 
 
 def test_resume_after_a_clean_run_reads_no_parquet(tmp_path, monkeypatch):
@@ -545,13 +559,14 @@ def test_new_rows_join_the_vector_index_as_deltas_once_enough_wait(tmp_path, mon
     monkeypatch.setattr("pipeline.store.storage.VECTOR_DELTA_ROWS_PER_PARTITION", 2)
     store = OutputStore(str(tmp_path / "out"))
     store.write_videos(video_table([f"v{i}" for i in range(40)]))
-    assert store.build_vector_index(min_rows=20)  # 6 partitions: deltas of at least 12 rows
+    assert store.build_vector_index(min_rows=20)
     (name,) = [i.name for i in store.lance_table().list_indices() if i.columns == ["pooled"]]
+    delta_rows = 2 * _trained_partitions(name)  # 6 partitions: deltas of at least 12 rows
     segments = []
-    for i in range(20):
+    for i in range(40):
         store.write_videos(video_table([f"w{i}"], seed=i))
         stats = store.lance_table().index_stats(name)
-        assert stats.num_unindexed_rows < 12 + 2
+        assert stats.num_unindexed_rows < delta_rows + 2
         segments.append(stats.num_indices)
     assert max(segments) > 1
     store.build_vector_index(min_rows=20)
