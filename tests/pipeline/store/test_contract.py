@@ -64,3 +64,17 @@ def test_an_old_output_whose_settings_cannot_be_told_is_refused(tmp_path, run_co
     store = legacy_output(tmp_path / "out", run_config, *written)
     with pytest.raises(SettingsUnknown, match=reason):
         read_contract(store)
+
+
+def test_the_input_size_is_part_of_the_contract(tmp_path):
+    assert "input_size" not in job().output_settings()  # the encoder's own size: outputs made before agree
+    assert job(input_size=448).output_settings()["input_size"] == 448
+    store = OutputStore(str(tmp_path / "out"))
+    store.write_settings(contract_of_rows(job(), video_table(["a"])).as_json("run"))
+    with pytest.raises(SettingsMismatch, match="input_size: '\\(not set\\)' -> 448"):
+        check_run(store, job(input_size=448))
+    fine = OutputStore(str(tmp_path / "fine"))
+    fine.write_settings(contract_of_rows(job(input_size=448), video_table(["a"])).as_json("run"))
+    assert check_run(fine, job(input_size=448)).settings["input_size"] == 448
+    with pytest.raises(SettingsMismatch, match="input_size: 448 -> 224"):
+        check_run(fine, job(input_size=224))
