@@ -7,14 +7,20 @@ depend on how the clusters happen to be numbered. For cluster k in frame t (`mot
     present     1 if k has any cell in the frame, else 0
     centre      centre of mass (y, x) of k's cells, cell centres scaled to (0, 1) by the grid extent
     spread      standard deviation (y, x) of k's cells, in the same units
-    velocity    change of the centre since the previous frame (0 unless k is present in both)
+    velocity    change of the centre since the previous frame, per unit of normalised time (so a cluster that
+                crosses the frame over the clip has velocity ~1 whatever T is; 0 unless k is present in both)
 
-(all zero when k is absent), plus a sinusoidal encoding of the frame's time t / (T - 1) in [0, 1]. An MLP turns
-each (k, t) feature vector into a D-dim motion token. Then, as pre-norm residual blocks:
+(all zero when k is absent), plus a sinusoidal encoding of the frame's time t / (T - 1) in [0, 1]. Then:
 
-    1. cross-attention: base token k (query) attends over its own T motion tokens,
+    0. track: each cluster's features, resampled (linear interpolation over normalised time) to `track_steps`
+       points and flattened, go through an MLP into one D-dim track token that is added to the base token. It
+       sees the whole trajectory at once, so where a cluster went (not only where it is on average) is a linear
+       function of its input;
+    1. cross-attention: base token k (query) attends over its own T motion tokens (an MLP of each (k, t) feature
+       vector and time code),
     2. self-attention among the K base tokens (padded rows masked out as keys),
-    3. an MLP.
+    3. an MLP
+(1-3 as pre-norm residual blocks).
 
 Every step treats clusters as a set (no positional code on k), so permuting the base rows and relabelling the map
 the same way permutes the output rows the same way.
@@ -33,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["CrossDynamicsAttention", "motion_features", "time_encoding", "NUM_MOTION_FEATURES"]
+__all__ = ["CrossDynamicsAttention", "motion_features", "resample_tracks", "time_encoding", "NUM_MOTION_FEATURES"]
 
 NUM_MOTION_FEATURES = 8
 
@@ -79,11 +85,31 @@ def motion_features(dynamics: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     sx = (bins[..., 4] / n - mx * mx).clamp_min(0).sqrt() / w
     occupancy = count / valid.sum(2, keepdim=True).clamp_min(1)
     both = present[:, 1:] & present[:, :-1]
-    vy = F.pad(torch.where(both, cy[:, 1:] - cy[:, :-1], 0.0), (0, 0, 1, 0))
-    vx = F.pad(torch.where(both, cx[:, 1:] - cx[:, :-1], 0.0), (0, 0, 1, 0))
+    per_clip = (num_frames - 1).clamp_min(1)[:, None, None]  # frame steps in one unit of normalised time
+    vy = F.pad(torch.where(both, cy[:, 1:] - cy[:, :-1], 0.0) * per_clip, (0, 0, 1, 0))
+    vx = F.pad(torch.where(both, cx[:, 1:] - cx[:, :-1], 0.0) * per_clip, (0, 0, 1, 0))
     feats = torch.stack([occupancy, present.float(), cy, cx, sy, sx, vy, vx], -1)  # [B, T, k, 8]
     feats = feats * present[..., None]
     return feats.transpose(1, 2), frame_valid, num_frames
+
+
+def resample_tracks(feats: Tensor, num_frames: Tensor, steps: int) -> Tensor:
+    """Each cluster's features at `steps` evenly spaced points of normalised time (linear interpolation).
+
+    feats [B, K, T, F] per-frame features; num_frames [B] extent of the valid frames (padding comes after it)
+    -> [B, K, steps, F]. Only the first num_frames frames are read, so trailing padding changes nothing.
+    """
+    T = feats.shape[2]
+    tau = torch.linspace(0, 1, steps, device=feats.device)
+    position = tau[None, :] * (num_frames[:, None] - 1).clamp_min(0)  # [B, steps] in frames
+    low = position.floor().long().clamp(0, T - 1)
+    high = (low + 1).clamp_max((num_frames.long() - 1).clamp_min(0)[:, None])
+    weight = (position - low)[:, None, :, None].to(feats.dtype)
+
+    def at(frame: Tensor) -> Tensor:  # [B, steps] frame indices -> [B, K, steps, F]
+        return feats.gather(2, frame[:, None, :, None].expand(-1, feats.shape[1], -1, feats.shape[3]))
+
+    return torch.lerp(at(low), at(high), weight)
 
 
 def time_encoding(num_steps: int, num_frames: Tensor, num_freqs: int) -> Tensor:
@@ -128,14 +154,18 @@ class CrossDynamicsAttention(nn.Module):
     """Fuses each cluster's motion into its base vector (see the module docstring).
 
     dim: D of the base vectors; num_heads must divide it. num_freqs: frequencies of the time code.
+    track_steps: time points of each cluster's track token (0: no track token, the per-frame attention alone).
     """
 
     def __init__(self, dim: int, num_heads: int = 8, *, mlp_ratio: float = 4.0, num_freqs: int = 8,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, track_steps: int = 16):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
-        self.num_freqs = num_freqs
+        self.num_freqs, self.track_steps = num_freqs, track_steps
+        self.track = nn.Sequential(
+            nn.Linear(NUM_MOTION_FEATURES * track_steps, dim), nn.GELU(), nn.Linear(dim, dim)
+        ) if track_steps else None
         self.motion = nn.Sequential(
             nn.Linear(NUM_MOTION_FEATURES + 2 * num_freqs, dim), nn.GELU(), nn.Linear(dim, dim)
         )
@@ -161,10 +191,14 @@ class CrossDynamicsAttention(nn.Module):
         time = time_encoding(T, num_frames, self.num_freqs)[:, None].expand(B, K, T, -1)
         motion = self.motion(torch.cat([feats, time], -1).to(base.dtype))  # [B, K, T, D]
 
-        q = self.norm_query(base).reshape(B * K, 1, D)
+        h = base
+        if self.track is not None:
+            tracks = resample_tracks(feats, num_frames, self.track_steps)  # [B, K, steps, 8]
+            h = h + self.track(tracks.flatten(2).to(base.dtype))
+        q = self.norm_query(h).reshape(B * K, 1, D)
         kv = self.norm_motion(motion).reshape(B * K, T, D)
         frames = frame_valid[:, None].expand(B, K, T).reshape(B * K, T)
-        h = base + self.cross(q, kv, frames).view(B, K, D)
+        h = h + self.cross(q, kv, frames).view(B, K, D)
         n = self.norm_self(h)
         h = h + self.self_attn(n, n, base_mask)
         h = h + self.mlp(self.norm_mlp(h))

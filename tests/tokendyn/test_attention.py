@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from tokendyn import CrossDynamicsAttention, motion_features
-from tokendyn.attention import NUM_MOTION_FEATURES, time_encoding
+from tokendyn.attention import NUM_MOTION_FEATURES, resample_tracks, time_encoding
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -66,7 +66,8 @@ def test_motion_features_of_a_moving_square():
     torch.testing.assert_close(cy, torch.full((T,), 2.0 / H))  # rows 1 and 2: centre 1.5 + 0.5 cell, over H
     torch.testing.assert_close(cx, (torch.arange(T) + 1.0) / W)
     torch.testing.assert_close(sy, torch.full((T,), 0.5 / H))
-    torch.testing.assert_close(vx, torch.tensor([0.0] + [1.0 / W] * (T - 1)))
+    # One cell per frame is (T - 1) cells per unit of normalised time.
+    torch.testing.assert_close(vx, torch.tensor([0.0] + [(T - 1) / W] * (T - 1)))
     torch.testing.assert_close(vy, torch.zeros(T))
     # A cluster absent from a frame has all-zero features there.
     absent = motion_features(torch.zeros(1, 2, 3, 3, dtype=torch.int64), 3)[0]
@@ -127,3 +128,49 @@ def test_output_does_not_collapse_to_the_input():
     att = module()
     base, dynamics = random_inputs()
     assert F.mse_loss(att(base, dynamics), base) > 1e-3
+
+
+def test_velocity_is_per_unit_of_normalised_time_whatever_the_frame_count():
+    def crossing(T):  # one cell wide column crossing 9 columns over the clip
+        dynamics = torch.zeros(1, T, 3, 10, dtype=torch.int64)
+        for t in range(T):
+            dynamics[0, t, :, round(9 * t / (T - 1))] = 1
+        return motion_features(dynamics, 2)[0][0, 1, 1:, 7]  # vx after the first frame
+
+    assert crossing(4).mean().item() == pytest.approx(0.9)
+    assert crossing(10).mean().item() == pytest.approx(0.9)
+
+
+def test_resampled_tracks_interpolate_over_the_valid_frames():
+    feats = torch.arange(5.0).view(1, 1, 5, 1).expand(2, 3, 5, 2).clone()  # feature value = frame index
+    num_frames = torch.tensor([5.0, 3.0])  # the second video's frames 3 and 4 are padding
+    feats[1, :, 3:] = 100.0
+    tracks = resample_tracks(feats, num_frames, steps=9)
+    assert tracks.shape == (2, 3, 9, 2)
+    torch.testing.assert_close(tracks[0, 0, :, 0], torch.linspace(0, 4, 9))
+    torch.testing.assert_close(tracks[1, 2, :, 1], torch.linspace(0, 2, 9))  # never reads the padding
+    same = resample_tracks(feats[:1], num_frames[:1], steps=5)
+    torch.testing.assert_close(same, feats[:1])
+    one_frame = resample_tracks(feats[:1, :, :1], torch.tensor([1.0]), steps=4)
+    torch.testing.assert_close(one_frame, feats[:1, :, :1].expand(1, 3, 4, 2))
+
+
+def test_the_track_token_tells_a_motion_from_its_reverse():
+    # Left against right with the same cells overall: the per-frame attention can only tell them through the time
+    # code; the track token alone (no attention weights trained) already separates them.
+    T, H, W = 6, 4, 8
+    right = torch.zeros(1, T, H, W, dtype=torch.int64)
+    for t in range(T):
+        right[0, t, 1:3, t : t + 2] = 1
+    left = right.flip(1)
+    feats_r, _, n = motion_features(right, 2)
+    feats_l, _, _ = motion_features(left, 2)
+    track_r, track_l = resample_tracks(feats_r, n, 6), resample_tracks(feats_l, n, 6)
+    x_r, x_l = track_r[0, 1, :, 3], track_l[0, 1, :, 3]
+    assert (x_r[-1] - x_r[0]).item() > 0.5 and (x_l[-1] - x_l[0]).item() < -0.5
+    att = CrossDynamicsAttention(32, num_heads=4, track_steps=0).eval()
+    with_track = module()
+    base = torch.randn(1, 2, 32)
+    assert not torch.allclose(with_track(base, right), with_track(base, left), atol=1e-4)
+    assert att(base, right).shape == base.shape  # track_steps=0 keeps the per-frame attention alone
+    assert with_track.track is not None and att.track is None
