@@ -74,6 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--heldout", type=float, default=0.2, help="Fraction of the clips held out.")
     parser.add_argument("--clip-frames", type=int, default=32, help="Frames per generated clip.")
     parser.add_argument("--clip-size", type=int, default=96, help="Width and height of the generated clips.")
+    parser.add_argument("--object-scale", type=float, default=1.0,
+                        help="Size of the moving object against the default (radius 12-17%% of the clip).")
     parser.add_argument("--frames", type=int, default=16, help="Frames the job samples per clip.")
     parser.add_argument("--k", type=int, default=16, help="Token-base size, and every baseline's token budget.")
     parser.add_argument("--encoder", default="efficientnet-lite0", help="Vision encoder of the job.")
@@ -128,10 +130,24 @@ def textured_background(size: int, rng: np.random.Generator) -> np.ndarray:
     return np.clip(image + rng.integers(-12, 13, image.shape), 0, 255).astype(np.uint8)
 
 
+def object_centre(track: dict, frame: int) -> tuple[float, float]:
+    """(y, x) in pixels of the object of a clip written by `write_clip` (its returned track) in source frame `frame`."""
+    progress = frame / max(track["frames"] - 1, 1)
+    dy, dx = DIRECTIONS[track["direction"]]
+    return (track["start"][0] + dy * track["travel"] * progress, track["start"][1] + dx * track["travel"] * progress)
+
+
+def object_mask(track: dict, frame: int) -> np.ndarray:
+    """[size, size] bool: the object's pixels in source frame `frame` of a clip written by `write_clip`."""
+    return shape_mask(track["shape"], track["size"], track["radius"], *object_centre(track, frame))
+
+
 def write_clip(path: Path, colour: str, shape: str, direction: str, *, frames: int, size: int,
-               rng: np.random.Generator) -> None:
+               rng: np.random.Generator, object_scale: float = 1.0) -> dict:
+    """Write the clip; returns its track (shape, size, frames, radius, start, travel, direction) for
+    `object_mask` / `object_centre`. object_scale: the object's size against the benchmark's own."""
     background = textured_background(size, rng)
-    radius = size * rng.uniform(0.12, 0.17)
+    radius = size * rng.uniform(0.12, 0.17) * object_scale
     dy, dx = DIRECTIONS[direction]
     travel = size * rng.uniform(0.35, 0.5)  # distance covered over the clip
     margin = radius + 2
@@ -141,31 +157,35 @@ def write_clip(path: Path, colour: str, shape: str, direction: str, *, frames: i
             start[axis] = rng.uniform(margin, size - margin - travel)
         elif step < 0:
             start[axis] = rng.uniform(margin + travel, size - margin)
+    track = {"shape": shape, "size": size, "frames": frames, "radius": float(radius), "direction": direction,
+             "start": [float(start[0]), float(start[1])], "travel": float(travel)}
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream("libx264", rate=16)
         stream.width = stream.height = size
         stream.pix_fmt = "yuv420p"
         stream.options = {"crf": "18", "preset": "veryfast"}
         for t in range(frames):
-            progress = t / max(frames - 1, 1)
-            cy, cx = start[0] + dy * travel * progress, start[1] + dx * travel * progress
             frame = background.copy()
-            frame[shape_mask(shape, size, radius, cy, cx)] = COLOURS[colour]
+            frame[object_mask(track, t)] = COLOURS[colour]
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())
+    return track
 
 
 def generate_clips(folder: Path, args) -> dict[str, Path]:
-    """Clips + one manifest per split ({split: manifest.csv}); combinations dealt round-robin, then shuffled."""
+    """Clips + one manifest per split ({split: manifest.csv}); combinations dealt round-robin, then shuffled.
+    Each clip's track (`write_clip`) goes to folder/tracks.json, keyed by video_id."""
     rng = np.random.default_rng(args.seed)
     combos = [(c, s, d) for c in COLOURS for s in SHAPES for d in DIRECTIONS]
     order = rng.permutation(len(combos))
-    rows = []
+    rows, tracks = [], {}
     for index in range(args.clips):
         colour, shape, direction = combos[order[index % len(combos)]]
         path = folder / "clips" / f"clip-{index:04d}.mp4"
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_clip(path, colour, shape, direction, frames=args.clip_frames, size=args.clip_size, rng=rng)
+        tracks[f"clip-{index:04d}"] = write_clip(path, colour, shape, direction, frames=args.clip_frames,
+                                                 size=args.clip_size, rng=rng,
+                                                 object_scale=args.object_scale)
         rows.append({"video_id": f"clip-{index:04d}", "uri": str(path), "caption": caption_of(colour, shape, direction),
                      "colour": colour, "shape": shape, "direction": direction})
     heldout = max(1, round(args.clips * args.heldout))
@@ -177,6 +197,7 @@ def generate_clips(folder: Path, args) -> dict[str, Path]:
             writer = csv.DictWriter(file, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(row for index, row in enumerate(rows) if (index in held) == (split == "heldout"))
+    (folder / "tracks.json").write_text(json.dumps(tracks))
     return manifests
 
 
