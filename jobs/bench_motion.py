@@ -49,6 +49,7 @@ from pipeline.job.config import JobConfig  # noqa: E402
 from pipeline.job.run import init_ray, run_job  # noqa: E402
 from pipeline.job.tokenizer import VideoTokenizer  # noqa: E402
 from pipeline.readers.cache import HEAVY_COLUMNS, CachedTokenDataset, collate_videos  # noqa: E402
+from pipeline.readers.evaluation.probe import accuracy_interval  # noqa: E402
 from pipeline.readers.video_lm import DEFAULT_LLM, caption_batch, load_llm  # noqa: E402
 from pipeline.store.contract import read_contract  # noqa: E402
 from pipeline.store.schema import now_utc, video_row  # noqa: E402
@@ -82,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--llm", default=DEFAULT_LLM, help="Pretrained causal LM (see train_from_cache --llm).")
     parser.add_argument("--llm-train", default="none", help="LLM weights that train (see train_from_cache).")
     parser.add_argument("--steps", type=int, default=120, help="Training steps per variant.")
+    parser.add_argument("--eval-every", type=int, default=None,
+                        help="Held-out loss every this many steps, for the curve (default: at the end only).")
     parser.add_argument("--batch-size", type=int, default=8, help="Videos per training step.")
     parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate.")
     parser.add_argument("--video-width", type=int, default=128, help="Width of the cross-dynamics attention.")
@@ -253,26 +256,41 @@ def attribute_values(caption: str) -> dict[str, str | None]:
     return found
 
 
+def heldout_batches(heldout: CachedTokenDataset, args):
+    for start in range(0, len(heldout), args.batch_size):
+        yield collate_videos([heldout[i] for i in range(start, min(start + args.batch_size, len(heldout)))])
+
+
+@torch.no_grad()
+def heldout_loss(model, tokenizer, heldout: CachedTokenDataset, args) -> float:
+    """Mean caption loss over the held-out clips."""
+    model.eval()
+    losses = [model.video_losses(**{name: batch[name] for name in ("base", "dynamics", "base_mask")},
+                                 **caption_batch(tokenizer, batch["caption"], 64))
+              for batch in heldout_batches(heldout, args)]
+    model.train()
+    return torch.cat(losses).mean().item()
+
+
 @torch.no_grad()
 def evaluate(model, tokenizer, heldout: CachedTokenDataset, args) -> dict:
     """Held-out caption loss and accuracy of the greedy caption on each attribute."""
+    loss = heldout_loss(model, tokenizer, heldout, args)
     model.eval()
-    losses, correct, samples = [], {attribute: 0 for attribute in ATTRIBUTES}, []
-    for start in range(0, len(heldout), args.batch_size):
-        batch = collate_videos([heldout[i] for i in range(start, min(start + args.batch_size, len(heldout)))])
+    correct, samples = {attribute: [] for attribute in ATTRIBUTES}, []
+    for batch in heldout_batches(heldout, args):
         videos = {name: batch[name] for name in ("base", "dynamics", "base_mask")}
-        text = caption_batch(tokenizer, batch["caption"], 64)
-        losses.append(model.video_losses(**videos, **text))
         generated = model.generate_captions(tokenizer, **videos, max_new_tokens=args.max_new_tokens)
         for truth, caption in zip(batch["caption"], generated):
             expected, got = attribute_values(truth), attribute_values(caption)
             for attribute in ATTRIBUTES:
-                correct[attribute] += got[attribute] == expected[attribute]
+                correct[attribute].append(got[attribute] == expected[attribute])
             samples.append((truth, caption))
     model.train()
-    return {"heldout_loss": torch.cat(losses).mean().item(),
-            **{f"{attribute}_acc": correct[attribute] / len(heldout) for attribute in ATTRIBUTES},
-            "examples": samples[:5]}
+    scores = {"heldout_loss": loss, "examples": samples[:5]}
+    for attribute, values in correct.items():  # 95 % interval: bootstrap over the held-out clips
+        scores[f"{attribute}_acc"], *scores[f"{attribute}_interval"] = accuracy_interval(np.array([values]))
+    return scores
 
 
 def train_variant(variant: str, caches: Path, args, llm) -> dict:
@@ -282,27 +300,34 @@ def train_variant(variant: str, caches: Path, args, llm) -> dict:
     checkpoints = Path(args.workdir) / "checkpoints" / variant
     shutil.rmtree(checkpoints, ignore_errors=True)  # every run trains from scratch
     raw_steps = args.raw_steps if variant == "token-dynamics" else 0
-    argv = ["--cache", str(caches / cache / "train"), "--checkpoint-dir", str(checkpoints),
-            "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
-            "--save-every", str(args.steps), "--log-every", str(max(args.steps // 4, 1)), "--seed", str(args.seed),
-            "--raw-steps", str(raw_steps), "--llm", args.llm, "--llm-train", args.llm_train,
-            "--video-width", str(args.video_width), "--video-heads", str(args.video_heads), *flags]
-    train_args = train_from_cache.parse_args(argv)
+    every = args.eval_every or args.steps
+
+    def train_args(steps: int, raw: int):
+        return train_from_cache.parse_args([
+            "--cache", str(caches / cache / "train"), "--checkpoint-dir", str(checkpoints), "--steps", str(steps),
+            "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--save-every", str(every),
+            "--log-every", str(max(args.steps // 4, 1)), "--seed", str(args.seed), "--raw-steps", str(raw),
+            "--llm", args.llm, "--llm-train", args.llm_train, "--video-width", str(args.video_width),
+            "--video-heads", str(args.video_heads), *flags])
+
     heldout = CachedTokenDataset(str(caches / cache / "heldout"))
     before = None
     if variant == "token-dynamics":  # the same initialisation, untrained: what training has to beat
-        model = train_from_cache.new_model(train_args, heldout.dim, llm[0])
+        model = train_from_cache.new_model(train_args(args.steps, 0), heldout.dim, llm[0])
         before = evaluate(model, llm[1], heldout, args)
         del model
     print(f"\n== {variant}: {' '.join(flags) or 'cross-dynamics attention'}", flush=True)
-    started = time.perf_counter()
-    result = train_from_cache.run(train_args, llm=llm)
+    started, losses, curve = time.perf_counter(), [], []
+    for steps in [*range(every, args.steps, every), args.steps]:  # resumes from the last checkpoint each time
+        result = train_from_cache.run(train_args(steps, raw_steps if steps == args.steps else 0), llm=llm)
+        losses += result["losses"]
+        curve.append((steps, heldout_loss(result["model"], llm[1], heldout, args)))
+        print(f"   step {steps}: held-out loss {curve[-1][1]:.3f}", flush=True)
     train_s = time.perf_counter() - started
     scores = evaluate(result["model"], llm[1], heldout, args)
     print(f"   held-out loss {scores['heldout_loss']:.3f}; e.g. {scores['examples'][:2]}", flush=True)
-    return {**scores, "untrained": before, "train_s": train_s, "first_loss": result["losses"][0],
-            "last_loss": result["losses"][-1], "cache": result["cache"], "raw": result["raw"],
-            "ratios": result["ratios"]}
+    return {**scores, "untrained": before, "train_s": train_s, "first_loss": losses[0], "last_loss": losses[-1],
+            "heldout_curve": curve, "cache": result["cache"], "raw": result["raw"], "ratios": result["ratios"]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -311,16 +336,21 @@ def train_variant(variant: str, caches: Path, args, llm) -> dict:
 def print_table(results: dict, args) -> None:
     print(f"\nHeld-out accuracy of the generated caption ({args.k} LLM tokens per video; chance: direction "
           f"0.20, colour 0.25, shape 0.33)")
-    print(f"{'variant':16s} {'direction':>9s} {'colour':>7s} {'shape':>6s} {'held-out loss':>14s} "
+    print(f"{'variant':16s} {'direction':>17s} {'colour':>17s} {'shape':>17s} {'held-out loss':>14s} "
           f"{'train samples/s':>16s}")
     for variant, scores in results["variants"].items():
         cache = scores["cache"]
-        print(f"{variant:16s} {scores['direction_acc']:9.2f} {scores['colour_acc']:7.2f} {scores['shape_acc']:6.2f} "
-              f"{scores['heldout_loss']:14.3f} {cache['samples'] / (cache['tokens_s'] + cache['train_s']):16.2f}")
+        accuracies = " ".join(f"{scores[f'{name}_acc']:5.2f} [{scores[f'{name}_interval'][0]:.2f}, "
+                              f"{scores[f'{name}_interval'][1]:.2f}]" for name in ATTRIBUTES)
+        print(f"{variant:16s} {accuracies} {scores['heldout_loss']:14.3f} "
+              f"{cache['samples'] / (cache['tokens_s'] + cache['train_s']):16.2f}")
     untrained = results["variants"].get("token-dynamics", {}).get("untrained")
     if untrained:
-        print(f"{'(untrained)':16s} {untrained['direction_acc']:9.2f} {untrained['colour_acc']:7.2f} "
-              f"{untrained['shape_acc']:6.2f} {untrained['heldout_loss']:14.3f}")
+        print(f"{'(untrained)':16s} " + " ".join(f"{untrained[f'{name}_acc']:5.2f}{'':12s}" for name in ATTRIBUTES) +
+              f" {untrained['heldout_loss']:14.3f}")
+    for variant, scores in results["variants"].items():
+        print(f"held-out loss curve of {variant}: " + ", ".join(f"{step}: {loss:.3f}"
+                                                               for step, loss in scores["heldout_curve"]))
     print(f"whole benchmark: {results['timings']['total_s'] / 60:.1f} min; {results['timings']}")
 
 

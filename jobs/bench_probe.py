@@ -20,7 +20,8 @@
        map-trajectory-mlp   the map alone through a plain MLP over each cluster's track, max over clusters
        base-only            the token base alone (a set, no map)
        uniform-pool, tome, frame-pool   tokendyn.baselines at the same budget (ordered slots)
-       full-tokens          every encoder token (pooled to at most 8 x 8 a frame): the upper bound
+       full-tokens          every encoder token (pooled to at most 8 x 8 a frame, 128 principal components): the
+                            upper bound, read frame by frame first (probe.FrameGridReader)
 
 Chance: direction 0.20, colour 0.25, shape 0.33. Results also go to --workdir/probe-results.json.
 """
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import sys
 import time
@@ -46,11 +48,13 @@ import bench_motion  # noqa: E402  (jobs/, next to this script)
 from pipeline.job.config import JobConfig  # noqa: E402
 from pipeline.job.tokenizer import VideoTokenizer  # noqa: E402
 from pipeline.readers.evaluation import tracking  # noqa: E402
-from pipeline.readers.evaluation.probe import (ProbeData, ProbeReader, TrajectoryReader,  # noqa: E402
-                                               accuracy_interval, train_probe)
+from pipeline.readers.evaluation.probe import (FrameGridReader, ProbeData, ProbeReader,  # noqa: E402
+                                               TrajectoryReader, accuracy_interval, train_probe)
 
 ATTRIBUTES = bench_motion.ATTRIBUTES
-FULL_GRID = 8  # full tokens are pooled to at most this many cells a side, to keep the upper bound trainable on CPU
+# Full tokens are pooled to at most FULL_GRID cells a side and projected on the training tokens' first FULL_DIMS
+# principal components, to keep the upper bound trainable on a CPU.
+FULL_GRID, FULL_DIMS = 8, 128
 # variant -> (representation, reader)
 VARIANTS = {
     "token-dynamics": ("token-dynamics", "dynamics"),
@@ -61,7 +65,7 @@ VARIANTS = {
     "uniform-pool": ("uniform-pool", "slots"),
     "tome": ("tome", "slots"),
     "frame-pool": ("frame-pool", "slots"),
-    "full-tokens": ("full-tokens", "slots"),
+    "full-tokens": ("full-tokens", "frame-grid"),
 }
 
 
@@ -142,7 +146,7 @@ def tokenize_split(manifest: Path, tokenizer: VideoTokenizer, args) -> dict:
             reps[name].append(bench_motion.BASELINES[name](tokens, args.k)[0])
         grid = tuple(min(side, FULL_GRID) for side in tokens.shape[1:3])
         full = F.adaptive_avg_pool2d(tokens.permute(0, 3, 1, 2), grid).permute(0, 2, 3, 1)
-        reps["full-tokens"].append(full.reshape(-1, full.shape[-1]))
+        reps["full-tokens"].append(full.reshape(-1, full.shape[-1]))  # frame by frame, row by row
         if count % 50 == 0:
             print(f"  {manifest.stem}: {count}/{len(rows)} clips", flush=True)
     split = {"video_ids": [row["video_id"] for row in rows], "maps": torch.stack(maps), "frame_indices": frame_indices,
@@ -152,6 +156,20 @@ def tokenize_split(manifest: Path, tokenizer: VideoTokenizer, args) -> dict:
     for name, tokens in reps.items():
         split[name] = padded(tokens, max(len(t) for t in tokens))
     return split
+
+
+def project_full_tokens(splits: dict[str, dict]) -> None:
+    """Full tokens of every split -> their first FULL_DIMS principal components on the training split (in place)."""
+    tokens, mask = splits["train"]["full-tokens"]
+    if tokens.shape[-1] <= FULL_DIMS:
+        return
+    rows = tokens[mask].float()
+    sample = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))[:20000]]
+    mean = sample.mean(0)
+    _, _, components = torch.pca_lowrank(sample - mean, q=FULL_DIMS, center=False, niter=4)
+    for split in splits.values():
+        tokens, mask = split["full-tokens"]
+        split["full-tokens"] = (((tokens.float() - mean) @ components).half() * mask[..., None], mask)
 
 
 def tokenize(workdir: Path, args) -> dict[str, dict]:
@@ -189,11 +207,14 @@ def probe_data(split: dict, representation: str, kind: str) -> ProbeData:
     return ProbeData(tokens, mask, split["labels"], split["maps"] if kind in READS_MAP else None)
 
 
-def new_reader(kind: str, data: ProbeData, k: int) -> torch.nn.Module:
+def new_reader(kind: str, data: ProbeData, split: dict, k: int) -> torch.nn.Module:
     classes = {name: len(values) for name, values in ATTRIBUTES.items()}
     dim, length = data.tokens.shape[-1], data.tokens.shape[1]
     if kind == "trajectory":
         return TrajectoryReader(k, classes)
+    if kind == "frame-grid":
+        cells = math.prod(min(side, FULL_GRID) for side in split["grid"])
+        return FrameGridReader(dim, classes, frames=length // cells, cells=cells)
     options = {"dynamics": {"dynamics": 16}, "frames-only": {"dynamics": 0}, "set": {},
                "slots": {"positions": length}}[kind]
     return ProbeReader(dim, classes, **options)
@@ -208,7 +229,7 @@ def run_probe(splits: dict[str, dict], args) -> dict:
         correct = {name: [] for name in ATTRIBUTES}
         for seed in range(args.seeds):
             torch.manual_seed(seed)
-            reader = new_reader(kind, train, args.k)
+            reader = new_reader(kind, train, splits["train"], args.k)
             predicted = train_probe(reader, train, heldout, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                     seed=seed)
             for name in ATTRIBUTES:
@@ -256,6 +277,7 @@ def run(args: argparse.Namespace) -> dict:
     else:
         splits = tokenize(workdir, args)
         torch.save(splits, tokens_file)
+    project_full_tokens(splits)
     train, heldout = (splits[split] for split in bench_motion.SPLITS)
     timing = {name: train["timing"][name] + heldout["timing"][name] for name in train["timing"]}
     timing["clips"] = len(train["video_ids"]) + len(heldout["video_ids"])

@@ -46,12 +46,17 @@ def test_captions_name_one_value_of_each_attribute():
 def test_a_small_benchmark_run_lowers_the_held_out_loss(tmp_path, ray_local, tiny_llm_dir, capsys):
     script = load_script()
     args = script.parse_args(["--workdir", str(tmp_path), "--clips", "10", "--heldout", "0.3", "--clip-frames", "8",
-                              "--clip-size", "64", "--frames", "4", "--k", "4", "--steps", "12", "--batch-size", "4",
+                              "--clip-size", "64", "--frames", "4", "--k", "4", "--steps", "12", "--eval-every", "5", "--batch-size", "4",
                               "--llm", str(tiny_llm_dir), "--llm-train", "full", "--raw-steps", "0",
                               "--variants", "token-dynamics,frame-pool", "--video-width", "16", "--video-heads", "2"])
     results = script.run(args)
     scores = results["variants"]["token-dynamics"]
     assert scores["heldout_loss"] < scores["untrained"]["heldout_loss"]
+    # The curve: training resumed from its checkpoint at steps 5 and 10, to 12; the last point is the final model.
+    assert [step for step, _ in scores["heldout_curve"]] == [5, 10, 12]
+    assert scores["heldout_curve"][-1][1] == pytest.approx(scores["heldout_loss"])
+    low, high = scores["direction_interval"]
+    assert low <= scores["direction_acc"] <= high
     assert set(results["variants"]) == {"token-dynamics", "frame-pool"}
     for variant in results["variants"].values():
         assert all(0 <= variant[f"{name}_acc"] <= 1 for name in ("direction", "colour", "shape"))

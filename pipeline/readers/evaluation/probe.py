@@ -5,7 +5,10 @@ whose ids index the tokens. `ProbeReader` is the same for all: LayerNorm + linea
 map is given) tokendyn.CrossDynamicsAttention, (for ordered tokens) a learned position per slot, a 2-layer
 transformer, attention pooling and one linear head per attribute. `TrajectoryReader` is the plain reader of a map
 alone: an MLP over each cluster's resampled track (tokendyn.attention.resample_tracks), max-pooled over clusters;
-it is the yardstick of how much of the map a reader gets.
+it is the yardstick of how much of the map a reader gets. `FrameGridReader` reads every encoder token (the upper
+bound): per frame, its cells (with learned cell positions) pooled by attention into a few tokens, then the same
+reader as above over those tokens of all frames (with learned positions); a transformer over all T*H*W tokens at
+once costs seconds a step on a CPU.
 
 `train_probe` trains one reader on one seed and returns its held-out predictions; `accuracy_interval` turns the
 predictions of several seeds into a mean and a 95 % bootstrap interval over the held-out videos.
@@ -70,6 +73,32 @@ class ProbeReader(nn.Module):
         h = self.encoder(h, src_key_padding_mask=~mask)
         pooled = self.pool(self.query.expand(h.shape[0], -1, -1), h, h, key_padding_mask=~mask)[0][:, 0]
         return {name: head(pooled) for name, head in self.heads.items()}
+
+
+class FrameGridReader(nn.Module):
+    """Every token of a video: tokens [B, T * cells, D] (frame by frame), mask, dynamics (unused) -> logits.
+
+    Each frame's `cells` tokens, with learned cell positions, are pooled by attention (learned queries) into
+    `per_frame` tokens; the T * per_frame tokens then go through a ProbeReader with learned slot positions.
+    """
+
+    def __init__(self, dim: int, classes: dict[str, int], *, frames: int, cells: int, per_frame: int = 4,
+                 width: int = 64, heads: int = 4):
+        super().__init__()
+        self.cells, self.per_frame = cells, per_frame
+        self.input = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, width))
+        self.cell_positions = nn.Parameter(torch.randn(cells, width) * 0.02)
+        self.queries = nn.Parameter(torch.randn(1, per_frame, width) * 0.02)
+        self.pool = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.reader = ProbeReader(width, classes, width=width, heads=heads, positions=frames * per_frame)
+
+    def forward(self, tokens: Tensor, mask: Tensor, dynamics: Tensor | None) -> dict[str, Tensor]:
+        B = tokens.shape[0]
+        h = self.input(tokens).reshape(-1, self.cells, self.queries.shape[-1]) + self.cell_positions
+        frames = self.pool(self.queries.expand(h.shape[0], -1, -1), h, h)[0]  # [B * T, per_frame, width]
+        frames = frames.reshape(B, -1, frames.shape[-1])
+        frame_mask = mask.reshape(B, -1, self.cells).any(-1).repeat_interleave(self.per_frame, 1)
+        return self.reader(frames, frame_mask, None)
 
 
 class TrajectoryReader(nn.Module):
