@@ -124,8 +124,9 @@ def tokenize_split(manifest: Path, tokenizer: VideoTokenizer, args) -> dict:
     """Every clip of a manifest -> each representation's tokens, the maps, labels, frame indices and timings."""
     with open(manifest, newline="") as file:
         rows = list(csv.DictReader(file))
-    reps: dict[str, list] = {name: [] for name in ("token-dynamics", "uniform-pool", "tome", "frame-pool",
-                                                     "full-tokens")}
+    # Token Dynamics always (the diagnosis reads its map); the others when a variant reads them.
+    wanted = {"token-dynamics"} | {VARIANTS[variant][0] for variant in args.variants} - {"map-only"}
+    reps: dict[str, list] = {name: [] for name in wanted}
     maps, frame_indices, timing = [], [], {"decode_s": 0.0, "encode_s": 0.0, "compress_s": 0.0, "frames": 0}
     for count, row in enumerate(rows, 1):
         # VideoTokenizer.tokenize step by step, to keep the encoder tokens for the baselines.
@@ -142,11 +143,12 @@ def tokenize_split(manifest: Path, tokenizer: VideoTokenizer, args) -> dict:
         reps["token-dynamics"].append(video.base.float().half().float())  # stored as float16
         maps.append(video.dynamics.short())
         frame_indices.append(list(clip.frame_indices))
-        for name in ("uniform-pool", "tome", "frame-pool"):
+        for name in wanted & set(bench_motion.BASELINES):
             reps[name].append(bench_motion.BASELINES[name](tokens, args.k)[0])
-        grid = tuple(min(side, FULL_GRID) for side in tokens.shape[1:3])
-        full = F.adaptive_avg_pool2d(tokens.permute(0, 3, 1, 2), grid).permute(0, 2, 3, 1)
-        reps["full-tokens"].append(full.reshape(-1, full.shape[-1]))  # frame by frame, row by row
+        if "full-tokens" in wanted:
+            grid = tuple(min(side, FULL_GRID) for side in tokens.shape[1:3])
+            full = F.adaptive_avg_pool2d(tokens.permute(0, 3, 1, 2), grid).permute(0, 2, 3, 1)
+            reps["full-tokens"].append(full.reshape(-1, full.shape[-1]))  # frame by frame, row by row
         if count % 50 == 0:
             print(f"  {manifest.stem}: {count}/{len(rows)} clips", flush=True)
     split = {"video_ids": [row["video_id"] for row in rows], "maps": torch.stack(maps), "frame_indices": frame_indices,
@@ -160,6 +162,8 @@ def tokenize_split(manifest: Path, tokenizer: VideoTokenizer, args) -> dict:
 
 def project_full_tokens(splits: dict[str, dict]) -> None:
     """Full tokens of every split -> their first FULL_DIMS principal components on the training split (in place)."""
+    if "full-tokens" not in splits["train"]:
+        return
     tokens, mask = splits["train"]["full-tokens"]
     if tokens.shape[-1] <= FULL_DIMS:
         return
@@ -274,6 +278,9 @@ def run(args: argparse.Namespace) -> dict:
     tokens_file = workdir / f"tokens-{args.encoder.replace('/', '_')}-{args.input_size or 'native'}.pt"
     if args.reuse_tokens and tokens_file.exists():
         splits = torch.load(tokens_file, weights_only=False)
+        missing = {VARIANTS[variant][0] for variant in args.variants} - {"map-only"} - set(splits["train"])
+        if missing:
+            raise SystemExit(f"error: {tokens_file} holds no {sorted(missing)} tokens; run without --reuse-tokens")
     else:
         splits = tokenize(workdir, args)
         torch.save(splits, tokens_file)
