@@ -6,6 +6,7 @@ Pure torch, no I/O; everything runs on the device of its inputs.
     CompressedVideo             base [K, D], dynamics [T, H, W], sizes [K]; decompress, pooled, storage form
     CrossDynamicsAttention      (base, dynamics) -> K motion-aware tokens for an LLM
     kmeans                      the spherical k-means behind it (fixed and adaptive K)
+    clustering                  its steps: seeding, Ward merging, choosing K, Lloyd, split/merge repair
     baselines, metrics          equal-budget baselines and fidelity measures for evaluation
 """
 

@@ -9,7 +9,8 @@ from sklearn.cluster import KMeans
 from threadpoolctl import threadpool_limits
 
 import tokendyn
-from tokendyn import CompressedVideo, compress, compress_batch, kmeans
+from tokendyn import CompressedVideo, compress, compress_batch
+from tokendyn.clustering import lloyd
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -386,7 +387,7 @@ def test_split_merge_moves_are_identical_in_a_batch_and_alone(bounded, monkeypat
     # video does not: videos that move and videos that stay share the batch. Lloyd with bounds (CPU, videos
     # large enough) refines only the videos that moved, row by row: forced here on small videos.
     if bounded:
-        monkeypatch.setattr(kmeans, "BOUNDED_LLOYD_MIN_WORK", 0)
+        monkeypatch.setattr(lloyd, "BOUNDED_LLOYD_MIN_WORK", 0)
     videos = [video_with_objects(objects=2, seed=seed)[0] for seed in range(3)]
     videos.insert(1, torch.randn(12, 10, 10, 32, generator=torch.Generator().manual_seed(0)))
     for k in (3, None):

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from sklearn.cluster import KMeans
 from threadpoolctl import threadpool_limits
 
-from tokendyn import kmeans
+from tokendyn.clustering import common, lloyd
+from tokendyn.clustering import ward as merging
 from tokendyn.kmeans import (
     adaptive_kmeans,
     adaptive_kmeans_batch,
@@ -218,7 +219,7 @@ def test_batch_is_identical_to_one_by_one():
 def test_chunked_similarity_gives_the_same_clustering(monkeypatch):
     x, truth = planted(10, 40, 24)
     whole = spherical_kmeans(x, 10)
-    monkeypatch.setattr(kmeans, "_CHUNK_ELEMENTS", 64)  # 256-row chunks over 400 rows
+    monkeypatch.setattr(common, "_CHUNK_ELEMENTS", 64)  # 256-row chunks over 400 rows
     chunked = spherical_kmeans(x, 10)
     assert torch.equal(whole.labels, chunked.labels)
 
@@ -231,16 +232,16 @@ def test_bounded_lloyd_gives_the_labels_of_the_full_one(monkeypatch, make, n, di
     valid = torch.ones(1, k, dtype=torch.bool)
     everyone = torch.ones(1, dtype=torch.bool)
     none = torch.zeros(1, n, dtype=torch.int64)
-    monkeypatch.setattr(kmeans, "BOUNDED_LLOYD_MIN_WORK", 1 << 62)
-    full = kmeans._lloyd(x, start, valid, 50, 1e-4, everyone, none)
-    monkeypatch.setattr(kmeans, "BOUNDED_LLOYD_MIN_WORK", 0)
-    bounded = kmeans._lloyd(x, start, valid, 50, 1e-4, everyone, none)
+    monkeypatch.setattr(lloyd, "BOUNDED_LLOYD_MIN_WORK", 1 << 62)
+    full = lloyd._lloyd(x, start, valid, 50, 1e-4, everyone, none)
+    monkeypatch.setattr(lloyd, "BOUNDED_LLOYD_MIN_WORK", 0)
+    bounded = lloyd._lloyd(x, start, valid, 50, 1e-4, everyone, none)
     assert torch.equal(full[0], bounded[0]) and torch.equal(full[2], bounded[2])
     torch.testing.assert_close(full[1], bounded[1], rtol=0, atol=1e-6)
 
 
 def test_bounded_lloyd_is_identical_in_a_batch_and_alone(monkeypatch):
-    monkeypatch.setattr(kmeans, "BOUNDED_LLOYD_MIN_WORK", 0)
+    monkeypatch.setattr(lloyd, "BOUNDED_LLOYD_MIN_WORK", 0)
     xs = torch.stack([token_like(300, 160, s) for s in range(3)])
     for single, batched in zip([spherical_kmeans(x, 12, seed=3) for x in xs], spherical_kmeans_batch(xs, 12, seed=3)):
         assert torch.equal(single.labels, batched.labels) and torch.equal(single.centroids, batched.centroids)
@@ -270,8 +271,8 @@ def test_ward_rounds_take_the_merges_of_one_pair_per_step(seed):
     # Merging all reciprocal nearest-neighbour pairs per round must give the greedy sequence, in its order.
     x = F.normalize(token_like(400, 24, seed), dim=-1)[None]
     labels = torch.randint(0, 48, (1, 400), generator=torch.Generator().manual_seed(seed))
-    means, sizes = kmeans._cluster_means(x, labels, 48)
-    pairs, costs, _ = kmeans._ward_merges(means, sizes, sizes > 0, 40)
+    means, sizes = common._cluster_means(x, labels, 48)
+    pairs, costs, _ = merging._ward_merges(means, sizes, sizes > 0, 40)
     assert [tuple(p) for p in pairs[0].tolist()] == naive_ward(means[0], sizes[0], 40)
     assert bool((costs[0, 1:] >= costs[0, :-1] * (1 - 1e-9)).all())  # the greedy costs never decrease
 
@@ -279,9 +280,9 @@ def test_ward_rounds_take_the_merges_of_one_pair_per_step(seed):
 def test_ward_merges_without_cosine_losses_take_the_same_merges():
     x = F.normalize(blobs(300, 12, 5), dim=-1)[None]
     labels = torch.randint(0, 20, (1, 300), generator=torch.Generator().manual_seed(0))
-    means, sizes = kmeans._cluster_means(x, labels, 20)
-    with_cos = kmeans._ward_merges(means, sizes, sizes > 0, 17)
-    without = kmeans._ward_merges(means, sizes, sizes > 0, 17, cosine=False)
+    means, sizes = common._cluster_means(x, labels, 20)
+    with_cos = merging._ward_merges(means, sizes, sizes > 0, 17)
+    without = merging._ward_merges(means, sizes, sizes > 0, 17, cosine=False)
     assert torch.equal(with_cos[0], without[0]) and torch.equal(with_cos[1], without[1]) and without[2] is None
 
 
@@ -300,7 +301,7 @@ def test_empty_clusters_are_refilled():
     labels = torch.zeros(1, 53, dtype=torch.int64)
     sim = torch.rand(1, 53)
     valid = torch.ones(1, 3, dtype=torch.bool)
-    filled = kmeans._fill_empty(labels, lambda: sim, valid)
+    filled = lloyd._fill_empty(labels, lambda: sim, valid)
     assert torch.bincount(filled[0], minlength=3).min() >= 1
     # The rows moved are the least similar ones.
     moved = (filled[0] != 0).nonzero()[:, 0]
@@ -349,27 +350,27 @@ def test_cuda_matches_cpu_partition():
 def test_ward_merge_costs_are_the_exact_distortion_increases():
     x = F.normalize(blobs(300, 12, 5), dim=-1)[None]
     labels = torch.randint(0, 20, (1, 300), generator=torch.Generator().manual_seed(0))
-    means, sizes = kmeans._cluster_means(x, labels, 20)
+    means, sizes = common._cluster_means(x, labels, 20)
     valid = sizes > 0
     k_start = valid.sum(1)
-    pairs, costs, cos_losses = kmeans._ward_merges(means, sizes, valid, 17)
+    pairs, costs, cos_losses = merging._ward_merges(means, sizes, valid, 17)
     x_sq = (x * x).sum(-1).double().sum(1)
-    start = kmeans._distortion(x_sq, means, sizes)
-    start_cos = kmeans._mean_cosine(means, sizes, 300) * 300
+    start = common._distortion(x_sq, means, sizes)
+    start_cos = common._mean_cosine(means, sizes, 300) * 300
     for k in (19, 12, 3):
-        owner = kmeans._replay(pairs, k_start, torch.tensor([k]), 20)
+        owner = merging._replay(pairs, k_start, torch.tensor([k]), 20)
         merged = owner.gather(1, labels)
         assert merged.unique().numel() == k
-        direct = kmeans._distortion(x_sq, *kmeans._cluster_means(x, merged, 20))
+        direct = common._distortion(x_sq, *common._cluster_means(x, merged, 20))
         assert float(direct) == pytest.approx(float(start + costs[0, : 20 - k].sum()), rel=1e-6)
         # The cosine losses are the exact drops of the sum over rows of the cosine to their centroid.
-        centroids = kmeans._cluster_means(x, merged, 20)[0][0]
+        centroids = common._cluster_means(x, merged, 20)[0][0]
         direct_cos = (x[0] * F.normalize(centroids, dim=-1)[merged[0]]).sum()
         assert float(direct_cos) == pytest.approx(float(start_cos - cos_losses[0, : 20 - k].sum()), rel=1e-5)
         # Greedy: no other merge of the k + 1 clusters would have cost less than the one taken.
         if k < 19:
-            prev = kmeans._replay(pairs, k_start, torch.tensor([k + 1]), 20).gather(1, labels)
-            m, n = kmeans._cluster_means(x, prev, 20)
+            prev = merging._replay(pairs, k_start, torch.tensor([k + 1]), 20).gather(1, labels)
+            m, n = common._cluster_means(x, prev, 20)
             alive = n[0] > 0
             cm, nn_ = m[0][alive].double(), n[0][alive].double()
             ward = nn_[:, None] * nn_[None, :] / (nn_[:, None] + nn_[None, :]) * torch.cdist(cm, cm) ** 2
