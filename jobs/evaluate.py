@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.job.config import DEFAULT_ENCODER
+
 
 
 def parse_ks(text: str) -> tuple[int, ...]:
@@ -50,7 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--target-fidelity", type=float, default=0.9,
                         help="mean cosine of tokens to their base vector that adaptive K must reach (default 0.9)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--encoder", default="efficientnet-lite0",
+    parser.add_argument("--encoder", default=DEFAULT_ENCODER,
                         help="efficientnet-lite0, dinov2-small or a transformers vision tower (as the job's)")
     parser.add_argument("--input-size", type=int, default=None,
                         help="square side of the encoder's frames (default: the encoder's own)")

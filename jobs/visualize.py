@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.job.config import DEFAULT_ENCODER
+
 # Pixels per grid cell when frames are decoded again for a stored row: only the aspect ratio must match the
 # encoder's input (decode_video's centre crop), and 32 gives the usual 224 px for a 7x7 grid.
 PIXELS_PER_CELL = 32
@@ -52,7 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "(default fidelity)")
     parser.add_argument("--target-fidelity", type=float, default=0.9,
                         help="mean cosine of tokens to their base vector that adaptive K must reach (default 0.9)")
-    parser.add_argument("--encoder", default="efficientnet-lite0", help="encoder for a video file")
+    parser.add_argument("--encoder", default=DEFAULT_ENCODER, help="encoder for a video file")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--decoder", default="decord", choices=["decord", "pyav"])
     parser.add_argument("--s3-endpoint-url", help="S3-compatible endpoint for s3:// inputs and outputs")

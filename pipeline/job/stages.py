@@ -75,7 +75,7 @@ def check_extra_columns(extra_fields: list[pa.Field]) -> None:
     clashes = sorted(f.name for f in extra_fields if f.name in taken)
     if clashes:
         raise ValueError(f"manifest column(s) {clashes} have the name of an output column; rename them in the "
-                         "manifest (the output's columns are listed in the README)")
+                         "manifest (the output's columns are listed in docs/output.md)")
 
 
 def _device_for(config: JobConfig) -> str:

@@ -8,6 +8,10 @@ the S3 endpoint, a decode timeout and (search, training) another decoder.
 
 The Ray stages call the steps separately (decode in the decode actors, encode and compress of a batch in the
 encoder actors); everything else calls `tokenize` for one whole video.
+
+Readers (pipeline.readers) reach the job only through this module. Besides VideoTokenizer it gives them
+`DecodeError` (what decoding a video that cannot be read raises), `list_videos` (the videos under an input: a
+folder, an S3 prefix or a manifest) and `load_encoder` (an encoder by name, as VideoTokenizer loads it).
 """
 
 from __future__ import annotations
@@ -19,10 +23,13 @@ import numpy as np
 import torch
 
 import tokendyn
-from pipeline.job.config import compress_kwargs, decode_kwargs
-from pipeline.job.decode import DecodedClip, VideoSource, decode_video
+from pipeline.job.decode import DecodedClip, DecodeError, VideoSource, decode_video
 from pipeline.job.encoders import Encoder, encoder_input_size, load_encoder
+from pipeline.job.sources import list_videos
 from pipeline.job.watchdog import TimeLimitedRunner
+from pipeline.store.contract_fields import compress_kwargs, decode_kwargs
+
+__all__ = ["VideoTokenizer", "DecodeError", "list_videos", "load_encoder"]
 
 if TYPE_CHECKING:
     from pipeline.store.contract import OutputContract

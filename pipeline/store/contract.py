@@ -20,21 +20,26 @@ otherwise they are refused with the reason.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import pyarrow as pa
 
-from pipeline.job.config import JobConfig, compress_kwargs, decode_kwargs
+from pipeline.store.contract_fields import CONTRACT_DEFAULTS, compress_kwargs, decode_kwargs, settings_with_defaults
 from pipeline.store.schema import SCHEMA_VERSION, SchemaVersionError
 from pipeline.store.storage import OutputStore
 
 _BASE_DTYPES = {pa.float16(): "float16", pa.float32(): "float32"}
 HOW_TO_PROCEED = ("Write to another --output, or re-run with --rebuild to delete what this output holds and start "
                   "it over with this run's settings.")
+
+
+class RunSettings(Protocol):
+    """What the store needs of a run's configuration (pipeline.job.config.JobConfig)."""
+
+    def output_settings(self) -> dict[str, Any]: ...
 
 
 class ContractError(ValueError):
@@ -157,7 +162,7 @@ def read_contract(store: OutputStore) -> OutputContract | None:
     return adopt_legacy(store)
 
 
-def check_run(store: OutputStore, config: JobConfig) -> OutputContract | None:
+def check_run(store: OutputStore, config: RunSettings) -> OutputContract | None:
     """The output's contract after checking that `config` agrees with it; SettingsMismatch naming each difference
     otherwise. Reads only: a refused run leaves the output as it was."""
     contract = read_contract(store)
@@ -170,7 +175,7 @@ def check_run(store: OutputStore, config: JobConfig) -> OutputContract | None:
     return contract
 
 
-def contract_of_rows(config: JobConfig, videos: pa.Table) -> OutputContract:
+def contract_of_rows(config: RunSettings, videos: pa.Table) -> OutputContract:
     """The contract of an output whose first rows are `videos`, made with `config`."""
     first = videos.slice(0, 1).select(["encoder", "encoder_layer", "dim"]).to_pylist()[0]
     return OutputContract(settings=config.output_settings(), encoder=first["encoder"], layer=first["encoder_layer"],
@@ -215,10 +220,10 @@ def adopt_legacy(store: OutputStore) -> OutputContract | None:
     if len(base_dtypes) != 1:
         raise refuse(f"its Parquet files hold several base types {sorted(base_dtypes)}")
 
-    contract_fields = {f.name for f in dataclasses.fields(JobConfig) if f.metadata["contract"]}
-    # Before k_rule was recorded, adaptive K always used the elbow rule.
-    values = {"k_rule": "elbow", **{name: config[name] for name in contract_fields if name in config}}
-    settings = JobConfig(**values).output_settings()
+    # Before k_rule was recorded, adaptive K always used the elbow rule; other settings run.json lacks have their
+    # defaults.
+    values = {"k_rule": "elbow", **{name: config[name] for name in CONTRACT_DEFAULTS if name in config}}
+    settings = settings_with_defaults(**values)
     encoder, layer, dim = encoders.pop()
     contract = OutputContract(settings=settings, encoder=encoder, layer=layer, dim=dim, adopted=True)
 

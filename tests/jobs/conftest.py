@@ -20,7 +20,7 @@ from pipeline.job.config import JobConfig
 from pipeline.job.run import RunSummary, run_job
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-TEST_FLAGS = ["--frames", "8", "--k", "8", "--batch-size", "2", "--neighbours", "0"]
+TEST_FLAGS = ["--encoder", "efficientnet-lite0", "--frames", "8", "--k", "8", "--batch-size", "2", "--neighbours", "0"]
 
 
 @pytest.fixture(scope="session")

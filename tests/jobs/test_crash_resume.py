@@ -37,7 +37,8 @@ from pipeline.store.storage import OutputStore
 REPO = Path(__file__).resolve().parents[2]
 ENTRY = REPO / "jobs" / "compress_corpus.py"
 # One video per batch and per file, so commits happen often and a kill lands between them.
-FLAGS = ["--frames", "4", "--k", "4", "--batch-size", "1", "--rows-per-file", "1", "--neighbours", "0"]
+FLAGS = ["--encoder", "efficientnet-lite0", "--frames", "4", "--k", "4", "--batch-size", "1", "--rows-per-file", "1",
+         "--neighbours", "0"]
 VIDEOS = 8  # per driver-kill run
 ACTOR_KILL_VIDEOS = 12  # enough batches queued that the encoder is mid-batch when it is killed
 START_TIMEOUT_S = 240

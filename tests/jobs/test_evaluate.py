@@ -33,8 +33,8 @@ def evaluation_on_sample_clips(evaluate_job, tmp_path_factory):
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         code = evaluate_job.main(["--frames", str(FRAMES), "--segments", str(SEGMENTS), "--ks",
-                                  ",".join(map(str, KS)), "--k-max", "16", "--threads", "1", "--output-dir", str(output),
-                                  "--quiet"])
+                                  ",".join(map(str, KS)), "--k-max", "16", "--threads", "1", "--encoder",
+                                  "efficientnet-lite0", "--output-dir", str(output), "--quiet"])
     assert code == 0
     return output, printed.getvalue(), json.loads((output / "evaluation.json").read_text())
 

@@ -33,7 +33,8 @@ from job_scripts import load_job_script
 
 REPO = Path(__file__).resolve().parents[2]
 DECODE_TIMEOUT_S = 10
-FLAGS = ["--frames", "8", "--k", "8", "--batch-size", "2", "--neighbours", "0", "--rows-per-file", "4"]
+FLAGS = ["--encoder", "efficientnet-lite0", "--frames", "8", "--k", "8", "--batch-size", "2", "--neighbours", "0",
+         "--rows-per-file", "4"]
 MAX_ERROR_RATE = 0.25
 HANGING_URI = "s3://stalled-bucket/hang.mp4"
 

@@ -115,7 +115,7 @@ def test_visualize_a_stored_video(visualize, sample_clip_paths, tmp_path):
     from pipeline.store.storage import OutputStore
 
     uri = str(sample_clip_paths["carphone_pristine"])
-    encoder = load_encoder()
+    encoder = load_encoder("efficientnet-lite0")
     clip = decode_video(uri, num_frames=5, size=encoder.input_size)
     video = tokendyn.compress(encoder.encode(clip.frames), k=6)
     row = {"video_id": "carphone-1", "uri": uri, **video_row(

@@ -44,11 +44,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pipeline.job.tokenizer import VideoTokenizer
+from pipeline.job.tokenizer import DecodeError, VideoTokenizer, list_videos
 from pipeline.readers.evaluation.alterations import ALTERATIONS, SegmentFrames, split_clip
 from pipeline.readers.evaluation.config import EvaluationConfig
 from pipeline.readers.evaluation.methods import FULL, Compressor, fidelity, method_label, methods_to_run, stored_bytes
 from pipeline.readers.evaluation.retrieval import retrieval
+from pipeline.store.contract_fields import settings_with_defaults
 
 
 @dataclass
@@ -96,8 +97,6 @@ class EvaluationReport:
 def list_clips(input: str) -> list[tuple[str, str]]:
     """(name, uri) of every video under `input` (a folder, a manifest or one file); names are file stems, made
     unique with the parent folder when two files share a stem."""
-    from pipeline.job.sources import list_videos
-
     uris = sorted(row["uri"] for row in list_videos(input))
     if not uris:
         raise FileNotFoundError(f"no video files under {input}")
@@ -111,10 +110,8 @@ def list_clips(input: str) -> list[tuple[str, str]]:
 def clip_tokenizer(config: EvaluationConfig, encoder) -> VideoTokenizer:
     """Decodes a whole clip (2 * frames * segments frames, split into segments afterwards) and encodes as the job
     does; the methods compress."""
-    from pipeline.job.config import JobConfig
-
-    settings = JobConfig(input="clips", encoder=encoder.name, decoder=config.decoder,
-                         frames=2 * config.frames * config.segments, seed=config.seed).output_settings()
+    settings = settings_with_defaults(encoder=encoder.name, decoder=config.decoder,
+                                      frames=2 * config.frames * config.segments, seed=config.seed)
     return VideoTokenizer(settings, encoder=encoder)
 
 
@@ -174,8 +171,6 @@ def torch_threads(count: int):
 def evaluate_clips(clips: list[tuple[str, str]], encoder, config: EvaluationConfig,
                    log: Callable[[str], None] = lambda message: None) -> EvaluationReport:
     """The whole evaluation over (name, uri) clips with a loaded encoder (see the module docstring)."""
-    from pipeline.job.decode import DecodeError
-
     seconds: dict[str, float] = {}
     started = time.perf_counter()
     tokenizer = clip_tokenizer(config, encoder)

@@ -208,7 +208,7 @@ class VideoSearch:
 
     def _encoder(self, recorded: OutputContract, layer: int | None, device: str):
         """The table's encoder at the table's layer; a requested layer must resolve to the recorded one."""
-        from pipeline.job.encoders import load_encoder
+        from pipeline.job.tokenizer import load_encoder
 
         if recorded.layer is None and layer is not None:
             _check_requested(recorded, {"layer": layer}, self.store.root)

@@ -38,3 +38,19 @@ def test_bad_arguments_exit_with_usage_error(argv, capsys):
         JobConfig.from_args(argv)
     assert exit_info.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_the_contract_fields_are_the_stores_with_its_defaults():
+    """The store tells an output's settings without the job (pipeline.store.contract_fields): JobConfig's contract
+    fields are exactly its fields, in its order (the order of a settings dict), with its defaults."""
+    from pipeline.job.packaged_dinov2 import PACKAGED_DINOV2
+    from pipeline.store.contract_fields import CONTRACT_DEFAULTS, DEFAULT_ENCODER, settings_with_defaults
+
+    contract = [f for f in dataclasses.fields(JobConfig) if f.metadata["contract"]]
+    assert [f.name for f in contract] == list(CONTRACT_DEFAULTS)
+    assert {f.name: f.default for f in contract} == CONTRACT_DEFAULTS
+    assert DEFAULT_ENCODER == PACKAGED_DINOV2 == JobConfig().encoder
+    for values in ({}, {"k": 0, "k_rule": "elbow"}, {"fps": 2.0, "input_size": 448}, {"k": None, "frames": 4}):
+        assert list(settings_with_defaults(**values).items()) == list(JobConfig(**values).output_settings().items())
+    with pytest.raises(TypeError, match="workers"):
+        settings_with_defaults(workers=2)

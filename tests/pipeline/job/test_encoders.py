@@ -18,7 +18,7 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 @pytest.fixture(scope="module")
 def efficientnet():
-    return load_encoder()
+    return load_encoder("efficientnet-lite0")
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +168,7 @@ def test_tiny_dinov2_drops_cls_and_register_tokens(tmp_path, tiny_dinov2_dir, ti
 
 
 def test_input_size_is_known_without_loading_weights(tiny_siglip_dir, tiny_clip_dir, tmp_path):
-    assert encoder_input_size() == (224, 224)
+    assert encoder_input_size() == encoder_input_size("efficientnet-lite0") == (224, 224)
     assert encoder_input_size(str(tiny_siglip_dir)) == (64, 64)
     # The crop size wins over the resize target when the processor crops.
     from transformers import CLIPImageProcessorPil
@@ -223,7 +223,7 @@ def test_cuda_encoders_run_in_half_precision_and_match_cpu(name, tiny_siglip_dir
 
 
 def test_efficientnet_at_448_gives_a_14_by_14_grid_of_the_same_features(efficientnet, sample_clip_paths):
-    wide = load_encoder(input_size=448)
+    wide = load_encoder("efficientnet-lite0", input_size=448)
     assert (wide.input_size, wide.grid) == ((448, 448), (14, 14))
     assert encoder_input_size(input_size=448) == (448, 448)
     frames = decode_video(sample_clip_paths["bikes"], num_frames=1, size=(448, 448)).frames
@@ -244,7 +244,7 @@ def test_efficientnet_at_448_gives_a_14_by_14_grid_of_the_same_features(efficien
 @pytest.mark.parametrize("size", [100, 0, 16])
 def test_an_input_size_off_the_stride_is_refused(size):
     with pytest.raises(ValueError, match="multiple"):
-        load_encoder(input_size=size)
+        load_encoder("efficientnet-lite0", input_size=size)
 
 
 @pytest.mark.parametrize("fixture", ["tiny_siglip_dir", "tiny_clip_dir", "tiny_dinov2_dir"])

@@ -12,8 +12,9 @@ from lancedb.index import IvfSq
 
 import tokendyn
 from pipeline.store.schema import (SchemaVersionError, compressed_video_from_row, now_utc, video_row, video_schema)
-from pipeline.store.storage import (OutputLocked, OutputStore, _hashes_held, _id_hashes, _merge_hashes,
-                                    _trained_partitions, _unindexed_fragments)
+from pipeline.store.done_ids import _hashes_held, _id_hashes, _merge_hashes
+from pipeline.store.lance_table import _trained_partitions, _unindexed_fragments
+from pipeline.store.storage import OutputLocked, OutputStore
 
 DIM = 16
 
@@ -337,7 +338,7 @@ def test_commits_find_ids_through_a_video_id_index(tmp_path):
 
 
 def test_fragments_are_compacted_as_they_pile_up(tmp_path, monkeypatch):
-    monkeypatch.setattr("pipeline.store.storage.COMPACT_AT_NEW_FRAGMENTS", 4)
+    monkeypatch.setattr("pipeline.store.lance_table.COMPACT_AT_NEW_FRAGMENTS", 4)
     store = OutputStore(str(tmp_path / "out"))
     for i in range(13):
         store.write_videos(video_table([f"v{i}"], seed=i))
@@ -350,8 +351,8 @@ def test_fragments_are_compacted_as_they_pile_up(tmp_path, monkeypatch):
 
 def test_compaction_leaves_full_fragments_alone(tmp_path, monkeypatch):
     """No compaction rewrites a fragment that reached the target size, so its cost does not grow with the table."""
-    monkeypatch.setattr("pipeline.store.storage.COMPACT_AT_NEW_FRAGMENTS", 4)
-    monkeypatch.setattr("pipeline.store.storage.COMPACTED_FRAGMENT_ROWS", 8)
+    monkeypatch.setattr("pipeline.store.lance_table.COMPACT_AT_NEW_FRAGMENTS", 4)
+    monkeypatch.setattr("pipeline.store.lance_table.COMPACTED_FRAGMENT_ROWS", 8)
     store = OutputStore(str(tmp_path / "out"))
     full: dict[int, int] = {}  # fragment id -> rows, for every fragment that reached the target
     for i in range(40):
@@ -364,7 +365,7 @@ def test_compaction_leaves_full_fragments_alone(tmp_path, monkeypatch):
 
 
 def test_vector_index_is_trained_once_then_extended_until_the_table_outgrows_it(tmp_path, monkeypatch):
-    monkeypatch.setattr("pipeline.store.storage.MAX_ROWS_PER_PARTITION", 10)  # from 100 rows on: rows / 10
+    monkeypatch.setattr("pipeline.store.lance_table.MAX_ROWS_PER_PARTITION", 10)  # from 100 rows on: rows / 10
     store = OutputStore(str(tmp_path / "out"))
     store.write_videos(video_table([f"v{i}" for i in range(40)]))
     assert store.build_vector_index(min_rows=20)
@@ -414,7 +415,7 @@ def test_resume_after_a_clean_run_reads_no_parquet(tmp_path, monkeypatch):
 
 
 def test_done_ids_among_a_listing_agrees_with_parquet(tmp_path, monkeypatch):
-    monkeypatch.setattr("pipeline.store.storage.ID_LOOKUP_CHUNK", 3)
+    monkeypatch.setattr("pipeline.store.done_ids.ID_LOOKUP_CHUNK", 3)
     store = OutputStore(str(tmp_path / "out"))
     held = [f"v{i}" for i in range(30)] + ["it's", 'say "hi"']
     store.write_videos(video_table(held))
@@ -498,7 +499,7 @@ def test_a_resume_looks_its_listing_up_in_the_id_digest(output_root, monkeypatch
 def test_the_id_digest_agrees_with_parquet_through_deletes_replacements_and_crashes(tmp_path, monkeypatch):
     """Random runs of commits, replacements, removals, compactions and crashes (one cutting a compaction short
     before the digest is written): after each, a resumed run's listing lookup equals what Parquet holds."""
-    monkeypatch.setattr("pipeline.store.storage.COMPACT_AT_NEW_FRAGMENTS", 3)
+    monkeypatch.setattr("pipeline.store.lance_table.COMPACT_AT_NEW_FRAGMENTS", 3)
     root = str(tmp_path / "out")
     rng = np.random.default_rng(0)
     store, written, used_digest, crashes = OutputStore(root), 0, 0, 0
@@ -554,9 +555,9 @@ def test_a_run_ends_with_an_id_digest_even_with_nothing_to_compact(tmp_path, mon
 
 
 def test_new_rows_join_the_vector_index_as_deltas_once_enough_wait(tmp_path, monkeypatch):
-    monkeypatch.setattr("pipeline.store.storage.COMPACT_AT_NEW_FRAGMENTS", 2)
-    monkeypatch.setattr("pipeline.store.storage.COMPACTED_FRAGMENT_ROWS", 16)
-    monkeypatch.setattr("pipeline.store.storage.VECTOR_DELTA_ROWS_PER_PARTITION", 2)
+    monkeypatch.setattr("pipeline.store.lance_table.COMPACT_AT_NEW_FRAGMENTS", 2)
+    monkeypatch.setattr("pipeline.store.lance_table.COMPACTED_FRAGMENT_ROWS", 16)
+    monkeypatch.setattr("pipeline.store.lance_table.VECTOR_DELTA_ROWS_PER_PARTITION", 2)
     store = OutputStore(str(tmp_path / "out"))
     store.write_videos(video_table([f"v{i}" for i in range(40)]))
     assert store.build_vector_index(min_rows=20)
