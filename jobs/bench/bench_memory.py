@@ -12,8 +12,8 @@ and the peak of each is printed per size. Ray Data streams batches with backpres
 as they arrive, so the peaks must agree within --tolerance (15%) between the smallest and the largest corpus;
 the exit status is 1 when they do not.
 
-    python jobs/bench_memory.py                          # 1,000 and 4,000 videos
-    python jobs/bench_memory.py --videos 40 160 --one-process --encoder DIR   # the small version the tests run
+    python jobs/bench/bench_memory.py                          # 1,000 and 4,000 videos
+    python jobs/bench/bench_memory.py --videos 40 160 --one-process --encoder DIR   # the small version the tests run
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""jobs/bench_probe.py: a small run on real generated clips and the real encoder prints the diagnosis and the probe
-table, writes its results, and trains again on the kept tokens."""
+"""jobs/bench/bench_probe.py: a small run on real generated clips and the real encoder prints the diagnosis and the
+probe table, writes its results, and trains again on the kept tokens."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_a_small_probe_run_prints_its_tables_and_reuses_its_tokens(tmp_path, capsys):
-    script = load_job_script("bench_probe")
+    script = load_job_script("bench/bench_probe")
     flags = ["--workdir", str(tmp_path), "--clips", "12", "--heldout", "0.5", "--clip-frames", "8", "--clip-size",
              "64", "--frames", "4", "--k", "4", "--steps", "3", "--seeds", "2",
              "--variants", "token-dynamics,map-trajectory-mlp,uniform-pool,full-tokens"]
@@ -38,7 +38,7 @@ def test_a_small_probe_run_prints_its_tables_and_reuses_its_tokens(tmp_path, cap
 
 
 def test_unknown_variants_are_refused():
-    script = load_job_script("bench_probe")
+    script = load_job_script("bench/bench_probe")
     with pytest.raises(SystemExit):
         script.parse_args(["--variants", "token-dynamics,nope"])
     assert script.parse_args(["--variants", ""]).variants == []

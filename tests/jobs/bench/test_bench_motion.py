@@ -1,4 +1,4 @@
-"""jobs/bench_motion.py: the clips show what their captions say, and a small run of the whole benchmark (real job,
+"""jobs/bench/bench_motion.py: the clips show what their captions say, and a small run of the whole benchmark (real job,
 baselines, training, held-out evaluation) lowers the held-out loss and prints its table."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def load_script():
-    return load_job_script("bench_motion")
+    return load_job_script("bench/bench_motion")
 
 
 @pytest.mark.parametrize("direction", ["left", "right", "up", "down", "still"])

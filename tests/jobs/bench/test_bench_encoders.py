@@ -1,4 +1,4 @@
-"""jobs/bench_encoders.py: encoders side by side on the same clips, with the input size setting the grid."""
+"""jobs/bench/bench_encoders.py: encoders side by side on the same clips, with the input size setting the grid."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_encoders_side_by_side_on_the_same_clips(tmp_path, capsys):
-    script = load_job_script("bench_encoders")
+    script = load_job_script("bench/bench_encoders")
     rows = script.run(script.parse_args([
         "--workdir", str(tmp_path), "--clips", "4", "--frames", "3", "--k", "4", "--object-scales", "1,0.5",
         "--configs", "efficientnet-lite0@224,efficientnet-lite0@448"]))

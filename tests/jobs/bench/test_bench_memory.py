@@ -1,4 +1,4 @@
-"""The small version of jobs/bench_memory.py: peak memory does not grow with the number of videos.
+"""The small version of jobs/bench/bench_memory.py: peak memory does not grow with the number of videos.
 
 The benchmark proper compares 1,000 and 4,000 videos with the default encoder; here 40 and 160 videos go through a
 tiny transformers encoder (same code path, far less compute), which makes the check stricter, not looser: the
@@ -15,13 +15,14 @@ from pathlib import Path
 
 from pipeline.job.run import MIN_OBJECT_STORE_BUDGET
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def test_peak_memory_is_the_same_for_40_and_160_videos(tmp_path, tiny_siglip_dir):
     results = tmp_path / "bench.json"
-    command = [sys.executable, str(REPO / "jobs" / "bench_memory.py"), "--videos", "40", "160", "--one-process",
-               "--encoder", str(tiny_siglip_dir), "--json", str(results), "--workdir", str(tmp_path / "work")]
+    command = [sys.executable, str(REPO / "jobs" / "bench" / "bench_memory.py"), "--videos", "40", "160",
+               "--one-process", "--encoder", str(tiny_siglip_dir), "--json", str(results),
+               "--workdir", str(tmp_path / "work")]
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "HF_HUB_OFFLINE": "1"}
     env.pop("RAY_ADDRESS", None)
     run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=540)

@@ -1,5 +1,5 @@
-"""The small version of jobs/bench_storage.py: committing a file, compactions included, costs the same in a 10k- and a
-40k-row output."""
+"""The small version of jobs/bench/bench_storage.py: committing a file, compactions included, costs the same in a
+10k- and a 40k-row output."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 
 from job_scripts import load_job_script
 
-bench = load_job_script("bench_storage")
+bench = load_job_script("bench/bench_storage")
 
 
 def test_help_describes_every_flag(capsys):

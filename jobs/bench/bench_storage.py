@@ -14,15 +14,15 @@ index, finish_run). Then, as the next run would:
     fragments         LanceDB fragments after the commits: those awaiting compaction (what a scan or an id lookup
                       pays for per row), all of them, and the mean rows per fragment
 
-Synthetic rows come from jobs/bench_search.py (topic-clustered pooled vectors, --base-k base vectors each; columns
+Synthetic rows come from jobs/bench/bench_search.py (topic-clustered pooled vectors, --base-k base vectors each; columns
 neither path reads are null). Sizes are filled first, then measured round by round (each round times every size
 once, so load from other processes hits all sizes alike) and printed side by side with the ratio of the largest to
 the smallest. With --workdir and --reuse-fills, a fill made by an earlier run is measured again (on a hard-linked
 copy) instead of being made again.
 
-    python jobs/bench_storage.py                             # 10k, 100k and 1M rows, dim 256
-    python jobs/bench_storage.py --sizes 10000 40000 --commits 12 --queries 20
-    python jobs/bench_storage.py --workdir /data/bench --reuse-fills   # fill once, measure many times
+    python jobs/bench/bench_storage.py                             # 10k, 100k and 1M rows, dim 256
+    python jobs/bench/bench_storage.py --sizes 10000 40000 --commits 12 --queries 20
+    python jobs/bench/bench_storage.py --workdir /data/bench --reuse-fills   # fill once, measure many times
 
 Exit status 1 when a figure at the largest size exceeds --max-ratio times its value at the smallest
 (--max-search-ratio for search latency).

@@ -1,10 +1,10 @@
 """Motion probe: what do K tokens per video carry, and does one cluster of the dynamics map follow the object?
 
-    python jobs/bench_probe.py                                   # EfficientNet-Lite0 at 224, 500 clips, 3 seeds
-    python jobs/bench_probe.py --encoder dinov2-small            # the packaged DINOv2-S/14, 16 x 16 cells a frame
-    python jobs/bench_probe.py --encoder dinov2-small --object-scale 0.5 --variants token-dynamics
+    python jobs/bench/bench_probe.py                                   # EfficientNet-Lite0 at 224, 500 clips, 3 seeds
+    python jobs/bench/bench_probe.py --encoder dinov2-small            # the packaged DINOv2-S/14, 16 x 16 cells a frame
+    python jobs/bench/bench_probe.py --encoder dinov2-small --object-scale 0.5 --variants token-dynamics
 
-1. Clips from the motion benchmark's generator (jobs/bench_motion.py: a coloured shape moves one of four ways or
+1. Clips from the motion benchmark's generator (jobs/bench/bench_motion.py: a coloured shape moves one of four ways or
    stays still over a textured background), with each object's track.
 2. Every clip through the job's own decode -> encode -> compress (pipeline.job.tokenizer.VideoTokenizer with the
    settings the job records for --encoder, --input-size, --frames, --k), and the baselines at the same budget from
@@ -44,7 +44,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import bench_motion  # noqa: E402  (jobs/, next to this script)
+import bench_motion  # noqa: E402  (next to this script)
 from pipeline.job.config import JobConfig  # noqa: E402
 from pipeline.job.tokenizer import VideoTokenizer  # noqa: E402
 from pipeline.readers.evaluation import tracking  # noqa: E402
