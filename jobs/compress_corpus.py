@@ -16,6 +16,7 @@ import logging
 import sys
 
 from pipeline.job.config import JobConfig
+from pipeline.job.console import driver_log_path, native_stderr_to
 from pipeline.job.run import RunSummary, run_job
 from pipeline.readers.search import nearest_to_video
 from pipeline.store.schema import SchemaVersionError
@@ -49,8 +50,15 @@ def print_neighbours(config: JobConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     config = JobConfig.from_args(argv, description=__doc__)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if config.verbose:
+        return run(config)
+    with native_stderr_to(driver_log_path()):  # Ray's core worker logs to fd 2 (see pipeline.job.console)
+        return run(config)
 
+
+def run(config: JobConfig) -> int:
+    logging.basicConfig(level=logging.INFO if config.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s")
     try:
         summary = run_job(config)
     except (FileNotFoundError, ValueError, OutputLocked, SchemaVersionError) as error:

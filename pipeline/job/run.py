@@ -23,8 +23,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
+from tqdm import tqdm
 
 from pipeline.job.config import JobConfig
+from pipeline.job.console import quiet_ray
 from pipeline.job.encoders import encoder_input_size
 from pipeline.job.errors import ERROR_COLUMNS
 from pipeline.job.sample_clips import write_sample_manifest
@@ -82,6 +84,7 @@ def init_ray(config: JobConfig) -> None:
     """Join the cluster under `ray job submit` (RAY_ADDRESS is set), else start a local Ray on loopback."""
     if ray.is_initialized():
         return
+    quiet_ray(config.verbose)
     with warnings.catch_warnings():
         # Ray starts its daemons by fork + exec. LanceDB and Lance, already loaded to read the output, warn that
         # their runtimes are not fork-safe; the exec discards the child's copy unused.
@@ -246,10 +249,12 @@ def _run_locked(config: JobConfig, store: OutputStore, listing: Listing, summary
         init_ray(config)  # only now: a refused or finished run never starts a cluster
         committer = Committer(store, config, summary, contract)
         dataset = build_dataset(todo, config, listing.extra_fields)
-        for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-            committer.add(batch)
-            if on_batch is not None:
-                on_batch(batch.num_rows)
+        with tqdm(total=len(todo), unit="video", desc="videos", dynamic_ncols=True, mininterval=1.0) as progress:
+            for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+                committer.add(batch)
+                progress.update(batch.num_rows)
+                if on_batch is not None:
+                    on_batch(batch.num_rows)
         committer.flush()
         store.build_vector_index()
     store.finish_run()

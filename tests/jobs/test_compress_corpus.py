@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +113,36 @@ def test_help_documents_every_flag():
         assert flag in result.stdout
 
 
+def test_the_job_prints_a_progress_bar_the_summary_and_what_went_wrong_and_nothing_else(
+        tmp_path, make_synthetic_clip, corrupt_video_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    shutil.copy(make_synthetic_clip("tiny", num_frames=4, size=(32, 32)), corpus / "good.mp4")
+    shutil.copy(corrupt_video_path, corpus / "bad.mp4")
+    temp = Path(tempfile.mkdtemp(prefix="tdq-", dir="/tmp"))  # short: Ray's socket paths live under it
+    env = {**os.environ, "RAY_TMPDIR": str(temp), "TMPDIR": str(temp), "HF_HUB_OFFLINE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    try:
+        result = subprocess.run(
+            [sys.executable, str(REPO / "jobs" / "compress_corpus.py"), "--input", str(corpus), "--output",
+             str(tmp_path / "out"), "--encoder", "efficientnet-lite0", "--frames", "2", "--k", "2",
+             "--neighbours", "0"], env=env, capture_output=True, text=True, timeout=300)
+        driver_logs = list(temp.glob("tokendyn-driver-*.log"))
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.lstrip().startswith("run ") and "1 ok, 1 failed" in result.stdout
+    lines = [line for line in result.stderr.replace("\r", "\n").splitlines() if line.strip()]
+    bars = [line for line in lines if line.startswith("videos:")]
+    assert bars and "2/2" in bars[-1]
+    # Everything else comes from the decode worker that met the bad video (Ray prefixes its lines).
+    others = [line for line in lines if not line.startswith("videos:")]
+    assert others and all("(MapWorker(Map(DecodeStage))" in line for line in others), others
+    assert any("failed in decode" in line for line in others)
+    # Ray's native driver log went to a file, not to the terminal.
+    assert driver_logs
+
+
 def test_ray_job_submit_against_a_local_head(tmp_path, job_input_dir, free_port):
     """infra/ray_head.sh starts a loopback head; `ray job submit` runs the job on it; the head is stopped."""
     corpus = tmp_path / "corpus"
@@ -130,7 +161,8 @@ def test_ray_job_submit_against_a_local_head(tmp_path, job_input_dir, free_port)
         submit = subprocess.run(
             [env["RAY"], "job", "submit", "--address", f"http://127.0.0.1:{ports['RAY_DASHBOARD_PORT']}",
              "--working-dir", str(REPO), "--", "python", "jobs/compress_corpus.py", "--input", str(corpus),
-             "--output", str(output), "--frames", "4", "--k", "4", "--neighbours", "0"],
+             "--output", str(output), "--encoder", "efficientnet-lite0", "--frames", "4", "--k", "4",
+             "--neighbours", "0"],
             env=env, capture_output=True, text=True, timeout=400)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
         assert "1 ok, 0 failed" in submit.stdout
