@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(PY) jobs/compress_corpus.py --sample-clips --output output
+	@$(PY) jobs/compress_corpus.py --sample-clips --output output
 
 test: $(STAMP)
 	$(PY) -m pytest -q

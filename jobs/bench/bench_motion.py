@@ -4,7 +4,10 @@
 
 1. Generate captioned synthetic clips with PyAV: a red / green / blue / yellow circle, square or triangle moves
    left, right, up or down, or stays still, over a random textured background ("a red circle moves left").
-   The combinations are dealt round-robin, so every split holds every value of every attribute.
+   The combinations are dealt round-robin, so every split holds every value of every attribute. Harder suites
+   (--suite): `turn`, the object first moves another way and turns or stops halfway ("a red circle moves up, then
+   left"), the second way asked; `pan`, the camera pans while the object moves or stays in the scene ("a red circle
+   stays still as the camera pans up"), the way in the scene asked.
 2. Compress them with the real job (pipeline.job.run.run_job: default encoder, --frames, K = --k) into a cache of
    train and held-out clips.
 3. Build the baselines at the same number of LLM tokens per video from the same encoder tokens of the same
@@ -61,6 +64,12 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (40, 80, 230), 
 SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0), "still": (0, 0)}
 ATTRIBUTES = {"direction": tuple(DIRECTIONS), "colour": tuple(COLOURS), "shape": SHAPES}
+# basic: one object, one direction. The harder suites keep the same attributes but break any reader of where the
+# object is on average or of its first-to-last displacement: in `turn` the object first moves another way and turns
+# (or stops) halfway, and the direction asked is the second one; in `pan` the camera pans while the object moves
+# (or stays) in the scene, and the direction asked is the object's in the scene, not on the screen.
+SUITES = ("basic", "turn", "pan")
+MOVING = ("left", "right", "up", "down")
 BASELINES = {"uniform-pool": uniform_pool, "tome": tome_merge, "frame-pool": frame_pool}
 # variant -> (cache, train_from_cache flags)
 VARIANTS = {"token-dynamics": ("token-dynamics", []), "token-base": ("token-dynamics", ["--no-dynamics"]),
@@ -76,6 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--heldout", type=float, default=0.2, help="Fraction of the clips held out.")
     parser.add_argument("--clip-frames", type=int, default=32, help="Frames per generated clip.")
     parser.add_argument("--clip-size", type=int, default=96, help="Width and height of the generated clips.")
+    parser.add_argument("--suite", default="basic", choices=SUITES,
+                        help="basic: one move; turn: a move, then another (or a stop) halfway, the second asked; "
+                             "pan: the camera pans while the object moves in the scene.")
     parser.add_argument("--object-scale", type=float, default=1.0,
                         help="Size of the moving object against the default (radius 12-17%% of the clip).")
     parser.add_argument("--frames", type=int, default=16, help="Frames the job samples per clip.")
@@ -110,8 +122,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # 1. captioned synthetic clips
 
 
-def caption_of(colour: str, shape: str, direction: str) -> str:
-    return f"a {colour} {shape} " + ("stays still" if direction == "still" else f"moves {direction}")
+def caption_of(colour: str, shape: str, direction: str, *, first: str | None = None, pan: str | None = None) -> str:
+    """"a red circle moves left"; with `first` (turn suite) "a red circle moves up, then left" / "..., then stops";
+    with `pan` (pan suite) "a red circle moves left as the camera pans up"."""
+    if first is not None:
+        return f"a {colour} {shape} moves {first}, then " + ("stops" if direction == "still" else direction)
+    caption = f"a {colour} {shape} " + ("stays still" if direction == "still" else f"moves {direction}")
+    return caption if pan is None else f"{caption} as the camera pans {pan}"
 
 
 def shape_mask(shape: str, size: int, radius: float, cy: float, cx: float) -> np.ndarray:
@@ -135,10 +152,12 @@ def textured_background(size: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def object_centre(track: dict, frame: int) -> tuple[float, float]:
-    """(y, x) in pixels of the object of a clip written by `write_clip` (its returned track) in source frame `frame`."""
+    """(y, x) in pixels of the object of a clip written by `write_clip` (its returned track) in source frame `frame`:
+    on the screen, between the track's waypoints [progress, y, x] (progress 0 at the first frame, 1 at the last)."""
     progress = frame / max(track["frames"] - 1, 1)
-    dy, dx = DIRECTIONS[track["direction"]]
-    return (track["start"][0] + dy * track["travel"] * progress, track["start"][1] + dx * track["travel"] * progress)
+    waypoints = np.array(track["waypoints"])
+    return (float(np.interp(progress, waypoints[:, 0], waypoints[:, 1])),
+            float(np.interp(progress, waypoints[:, 0], waypoints[:, 2])))
 
 
 def object_mask(track: dict, frame: int) -> np.ndarray:
@@ -146,12 +165,8 @@ def object_mask(track: dict, frame: int) -> np.ndarray:
     return shape_mask(track["shape"], track["size"], track["radius"], *object_centre(track, frame))
 
 
-def write_clip(path: Path, colour: str, shape: str, direction: str, *, frames: int, size: int,
-               rng: np.random.Generator, object_scale: float = 1.0) -> dict:
-    """Write the clip; returns its track (shape, size, frames, radius, start, travel, direction) for
-    `object_mask` / `object_centre`. object_scale: the object's size against the benchmark's own."""
-    background = textured_background(size, rng)
-    radius = size * rng.uniform(0.12, 0.17) * object_scale
+def straight_path(direction: str, size: int, radius: float, rng: np.random.Generator) -> list[list[float]]:
+    """Waypoints [progress, y, x] of one straight move (or none) that stays inside the frame."""
     dy, dx = DIRECTIONS[direction]
     travel = size * rng.uniform(0.35, 0.5)  # distance covered over the clip
     margin = radius + 2
@@ -161,15 +176,57 @@ def write_clip(path: Path, colour: str, shape: str, direction: str, *, frames: i
             start[axis] = rng.uniform(margin, size - margin - travel)
         elif step < 0:
             start[axis] = rng.uniform(margin + travel, size - margin)
+    return [[0.0, start[0], start[1]], [1.0, start[0] + dy * travel, start[1] + dx * travel]]
+
+
+def screen_path(legs: list[tuple[float, str, float]], camera: tuple[float, float], size: int, radius: float,
+                rng: np.random.Generator) -> list[list[float]]:
+    """Waypoints [progress, y, x] on the screen of an object that makes `legs` (until progress, direction, distance)
+    in the scene while the camera moves by `camera` (dy, dx) over the clip; the start is drawn so that the whole
+    path stays inside the frame (centred where it cannot)."""
+    offsets, position, progress = [(0.0, 0.0, 0.0)], np.zeros(2), 0.0
+    for until, direction, distance in legs:
+        position = position + np.array(DIRECTIONS[direction]) * distance
+        progress = until
+        offsets.append((progress, *(position - np.array(camera) * progress)))
+    offsets = np.array(offsets)
+    margin = radius + 2
+    low, high = margin - offsets[:, 1:].min(0), size - margin - offsets[:, 1:].max(0)
+    start = np.where(low <= high, rng.uniform(np.minimum(low, high), np.maximum(low, high)), (low + high) / 2)
+    return [[float(p), float(start[0] + y), float(start[1] + x)] for p, y, x in offsets]
+
+
+def write_clip(path: Path, colour: str, shape: str, direction: str, *, frames: int, size: int,
+               rng: np.random.Generator, object_scale: float = 1.0, first: str | None = None,
+               pan: str | None = None) -> dict:
+    """Write the clip; returns its track (shape, size, frames, radius, waypoints on the screen, camera) for
+    `object_mask` / `object_centre`. object_scale: the object's size against the benchmark's own. first (turn suite):
+    the object moves this way for the first half, then `direction`. pan (pan suite): the camera pans this way
+    while the object moves `direction` in the scene."""
+    background = textured_background(size, rng)  # drawn first in every suite: a seed's basic clips stay the same
+    radius = size * rng.uniform(0.12, 0.17) * object_scale
+    camera = (0.0, 0.0)
+    if first is not None:
+        travel = size * rng.uniform(0.35, 0.5)
+        waypoints = screen_path([(0.5, first, travel / 2), (1.0, direction, travel / 2)], camera, size, radius, rng)
+    elif pan is not None:
+        camera = tuple(float(step * size * rng.uniform(0.15, 0.25)) for step in DIRECTIONS[pan])
+        background = textured_background(size + int(np.ceil(np.abs(camera).max())) + 1, rng)  # the scene
+        waypoints = screen_path([(1.0, direction, size * rng.uniform(0.25, 0.35))], camera, size, radius, rng)
+    else:
+        waypoints = straight_path(direction, size, radius, rng)
     track = {"shape": shape, "size": size, "frames": frames, "radius": float(radius), "direction": direction,
-             "start": [float(start[0]), float(start[1])], "travel": float(travel)}
+             "waypoints": waypoints, "camera": list(camera)}
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream("libx264", rate=16)
         stream.width = stream.height = size
         stream.pix_fmt = "yuv420p"
         stream.options = {"crf": "18", "preset": "veryfast"}
         for t in range(frames):
-            frame = background.copy()
+            progress = t / max(frames - 1, 1)
+            # The view into the scene: it starts where the camera's move keeps it inside the background.
+            top, left = (round(max(0.0, -step) + step * progress) for step in camera)
+            frame = background[top: top + size, left: left + size].copy()
             frame[object_mask(track, t)] = COLOURS[colour]
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())
@@ -187,10 +244,16 @@ def generate_clips(folder: Path, args) -> dict[str, Path]:
         colour, shape, direction = combos[order[index % len(combos)]]
         path = folder / "clips" / f"clip-{index:04d}.mp4"
         path.parent.mkdir(parents=True, exist_ok=True)
+        motion = {}
+        if args.suite == "turn":  # any other way first, so that where it went first never names the answer
+            motion["first"] = str(rng.choice([d for d in MOVING if d != direction]))
+        elif args.suite == "pan":
+            motion["pan"] = str(rng.choice(MOVING))
         tracks[f"clip-{index:04d}"] = write_clip(path, colour, shape, direction, frames=args.clip_frames,
                                                  size=args.clip_size, rng=rng,
-                                                 object_scale=args.object_scale)
-        rows.append({"video_id": f"clip-{index:04d}", "uri": str(path), "caption": caption_of(colour, shape, direction),
+                                                 object_scale=args.object_scale, **motion)
+        rows.append({"video_id": f"clip-{index:04d}", "uri": str(path),
+                     "caption": caption_of(colour, shape, direction, **motion),
                      "colour": colour, "shape": shape, "direction": direction})
     heldout = max(1, round(args.clips * args.heldout))
     held = set(rng.permutation(args.clips)[:heldout].tolist())
@@ -247,12 +310,16 @@ def write_baseline_caches(job_cache: Path, outputs: dict[str, Path], args) -> No
 
 def attribute_values(caption: str) -> dict[str, str | None]:
     """The value of each attribute a caption names (None when it names none or several)."""
-    words = caption.lower().replace(",", " ").replace(".", " ").split()
+    words = caption.lower().split(" as the camera")[0].replace(",", " ").replace(".", " ").split()
     found = {}
     for attribute, values in ATTRIBUTES.items():
         named = [value for value in values if value in words]
-        if attribute == "direction" and not named and "stays" in words:
-            named = ["still"]
+        if attribute == "direction":
+            if "then" in words:  # the turn suite asks where the object went second
+                after = words[words.index("then") + 1:]
+                named = ["still"] if after[:1] == ["stops"] else [value for value in values if value in after[:1]]
+            elif not named and "stays" in words:
+                named = ["still"]
         found[attribute] = named[0] if len(named) == 1 else None
     return found
 

@@ -3,9 +3,10 @@
     python jobs/bench/bench_probe.py                                   # EfficientNet-Lite0 at 224, 500 clips, 3 seeds
     python jobs/bench/bench_probe.py --encoder dinov2-small            # the packaged DINOv2-S/14, 16 x 16 cells a frame
     python jobs/bench/bench_probe.py --encoder dinov2-small --object-scale 0.5 --variants token-dynamics
+    python jobs/bench/bench_probe.py --encoder dinov2-small --suite turn   # turns and stops halfway (or --suite pan)
 
 1. Clips from the motion benchmark's generator (jobs/bench/bench_motion.py: a coloured shape moves one of four ways or
-   stays still over a textured background), with each object's track.
+   stays still over a textured background; --suite turn / pan for the harder suites), with each object's track.
 2. Every clip through the job's own decode -> encode -> compress (pipeline.job.tokenizer.VideoTokenizer with the
    settings the job records for --encoder, --input-size, --frames, --k), and the baselines at the same budget from
    the same encoder tokens. The tokens are kept in --workdir (--reuse-tokens trains again on them).
@@ -76,6 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--heldout", type=float, default=0.4, help="Fraction of the clips held out.")
     parser.add_argument("--clip-frames", type=int, default=32, help="Frames per generated clip.")
     parser.add_argument("--clip-size", type=int, default=96, help="Width and height of the generated clips.")
+    parser.add_argument("--suite", default="basic", choices=bench_motion.SUITES,
+                        help="Clips of the motion benchmark's suite (see bench_motion.py --help).")
     parser.add_argument("--object-scale", type=float, default=1.0, help="Object size against the generator's own.")
     parser.add_argument("--frames", type=int, default=16, help="Frames the job samples per clip.")
     parser.add_argument("--k", type=int, default=16, help="Token-base size, and every baseline's token budget.")

@@ -165,7 +165,11 @@ class VideoPrefixLM(nn.Module):
         self.video_dim, self.video_heads, self.use_dynamics = video_dim, video_heads, use_dynamics
         self.video_width = video_width or video_dim
         self.llm_name = llm_name
-        self.narrow = nn.Identity() if self.video_width == video_dim else nn.Linear(video_dim, self.video_width)
+        # Stored bases are unit vectors: a plain linear map of them is ~0.2 in norm at width 128, and the cross-dynamics
+        # attention's residual branches (order 1) would drown what each token shows (at initialisation two unrelated
+        # bases with one map came out at cosine 0.999). The LayerNorm puts the content on their scale.
+        self.narrow = nn.Sequential(nn.LayerNorm(video_dim), nn.Identity() if self.video_width == video_dim
+                                    else nn.Linear(video_dim, self.video_width))
         self.dynamics_attention = (tokendyn.CrossDynamicsAttention(self.video_width, num_heads=video_heads)
                                    if use_dynamics else None)
         hidden = lm.config.hidden_size

@@ -4,6 +4,7 @@ baselines, training, held-out evaluation) lowers the held-out loss and prints it
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import av
 import numpy as np
@@ -34,6 +35,56 @@ def test_a_generated_clip_moves_its_object_the_way_its_caption_says(tmp_path, di
     shift = centre(frames[-1]) - centre(frames[0])
     expected = np.array(script.DIRECTIONS[direction]) * 48 * 0.35
     assert np.all(np.abs(shift - expected) < 48 * 0.16), (direction, shift)
+
+
+def red_centres(path: Path) -> np.ndarray:
+    """[T, 2] (y, x) of the red pixels in each frame (the background is greyish, never this saturated)."""
+    with av.open(str(path)) as container:
+        frames = [frame.to_ndarray(format="rgb24").astype(int) for frame in container.decode(video=0)]
+    return np.array([np.argwhere((f[..., 0] > 170) & (f[..., 1] < 100) & (f[..., 2] < 100)).mean(0) for f in frames])
+
+
+@pytest.mark.parametrize("first, then", [("left", "up"), ("down", "right"), ("right", "still")])
+def test_a_turn_clip_moves_one_way_then_the_other_as_its_track_says(tmp_path, first, then):
+    script = load_script()
+    track = script.write_clip(tmp_path / "clip.mp4", "red", "circle", then, frames=9, size=48,
+                              rng=np.random.default_rng(2), first=first)
+    centres = red_centres(tmp_path / "clip.mp4")
+    for (start, end), direction in (((0, 4), first), ((4, 8), then)):  # each half: travel 0.35-0.5 of 48, halved
+        expected = np.array(script.DIRECTIONS[direction]) * 48 * 0.21
+        assert np.all(np.abs(centres[end] - centres[start] - expected) < 48 * 0.08), (direction, centres)
+    assert np.abs(centres - [script.object_centre(track, t) for t in range(9)]).max() < 1.5
+
+
+@pytest.mark.parametrize("direction, pan", [("still", "right"), ("left", "left"), ("up", "right")])
+def test_a_pan_clip_moves_the_object_on_screen_by_its_motion_less_the_camera_s(tmp_path, direction, pan):
+    script = load_script()
+    track = script.write_clip(tmp_path / "clip.mp4", "red", "circle", direction, frames=8, size=48,
+                              rng=np.random.default_rng(3), pan=pan)
+    centres = red_centres(tmp_path / "clip.mp4")
+    camera = np.array(track["camera"])
+    assert np.allclose(np.abs(camera).max(), 48 * 0.2, atol=48 * 0.05)
+    scene = centres[-1] - centres[0] + camera  # where the object went in the scene
+    expected = np.array(script.DIRECTIONS[direction]) * 48 * 0.3
+    assert np.all(np.abs(scene - expected) < 48 * 0.07), (scene, expected)
+    assert np.abs(centres - [script.object_centre(track, t) for t in range(8)]).max() < 1.5
+    # The background moves against the camera too: the first frame's top-left block reappears shifted.
+    with av.open(str(tmp_path / "clip.mp4")) as container:
+        first, *_, last = [f.to_ndarray(format="rgb24").astype(int) for f in container.decode(video=0)]
+    shift = -np.round(camera).astype(int)
+    y0, x0 = max(0, -shift[0]), max(0, -shift[1])
+    block = first[y0 + 0: y0 + 8, x0: x0 + 8]
+    assert np.abs(last[y0 + shift[0]: y0 + shift[0] + 8, x0 + shift[1]: x0 + shift[1] + 8] - block).mean() < 12
+
+
+def test_captions_of_the_harder_suites_name_the_direction_asked():
+    script = load_script()
+    assert script.attribute_values(script.caption_of("red", "circle", "up", first="left")) == {
+        "direction": "up", "colour": "red", "shape": "circle"}
+    assert script.attribute_values(script.caption_of("red", "circle", "still", first="left"))["direction"] == "still"
+    assert script.attribute_values(script.caption_of("blue", "square", "down", pan="left")) == {
+        "direction": "down", "colour": "blue", "shape": "square"}
+    assert script.attribute_values(script.caption_of("blue", "square", "still", pan="up"))["direction"] == "still"
 
 
 def test_captions_name_one_value_of_each_attribute():

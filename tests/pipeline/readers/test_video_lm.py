@@ -135,6 +135,21 @@ def test_the_token_base_alone_ignores_the_dynamics_map(tiny_llm_dir):
     torch.testing.assert_close(losses(model, tokenizer, [one], ["a"]), losses(model, tokenizer, [other], ["a"]))
 
 
+def test_what_a_stored_base_shows_reaches_the_llm_through_the_untrained_reader(tiny_llm_dir):
+    # Unit-norm bases, as the job stores them, at the widths the motion benchmark uses: two unrelated bases with the
+    # same map must come out different before any training (they came out at cosine 0.999 without the input norm).
+    lm, _ = load_llm(str(tiny_llm_dir))
+    torch.manual_seed(0)
+    model = VideoPrefixLM(1280, lm, video_heads=8, video_width=128).eval()
+    generator = torch.Generator().manual_seed(0)
+    bases = torch.nn.functional.normalize(torch.randn(2, 4, 16, 1280, generator=generator), dim=-1)
+    dynamics = torch.randint(0, 16, (4, 16, 7, 7), generator=generator)
+    mask = torch.ones(4, 16, dtype=torch.bool)
+    with torch.no_grad():
+        one, other = (model.video_embeddings(base, dynamics, mask) for base in bases)
+    assert torch.nn.functional.cosine_similarity(one, other, dim=-1).mean() < 0.8
+
+
 # ---- the real pretrained LLM ------------------------------------------------------------------------------------
 
 
