@@ -17,8 +17,7 @@ from pipeline.store.storage import OutputStore
 
 HERE = Path(__file__).resolve().parent
 VIDEOS = 40
-JOB_FLAGS = ["--encoder", "efficientnet-lite0", "--frames", "4", "--k", "4", "--batch-size", "2",
-             "--rows-per-file", "2", "--neighbours", "0"]
+JOB_FLAGS = ["--frames", "4", "--k", "4", "--batch-size", "2", "--rows-per-file", "2", "--neighbours", "0"]
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"),
