@@ -37,13 +37,15 @@ from torch.utils.data import DataLoader  # noqa: E402
 from pipeline.job.decode import DECODERS, DecodeError  # noqa: E402
 from pipeline.job.tokenizer import VideoTokenizer  # noqa: E402
 from pipeline.readers.cache import (  # noqa: E402
-    HEAVY_COLUMNS, SOURCES, CachedTokenDataset, EmptyCacheError, MissingColumnError, collate_videos,
+    HEAVY_COLUMNS, SOURCES, CachedTokenDataset, EmptyCacheError, MissingColumnError, collate_videos, item_from_video,
 )
-from pipeline.readers.video_lm import DEFAULT_LLM, VideoPrefixLM, caption_batch, load_llm  # noqa: E402
+from pipeline.readers.checkpoint import (  # noqa: E402
+    check_tokens_match, checkpoint_paths, read_checkpoint, save_checkpoint, video_contract,
+)
+from pipeline.readers.qa import QuestionAnswerDataset  # noqa: E402
+from pipeline.readers.video_lm import DEFAULT_LLM, VideoPrefixLM, load_llm  # noqa: E402
 from pipeline.store.contract import ContractError  # noqa: E402
 from pipeline.store.schema import SchemaVersionError  # noqa: E402
-
-CHECKPOINT_GLOB = "checkpoint-*.pt"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,7 +53,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data = parser.add_argument_group("data")
     data.add_argument("--cache", required=True, help="The compression job's --output (local path or s3://...).")
     data.add_argument("--source", default="parquet", choices=SOURCES, help="Read the Parquet files or LanceDB.")
-    data.add_argument("--caption-column", default="caption", help="Manifest column holding the target text.")
+    data.add_argument("--caption-column", "--answer-column", default="caption",
+                      help="Manifest column holding the target text: the caption, or the answer to "
+                           "--question-column. A list column holds several per video (one is drawn per step).")
+    data.add_argument("--question-column", default=None,
+                      help="Manifest column holding the question each answer answers (a list column: one per "
+                           "answer). Without it every video is asked for its description.")
     data.add_argument("--s3-endpoint-url", default=None, help="Endpoint of an S3-compatible store.")
     data.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes.")
     data.add_argument("--drop-last", action="store_true",
@@ -102,16 +109,19 @@ def is_main_rank() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def captioned_videos(args: argparse.Namespace) -> CachedTokenDataset:
-    """This rank's share of the cached videos that have a caption (the others cannot be trained on)."""
+def captioned_videos(args: argparse.Namespace) -> QuestionAnswerDataset:
+    """This rank's share of the cached videos that have a caption or answer (the others cannot be trained on),
+    each item with its "question" (None: the caption question) and "answer"."""
     try:
-        return CachedTokenDataset(args.cache, source=args.source, s3_endpoint_url=args.s3_endpoint_url,
-                                  require_text=args.caption_column, drop_last=args.drop_last)
+        videos = CachedTokenDataset(args.cache, source=args.source, s3_endpoint_url=args.s3_endpoint_url,
+                                    require_text=args.caption_column, drop_last=args.drop_last)
+        return QuestionAnswerDataset(videos, args.caption_column, args.question_column)
     except MissingColumnError as error:
         raise SystemExit(f"error: {error}. Compress from a manifest with that column.") from error
 
 
-def batches_forever(videos: CachedTokenDataset, args: argparse.Namespace, first_step: int):
+
+def batches_forever(videos: QuestionAnswerDataset, args: argparse.Namespace, first_step: int):
     """Shuffled batches, epoch after epoch; the order depends on the seed, the rank and the step a run starts
     from. Every rank's shard has the same length, so every rank runs the same number of steps per epoch."""
     if len(videos) == 0:
@@ -127,10 +137,6 @@ def batches_forever(videos: CachedTokenDataset, args: argparse.Namespace, first_
 # model and checkpoints
 
 
-def checkpoint_paths(folder: Path) -> list[Path]:
-    return sorted(folder.glob(CHECKPOINT_GLOB))  # zero-padded step numbers sort in step order
-
-
 def new_model(args: argparse.Namespace, video_dim: int, lm) -> VideoPrefixLM:
     torch.manual_seed(args.seed)
     model = VideoPrefixLM(video_dim, lm, video_heads=args.video_heads, video_width=min(args.video_width, video_dim),
@@ -143,13 +149,17 @@ def new_optimizer(model: VideoPrefixLM, args) -> torch.optim.Optimizer:
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
 
 
-def build_or_resume(args, video_dim: int, llm=None) -> tuple[VideoPrefixLM, object, torch.optim.Optimizer, int]:
+def build_or_resume(args, videos: QuestionAnswerDataset, llm=None
+                    ) -> tuple[VideoPrefixLM, object, torch.optim.Optimizer, int]:
     """(model, tokenizer, optimizer, step to start from): the last checkpoint's, or a fresh model at step 0.
 
     llm: an already loaded (lm, tokenizer) for the LLM the run names (saves loading it again); else loaded here.
     """
+    video_dim = videos.dim
     checkpoints = checkpoint_paths(Path(args.checkpoint_dir))
-    state = torch.load(checkpoints[-1], map_location="cpu", weights_only=False) if checkpoints else None
+    state = read_checkpoint(checkpoints[-1]) if checkpoints else None
+    if state and videos.contract is not None:
+        check_tokens_match(video_contract(state, str(checkpoints[-1])), videos.contract, args.cache, checkpoints[-1])
     llm_name = state["architecture"]["llm"] if state else args.llm
     if state and llm_name != args.llm:
         print(f"resuming a run on the LLM {llm_name!r} (its checkpoint's), not --llm {args.llm!r}")
@@ -169,25 +179,14 @@ def build_or_resume(args, video_dim: int, llm=None) -> tuple[VideoPrefixLM, obje
     return model, tokenizer, optimizer, state["step"]
 
 
-def save_checkpoint(folder: Path, model: VideoPrefixLM, optimizer, step: int) -> Path:
-    """Only the trained weights and the LLM's name (in the architecture), written under a temporary name and
-    renamed, so the last checkpoint is always a complete one."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"checkpoint-{step:08d}.pt"
-    partial = path.with_suffix(".partial")
-    torch.save({"step": step, "architecture": model.architecture(), "model": model.trained_state(),
-                "optimizer": optimizer.state_dict()}, partial)
-    os.replace(partial, path)
-    return path
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # one training step (shared by the cache and the raw-video measurement)
 
 
 def train_step(model, optimizer, batch: dict, tokenizer, args) -> float:
     """One optimizer step; `model` may be the DDP wrapper (its forward all-reduces the gradients)."""
-    text = caption_batch(tokenizer, batch[args.caption_column], args.max_caption_tokens)
+    reader = model.module if isinstance(model, DistributedDataParallel) else model
+    text = reader.text_batch(tokenizer, batch["answer"], batch["question"], max_length=args.max_caption_tokens)
     inputs = {name: batch[name].to(args.device) for name in ("base", "dynamics", "base_mask")}
     output = model(**inputs, **{name: value.to(args.device) for name, value in text.items()})
     optimizer.zero_grad(set_to_none=True)
@@ -196,7 +195,7 @@ def train_step(model, optimizer, batch: dict, tokenizer, args) -> float:
     return output.loss.item()
 
 
-def train(args, model, optimizer, videos: CachedTokenDataset, tokenizer, start_step: int) -> dict:
+def train(args, model, optimizer, videos: QuestionAnswerDataset, tokenizer, start_step: int) -> dict:
     """Train from start_step to args.steps; returns the losses, the video ids of each step and the time spent
     getting batches vs training. Only rank 0 prints and writes checkpoints."""
     model.train()
@@ -216,7 +215,7 @@ def train(args, model, optimizer, videos: CachedTokenDataset, tokenizer, start_s
             print(f"step {step:5d}/{args.steps}  loss {losses[-1]:.4f}  "
                   f"({samples / (tokens_s + train_s):.1f} samples/s)", flush=True)
         if is_main_rank() and (step % args.save_every == 0 or step == args.steps):
-            save_checkpoint(Path(args.checkpoint_dir), model, optimizer, step)
+            save_checkpoint(Path(args.checkpoint_dir), model, optimizer, step, videos.contract)
     return {"losses": losses, "video_ids": video_ids,
             "cache": {"samples": samples, "tokens_s": tokens_s, "train_s": train_s}}
 
@@ -229,11 +228,10 @@ def tokens_from_raw_video(row: dict, video_tokenizer: VideoTokenizer) -> tuple[d
     """decode + encode + compress one video as the job did: (an item shaped like the cache's, time marks)."""
     marks: dict[str, float] = {}  # when each stage ended
     _, video = video_tokenizer.tokenize(row["uri"], marks)
-    item = {**row, "base": video.base.float(), "dynamics": video.dynamics.long(), "cluster_sizes": video.sizes}
-    return item, marks
+    return item_from_video(video, video_tokenizer.settings["base_dtype"], **row), marks
 
 
-def raw_throughput(args, model, original_optimizer, videos: CachedTokenDataset, tokenizer) -> dict:
+def raw_throughput(args, model, original_optimizer, videos: QuestionAnswerDataset, tokenizer) -> dict:
     """--raw-steps training steps whose tokens come from the raw videos: time getting batches vs training."""
     rows = videos.rows.drop_columns(list(HEAVY_COLUMNS)).to_pylist()
     settings = videos.settings()  # what the output's rows were made with (pipeline.store.contract)
@@ -253,7 +251,7 @@ def raw_throughput(args, model, original_optimizer, videos: CachedTokenDataset, 
         for row in chosen:
             before = time.perf_counter()
             item, marks = tokens_from_raw_video(row, video_tokenizer)
-            items.append(item)
+            items.append(videos.with_pair(item))
             timings["decode_s"] += marks["decode_s"] - before
             timings["encode_s"] += marks["encode_s"] - marks["decode_s"]
             timings["compress_s"] += marks["compress_s"] - marks["encode_s"]
@@ -314,7 +312,7 @@ def run(args: argparse.Namespace, llm=None) -> dict:
 
 def _run(args: argparse.Namespace, llm) -> dict:
     videos = captioned_videos(args)
-    model, tokenizer, optimizer, start_step = build_or_resume(args, videos.dim, llm)
+    model, tokenizer, optimizer, start_step = build_or_resume(args, videos, llm)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if is_main_rank():
         print(f"{len(videos)} captioned videos on this rank (rank {videos.rank} of {videos.world_size}), "

@@ -82,9 +82,14 @@ class RunSummary:
 
 def init_ray(config: JobConfig) -> None:
     """Join the cluster under `ray job submit` (RAY_ADDRESS is set), else start a local Ray on loopback."""
+    start_ray(num_cpus=config.num_cpus, verbose=config.verbose)
+
+
+def start_ray(*, num_cpus: int | None = None, verbose: bool = False) -> None:
+    """`init_ray` for any script: join RAY_ADDRESS's cluster, else a local Ray of num_cpus on loopback."""
     if ray.is_initialized():
         return
-    quiet_ray(config.verbose)
+    quiet_ray(verbose)
     with warnings.catch_warnings():
         # Ray starts its daemons by fork + exec. LanceDB and Lance, already loaded to read the output, warn that
         # their runtimes are not fork-safe; the exec discards the child's copy unused.
@@ -94,7 +99,7 @@ def init_ray(config: JobConfig) -> None:
             return
         # Local-only mode: GCS, raylet and dashboard bind 127.0.0.1 instead of the machine's external address.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        ray.init(address="local", num_cpus=config.num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
 
 
 def decoded_video_bytes(config: JobConfig, input_size: tuple[int, int]) -> int:

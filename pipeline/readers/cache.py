@@ -40,6 +40,7 @@ from torch.utils.data import Dataset
 from pipeline.store.contract import OutputContract, read_contract
 from pipeline.store.schema import SCHEMA_VERSION, SchemaVersionError, check_schema_version, compressed_video_from_row
 from pipeline.store.storage import OutputStore
+from tokendyn import CompressedVideo
 
 SOURCES = ("parquet", "lancedb")
 TENSOR_KEYS = ("base", "dynamics", "cluster_sizes")
@@ -120,11 +121,16 @@ def _index_columns(schema: pa.Schema, require_text: str | None) -> list[str]:
 
 
 def _usable(index: pa.Table, require_text: str | None) -> np.ndarray:
-    """Positions of the index rows to train on: all, or those whose `require_text` is a non-blank string."""
+    """Positions of the index rows to train on: all, or those whose `require_text` is a non-blank string (or, for a
+    list column such as several answers per video, a non-empty list)."""
     if require_text is None:
         return np.arange(index.num_rows)
-    text = pc.utf8_trim_whitespace(index.column(require_text))
-    return np.flatnonzero(pc.fill_null(pc.greater(pc.utf8_length(text), 0), False).to_numpy(zero_copy_only=False))
+    column = index.column(require_text)
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        present = pc.greater(pc.list_value_length(column), 0)
+    else:
+        present = pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(column)), 0)
+    return np.flatnonzero(pc.fill_null(present, False).to_numpy(zero_copy_only=False))
 
 
 def _parquet_dataset(store: OutputStore) -> pads.FileSystemDataset:
@@ -228,12 +234,20 @@ def _row_values(table: pa.Table, index: int) -> dict:
 
 def item_from_row(row: dict) -> dict:
     """A stored row (Python/numpy values) -> the training item: token tensors plus the light metadata."""
-    video = compressed_video_from_row(row)
-    item = {name: value for name, value in row.items() if name not in HEAVY_COLUMNS}
-    item["base"] = torch.as_tensor(video.base, dtype=torch.float32)
-    item["dynamics"] = torch.as_tensor(video.dynamics, dtype=torch.int64)
-    item["cluster_sizes"] = torch.as_tensor(video.sizes, dtype=torch.int64)
-    return item
+    return _item(compressed_video_from_row(row), {name: value for name, value in row.items()
+                                                  if name not in HEAVY_COLUMNS})
+
+
+def item_from_video(video: CompressedVideo, base_dtype: str, **metadata) -> dict:
+    """A video compressed just now -> the item the cache would hand out for it once stored with `base_dtype`
+    (the base goes through the same rounding), so fresh and cached tokens of one video are identical."""
+    return _item(CompressedVideo.from_storage(video.to_storage(base_dtype=base_dtype)), metadata)
+
+
+def _item(video: CompressedVideo, metadata: dict) -> dict:
+    return {**metadata, "base": torch.as_tensor(video.base, dtype=torch.float32),
+            "dynamics": torch.as_tensor(video.dynamics, dtype=torch.int64),
+            "cluster_sizes": torch.as_tensor(video.sizes, dtype=torch.int64)}
 
 
 class CachedTokenDataset(Dataset):
@@ -353,7 +367,7 @@ def ray_dataset(root: str, *, metadata_columns: Sequence[str] | None = None, s3_
             .map_batches(_items_from_arrow_batch, batch_format="pyarrow"))
 
 
-def _python_value(value):
+def python_value(value):
     return value.item() if isinstance(value, np.generic) else value
 
 
@@ -365,7 +379,7 @@ class CollateRayBatch(NumpyBatchCollateFn):
         items = []
         for index in range(len(batch[names[0]])):
             # numpy scalars back to Python values, so metadata looks the same as from CachedTokenDataset
-            item = {name: _python_value(batch[name][index]) for name in names}
+            item = {name: python_value(batch[name][index]) for name in names}
             for name in TENSOR_KEYS:
                 item[name] = torch.from_numpy(np.array(item[name]))  # a copy: Ray's buffers are read-only
             items.append(item)

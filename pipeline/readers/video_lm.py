@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib.metadata
 import inspect
 import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -96,45 +97,72 @@ def tiny_lm_config(vocab_size: int, *, hidden_size: int = 64, num_layers: int = 
 # text
 
 
-def prompt_ids(tokenizer) -> list[int]:
-    """Token ids between the video and the caption: the chat template's user turn + assistant header."""
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM},
-                                              {"role": "user", "content": PROMPT}],
-                                             add_generation_prompt=True, tokenize=False)
-    else:  # a bare LM without a template
-        text = PROMPT + "\n"
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a question becomes the text between the video tokens and the answer: the LM's chat template with this
+    system turn and the question as the user turn, then the assistant header. Checkpoints record it, so a model is
+    asked exactly as it was trained. caption_question is the question of a video that is only to be described."""
+
+    system: str = SYSTEM
+    caption_question: str = PROMPT
+
+    def ids(self, tokenizer, question: str | None = None) -> list[int]:
+        question = question or self.caption_question
+        if getattr(tokenizer, "chat_template", None):
+            turns = [{"role": "system", "content": self.system}] if self.system else []
+            text = tokenizer.apply_chat_template([*turns, {"role": "user", "content": question}],
+                                                 add_generation_prompt=True, tokenize=False)
+        else:  # a bare LM without a template
+            text = question + "\n"
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def caption_batch(tokenizer, captions: list[str], max_length: int) -> dict[str, torch.Tensor]:
-    """input_ids, attention_mask, labels [B, P + L]: the prompt, then each caption + end token (right-padded).
+def prompt_ids(tokenizer, question: str | None = None, prompt_format: PromptFormat = PromptFormat()) -> list[int]:
+    """Token ids between the video and the answer (default: the caption question)."""
+    return prompt_format.ids(tokenizer, question)
+
+
+def caption_batch(tokenizer, captions: list[str], max_length: int, *, questions: list[str | None] | None = None,
+                  prompt_format: PromptFormat = PromptFormat(), end: bool = True) -> dict[str, torch.Tensor]:
+    """input_ids, attention_mask, labels [B, P + L]: each row's prompt (its question, default the caption one),
+    then its caption or answer + the end token (right-padded).
 
     Only caption and end tokens are targets; captions are cut to max_length tokens before the end token.
+    end=False leaves the end token out (scoring an option as a continuation, not as a whole answer).
     """
     if any(not isinstance(caption, str) or not caption for caption in captions):
         raise ValueError(f"every caption must be a non-empty string, got {captions!r}")
-    prompt = prompt_ids(tokenizer)
-    texts = [tokenizer(caption, add_special_tokens=False)["input_ids"][:max_length] + [tokenizer.eos_token_id]
+    questions = questions or [None] * len(captions)
+    if len(questions) != len(captions):
+        raise ValueError(f"{len(questions)} questions for {len(captions)} answers")
+    prompts = [prompt_format.ids(tokenizer, question) for question in questions]
+    texts = [tokenizer(caption, add_special_tokens=False)["input_ids"][:max_length] + [tokenizer.eos_token_id] * end
              for caption in captions]
-    length = len(prompt) + max(len(text) for text in texts)
+    length = max(len(prompt) + len(text) for prompt, text in zip(prompts, texts))
     input_ids = torch.full((len(captions), length), tokenizer.pad_token_id, dtype=torch.long)
     labels = torch.full((len(captions), length), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros(len(captions), length, dtype=torch.long)
-    for row, text in enumerate(texts):
-        end = len(prompt) + len(text)
-        input_ids[row, :end] = torch.tensor(prompt + text)
-        labels[row, len(prompt):end] = torch.tensor(text)
-        attention_mask[row, :end] = 1
+    for row, (prompt, text) in enumerate(zip(prompts, texts)):
+        end_at = len(prompt) + len(text)
+        input_ids[row, :end_at] = torch.tensor(prompt + text)
+        labels[row, len(prompt):end_at] = torch.tensor(text)
+        attention_mask[row, :end_at] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def target_log_likelihoods(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, S, vocab], labels [B, S] (IGNORE_INDEX where no target) -> (sum of the targets' next-token
+    log-probabilities [B], number of targets [B])."""
+    targets = labels[:, 1:]
+    losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
+                             reduction="none")
+    return -losses.sum(1), (targets != IGNORE_INDEX).sum(1)
 
 
 def per_video_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """logits [B, S, vocab], labels [B, S] (IGNORE_INDEX where no target) -> mean next-token loss per row [B]."""
-    targets = labels[:, 1:]
-    losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
-                             reduction="none")
-    return losses.sum(1) / (targets != IGNORE_INDEX).sum(1).clamp_min(1)
+    total, count = target_log_likelihoods(logits, labels)
+    return -total / count.clamp_min(1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -157,14 +185,16 @@ class VideoPrefixLM(nn.Module):
     video_heads: heads of the cross-dynamics attention (must divide video_width). video_width: width the attention
     runs at (default: video_dim, no extra map). use_dynamics: False skips the cross-dynamics attention (the token
     base alone, or any baseline's tokens). llm_name: what `load_llm` loads it from, kept in checkpoints.
+    prompt_format: how questions are put to the LM (kept in checkpoints).
     """
 
     def __init__(self, video_dim: int, lm: PreTrainedModel, *, video_heads: int = 8, video_width: int | None = None,
-                 use_dynamics: bool = True, llm_name: str | None = None):
+                 use_dynamics: bool = True, llm_name: str | None = None,
+                 prompt_format: PromptFormat = PromptFormat()):
         super().__init__()
         self.video_dim, self.video_heads, self.use_dynamics = video_dim, video_heads, use_dynamics
         self.video_width = video_width or video_dim
-        self.llm_name = llm_name
+        self.llm_name, self.prompt_format = llm_name, prompt_format
         # Stored bases are unit vectors: a plain linear map of them is ~0.2 in norm at width 128, and the cross-dynamics
         # attention's residual branches (order 1) would drown what each token shows (at initialisation two unrelated
         # bases with one map came out at cosine 0.999). The LayerNorm puts the content on their scale.
@@ -230,17 +260,33 @@ class VideoPrefixLM(nn.Module):
         targets = inputs.pop("labels")
         return per_video_loss(self.lm(**inputs).logits, targets)
 
+    def text_batch(self, tokenizer, answers: list[str], questions: list[str | None] | None = None, *,
+                   max_length: int = 64, end: bool = True) -> dict[str, torch.Tensor]:
+        """`caption_batch` in this model's prompt format."""
+        return caption_batch(tokenizer, answers, max_length, questions=questions, prompt_format=self.prompt_format,
+                             end=end)
+
     @torch.no_grad()
-    def generate_captions(self, tokenizer, base, dynamics, base_mask, max_new_tokens: int = 16) -> list[str]:
-        """Greedy captions [B] for a batch of videos, from the prompt alone."""
-        prompt = torch.tensor(prompt_ids(tokenizer), device=base.device).expand(base.shape[0], -1)
-        inputs = self._inputs(base, dynamics, base_mask, prompt, torch.ones_like(prompt))
+    def generate_captions(self, tokenizer, base, dynamics, base_mask, max_new_tokens: int = 16,
+                          questions: list[str | None] | None = None) -> list[str]:
+        """Greedy answers [B] for a batch of videos, each to its question (default: the caption question)."""
+        questions = questions or [None] * base.shape[0]
+        prompts = [self.prompt_format.ids(tokenizer, question) for question in questions]
+        ids = torch.full((len(prompts), max(map(len, prompts))), tokenizer.pad_token_id, dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, :len(prompt)] = torch.tensor(prompt)
+        text_mask = (torch.arange(ids.shape[1]) < torch.tensor([len(p) for p in prompts])[:, None]).long()
+        inputs = self._inputs(base, dynamics, base_mask, ids.to(base.device), text_mask.to(base.device))
+        # Prompts of several lengths: left-pad the whole prefix, so that every row's last real token comes last.
+        embeds, mask = left_pad(inputs["inputs_embeds"], inputs["attention_mask"].bool())
+        mask = mask.long()
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         done = torch.zeros(base.shape[0], dtype=torch.bool, device=base.device)
         # transformers >= 5.24 names the KV cache `cache`, earlier 5.x `past_key_values`; it is updated in place
         cache_name = "cache" if "cache" in inspect.signature(self.lm.forward).parameters else "past_key_values"
         cache = DynamicCache(config=self.lm.config)
-        output = self.lm(**inputs, use_cache=True, **{cache_name: cache})
-        mask, positions = inputs["attention_mask"], inputs["position_ids"]
+        output = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,
+                         **{cache_name: cache})
         tokens = []
         for _ in range(max_new_tokens):
             next_token = output.logits[:, -1].argmax(-1)
@@ -259,11 +305,36 @@ class VideoPrefixLM(nn.Module):
             captions.append(tokenizer.decode(row, skip_special_tokens=True).strip())
         return captions
 
+    @torch.no_grad()
+    def option_log_likelihoods(self, tokenizer, base, dynamics, base_mask, questions: list[str],
+                               options: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each option's log-likelihood as the answer to its video's question (multiple choice, as NextQA-MC).
+
+        base [B, K, D], dynamics [B, T, H, W], base_mask [B, K]; questions [B]; options: B lists of answers.
+        Returns (sum of the option tokens' log-probabilities [B, J], their number [B, J]) with J the longest list;
+        missing options are -inf with 0 tokens. The end token is not scored: an option is a continuation.
+        """
+        counts = torch.tensor([len(choices) for choices in options], device=base.device)
+        video = torch.repeat_interleave(torch.arange(base.shape[0], device=base.device), counts)
+        flat_questions = [question for question, choices in zip(questions, options) for _ in choices]
+        text = self.text_batch(tokenizer, [option for choices in options for option in choices], flat_questions,
+                               max_length=10_000, end=False)
+        inputs = self._inputs(base[video], dynamics[video], base_mask[video],
+                              **{name: value.to(base.device) for name, value in text.items()})
+        targets = inputs.pop("labels")
+        total, number = target_log_likelihoods(self.lm(**inputs).logits, targets)
+        slots = torch.arange(int(counts.max()), device=base.device)
+        present = slots < counts[:, None]
+        sums = torch.full(present.shape, float("-inf"), device=base.device).masked_scatter(present, total)
+        tokens = torch.zeros(present.shape, dtype=torch.long, device=base.device).masked_scatter(present, number)
+        return sums, tokens
+
     # -- checkpoints: only what trains, plus the LLM's name --------------------------------------------------------
 
     def architecture(self) -> dict:
         return {"video_dim": self.video_dim, "video_heads": self.video_heads, "video_width": self.video_width,
-                "use_dynamics": self.use_dynamics, "llm": self.llm_name, "llm_layers": self.llm_layers}
+                "use_dynamics": self.use_dynamics, "llm": self.llm_name, "llm_layers": self.llm_layers,
+                "prompt_format": asdict(self.prompt_format)}
 
     def trained_state(self) -> dict[str, torch.Tensor]:
         """The video side's weights and the LM weights that train; the frozen LM is reloaded from its name."""
@@ -285,7 +356,8 @@ class VideoPrefixLM(nn.Module):
             lm, _ = load_llm(architecture["llm"])
         model = cls(architecture["video_dim"], lm, video_heads=architecture["video_heads"],
                     video_width=architecture["video_width"], use_dynamics=architecture["use_dynamics"],
-                    llm_name=architecture["llm"])
+                    llm_name=architecture["llm"],
+                    prompt_format=PromptFormat(**architecture.get("prompt_format", {})))
         model.set_trainable(architecture["llm_layers"])
         return model
 

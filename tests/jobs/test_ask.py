@@ -1,0 +1,168 @@
+"""jobs/ask.py end to end: compress real clips from a manifest with question-answer list columns (the real job),
+train on the questions (jobs/train_from_cache.py, a tiny LLM that overfits on purpose), then ask.
+
+Users rely on: the trained model answers its training videos' questions as trained; a video gives the same tokens
+and the same answer from the cache and as a raw file; tokens made with other settings are refused with a clear
+error; a multiple-choice set is scored; a batch run to Parquet resumes after kill -9 with every video answered
+once and no half-written file left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.readers.answering import AnswerFiles, VideoAnswerer
+from pipeline.readers.cache import CachedTokenDataset
+from pipeline.readers.checkpoint import CheckpointMismatch, check_cache, latest_checkpoint, read_checkpoint
+from job_scripts import load_job_script
+from test_crash_resume import job_env, kill_driver_when, short_temp_dir
+
+REPO = Path(__file__).resolve().parents[2]
+CLIPS = {  # clip -> [(question, answer)]
+    "bigbuckbunny": [("What animal is it?", "a rabbit"), ("Where is it?", "a meadow")],
+    "bikes": [("What animal is it?", "none"), ("Where is it?", "a street")],
+    "carphone_pristine": [("What animal is it?", "a man"), ("Where is it?", "a car")],
+}
+FLAGS = ["--frames", "4", "--k", "6"]
+STEPS = 150
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def qa_cache(tmp_path_factory, run_job_on, sample_clip_paths, tiny_siglip_dir) -> Path:
+    """The job's output of three real clips from a JSON Lines manifest with list columns of questions/answers."""
+    root = tmp_path_factory.mktemp("qa")
+    manifest = root / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps({
+        "uri": str(sample_clip_paths[name]), "video_id": name, "caption": f"a clip called {name}",
+        "questions": [q for q, _ in pairs], "answers": [a for _, a in pairs]}) + "\n" for name, pairs in CLIPS.items()))
+    summary = run_job_on(manifest, root / "cache", "--encoder", str(tiny_siglip_dir), *FLAGS)
+    assert summary.ok == len(CLIPS), summary
+    return root / "cache"
+
+
+@pytest.fixture(scope="module")
+def checkpoints(qa_cache, tmp_path_factory, tiny_llm_dir) -> Path:
+    folder = tmp_path_factory.mktemp("checkpoints")
+    train = load_job_script("train_from_cache")
+    result = train.run(train.parse_args([
+        "--cache", str(qa_cache), "--checkpoint-dir", str(folder), "--steps", str(STEPS), "--batch-size", "3",
+        "--save-every", str(STEPS), "--raw-steps", "0", "--video-heads", "4", "--llm", str(tiny_llm_dir),
+        "--llm-train", "full", "--lr", "3e-3", "--question-column", "questions", "--answer-column", "answers"]))
+    assert result["losses"][-1] < 0.1 * result["losses"][0], result["losses"][::10]
+    return folder
+
+
+def ask(*argv: str) -> int:
+    return load_job_script("ask").main([str(arg) for arg in argv])
+
+
+def test_the_checkpoint_records_how_its_tokens_and_prompts_were_made(checkpoints, qa_cache):
+    state = read_checkpoint(latest_checkpoint(checkpoints))
+    assert state["step"] == STEPS
+    assert state["video"]["settings"]["k"] == 6 and state["video"]["settings"]["frames"] == 4
+    assert state["architecture"]["prompt_format"]["caption_question"] == "Describe the video."
+
+
+def test_it_answers_its_training_questions_as_trained(checkpoints, qa_cache, capsys):
+    for name, pairs in CLIPS.items():
+        for question, answer in pairs:
+            assert ask("--checkpoint", checkpoints, "--cache", qa_cache, "--id", name, "--question", question) == 0
+            assert capsys.readouterr().out.strip() == answer, (name, question)
+
+
+def test_a_raw_video_gives_the_cached_tokens_and_the_same_answer(checkpoints, qa_cache, sample_clip_paths,
+                                                                   tiny_llm_dir, capsys):
+    answerer = VideoAnswerer(str(checkpoints), question="Where is it?")
+    cached = {item["video_id"]: item for item in CachedTokenDataset(str(qa_cache), rank=0, world_size=1)}
+    for name in CLIPS:
+        fresh = answerer.item_from_uri({"video_id": name, "uri": str(sample_clip_paths[name])})
+        for key in ("base", "dynamics", "cluster_sizes"):
+            assert torch.equal(fresh[key], cached[name][key]), (name, key)
+        assert answerer.answer([fresh]) == answerer.answer([cached[name]])
+    # and through the script: the new file's answer is the trained one
+    assert ask("--checkpoint", checkpoints, "--input", sample_clip_paths["bikes"], "--question", "Where is it?") == 0
+    assert capsys.readouterr().out.strip() == "a street"
+
+
+def test_tokens_made_otherwise_are_refused(checkpoints, qa_cache, tmp_path, capsys):
+    other = tmp_path / "other"
+    shutil.copytree(qa_cache, other)
+    settings = json.loads((other / "settings.json").read_text())
+    settings["settings"]["k"] = 4
+    (other / "settings.json").write_text(json.dumps(settings))
+    assert ask("--checkpoint", checkpoints, "--cache", other) == 2
+    error = capsys.readouterr().err
+    assert "trained on tokens made with other settings" in error and "k: 6 -> 4" in error
+    # a cache of another width is refused before any settings are compared
+    state = read_checkpoint(latest_checkpoint(checkpoints))
+    with pytest.raises(CheckpointMismatch, match="reads 32-dim video tokens; .* holds 64-dim"):
+        check_cache(state, Path("ck.pt"), None, 64, "a cache")
+
+
+def test_a_multiple_choice_set_is_scored(checkpoints, qa_cache, tmp_path, capsys):
+    mc = tmp_path / "mc.jsonl"
+    answers = sorted({answer for pairs in CLIPS.values() for _, answer in pairs if "Where" in _})
+    mc.write_text("".join(json.dumps({"video_id": name, "question": "Where is it?", "options": answers,
+                                      "answer": answers.index(dict(pairs)["Where is it?"])}) + "\n"
+                          for name, pairs in CLIPS.items()))
+    assert ask("--checkpoint", checkpoints, "--cache", qa_cache, "--mc", mc) == 0
+    out = capsys.readouterr().out
+    assert "3 questions" in out
+    for score in ("likelihood", "mean-likelihood", "exact-match"):
+        assert f"{score} " in out and "1.000" in out.split(score)[1].splitlines()[0], out
+
+
+def test_a_killed_batch_run_resumes_and_answers_each_video_once(checkpoints, qa_cache, tmp_path, ray_local):
+    output = tmp_path / "answers"
+    ray_tmp = short_temp_dir()
+    logs = tmp_path / "logs" / "ask"
+    logs.parent.mkdir()
+    args = ["--checkpoint", checkpoints, "--cache", qa_cache, "--output", output, "--batch-size", "1",
+            "--flush-every", "1"]
+    with open(logs.with_suffix(".out"), "wb") as stdout, open(logs.with_suffix(".err"), "wb") as stderr:
+        proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "ask.py"), *map(str, args)], cwd=REPO,
+                                env=job_env(ray_tmp), stdout=stdout, stderr=stderr)
+    try:
+        kill_driver_when(proc, lambda: any(output.glob("part-*.parquet")), ray_tmp, logs)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    before = AnswerFiles(str(output)).read()
+    assert 1 <= before.num_rows <= len(CLIPS)
+    (output / "part-leftover.parquet.partial").write_bytes(b"half a file")  # as a kill mid-write leaves one
+
+    assert ask(*args) == 0
+    after = AnswerFiles(str(output)).read()
+    assert sorted(after.column("video_id").to_pylist()) == sorted(CLIPS)  # each once
+    assert not list(output.glob("*.partial"))
+    assert set(after.column("checkpoint_step").to_pylist()) == {STEPS}
+    # what the killed run wrote is kept as it was
+    kept = {row["video_id"]: row["answer"] for row in before.to_pylist()}
+    assert {row["video_id"]: row["answer"] for row in after.to_pylist() if row["video_id"] in kept} == kept
+    assert ask(*args) == 0  # nothing left to do: no new rows
+    assert AnswerFiles(str(output)).read().num_rows == len(CLIPS)
+
+
+def test_help_and_bad_arguments(capsys):
+    script = load_job_script("ask")
+    with pytest.raises(SystemExit) as exited:
+        script.parse_args(["--help"])
+    assert exited.value.code == 0 and "--checkpoint" in capsys.readouterr().out
+    for argv in (["--checkpoint", "c"], ["--checkpoint", "c", "--cache", "a", "--input", "b"],
+                 ["--checkpoint", "c", "--input", "b", "--id", "x"]):
+        with pytest.raises(SystemExit) as exited:
+            script.parse_args(argv)
+        assert exited.value.code == 2
+    assert script.main(["--checkpoint", "/nonexistent", "--input", "/nonexistent.mp4"]) == 2
