@@ -20,6 +20,11 @@
        uniform-pool     tokendyn.baselines.uniform_pool
        tome             tokendyn.baselines.tome_merge
        frame-pool       tokendyn.baselines.frame_pool
+   With --task qa the same clips train on three questions per clip instead of the caption ("Which way does the
+   object move?", "What colour is the object?", "What shape is the object?"; the answer is one word), and each
+   attribute is scored as multiple choice, NextQA-style: every value of the attribute is an option and the one of
+   highest log-likelihood (summed over its tokens, and per token) is the model's choice; the generated short answer
+   is scored too (exact match).
 5. Training samples/s from the cache vs from the raw videos (decode + encode + compress inside each step).
 
 All variants use the same LLM, seed, steps, batch and learning rate. Chance levels: direction 1/5, colour 1/4,
@@ -30,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import json
 import os
 import shutil
@@ -54,7 +58,8 @@ from pipeline.job.run import init_ray, run_job  # noqa: E402
 from pipeline.job.tokenizer import VideoTokenizer  # noqa: E402
 from pipeline.readers.cache import HEAVY_COLUMNS, CachedTokenDataset, collate_videos  # noqa: E402
 from pipeline.readers.evaluation.probe import accuracy_interval  # noqa: E402
-from pipeline.readers.video_lm import DEFAULT_LLM, caption_batch, load_llm  # noqa: E402
+from pipeline.readers.qa import MC_SCORES, score_multiple_choice  # noqa: E402
+from pipeline.readers.video_lm import DEFAULT_LLM, load_llm  # noqa: E402
 from pipeline.store.contract import read_contract  # noqa: E402
 from pipeline.store.schema import now_utc, video_row  # noqa: E402
 from pipeline.store.storage import OutputStore  # noqa: E402
@@ -76,6 +81,18 @@ VARIANTS = {"token-dynamics": ("token-dynamics", []), "token-base": ("token-dyna
             "uniform-pool": ("uniform-pool", ["--no-dynamics"]), "tome": ("tome", ["--no-dynamics"]),
             "frame-pool": ("frame-pool", ["--no-dynamics"])}
 SPLITS = ("train", "heldout")
+TASKS = ("caption", "qa")
+# What the qa task asks of each clip (the answer is the attribute's value, a single word); the direction question
+# names what the suite asks: the second way in `turn`, the way in the scene in `pan`.
+QUESTIONS = {"direction": {"basic": "Which way does the object move?",
+                           "turn": "Which way does the object move at the end?",
+                           "pan": "Which way does the object move in the scene?"},
+             "colour": "What colour is the object?", "shape": "What shape is the object?"}
+
+
+def question_of(attribute: str, suite: str) -> str:
+    question = QUESTIONS[attribute]
+    return question[suite] if isinstance(question, dict) else question
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -88,6 +105,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--suite", default="basic", choices=SUITES,
                         help="basic: one move; turn: a move, then another (or a stop) halfway, the second asked; "
                              "pan: the camera pans while the object moves in the scene.")
+    parser.add_argument("--task", default="caption", choices=TASKS,
+                        help="caption: train on the caption and score its words; qa: train on one question per "
+                             "attribute and score multiple choice (log-likelihood of each value) and exact match.")
     parser.add_argument("--object-scale", type=float, default=1.0,
                         help="Size of the moving object against the default (radius 12-17%% of the clip).")
     parser.add_argument("--frames", type=int, default=16, help="Frames the job samples per clip.")
@@ -106,6 +126,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--raw-steps", type=int, default=3, help="Steps timed from raw videos (0 skips).")
     parser.add_argument("--max-new-tokens", type=int, default=10, help="Caption length limit when generating.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the clips, the models and the data order.")
+    parser.add_argument("--clips-only", action="store_true",
+                        help="Only write the captioned clips and their manifests (--workdir/train.jsonl, "
+                             "heldout.jsonl: caption, questions, answers) and stop: example data for the job.")
     parser.add_argument("--reuse-caches", action="store_true",
                         help="Keep the clips and caches of an earlier run in --workdir; only train and evaluate.")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads of torch (default: torch's).")
@@ -234,8 +257,9 @@ def write_clip(path: Path, colour: str, shape: str, direction: str, *, frames: i
 
 
 def generate_clips(folder: Path, args) -> dict[str, Path]:
-    """Clips + one manifest per split ({split: manifest.csv}); combinations dealt round-robin, then shuffled.
-    Each clip's track (`write_clip`) goes to folder/tracks.json, keyed by video_id."""
+    """Clips + one manifest per split ({split: manifest.jsonl}); combinations dealt round-robin, then shuffled.
+    Each clip's track (`write_clip`) goes to folder/tracks.json, keyed by video_id. Besides the caption, a row holds
+    one question per attribute and its answer (list columns `questions`, `answers`)."""
     rng = np.random.default_rng(args.seed)
     combos = [(c, s, d) for c in COLOURS for s in SHAPES for d in DIRECTIONS]
     order = rng.permutation(len(combos))
@@ -252,18 +276,18 @@ def generate_clips(folder: Path, args) -> dict[str, Path]:
         tracks[f"clip-{index:04d}"] = write_clip(path, colour, shape, direction, frames=args.clip_frames,
                                                  size=args.clip_size, rng=rng,
                                                  object_scale=args.object_scale, **motion)
+        values = {"colour": colour, "shape": shape, "direction": direction}
         rows.append({"video_id": f"clip-{index:04d}", "uri": str(path),
-                     "caption": caption_of(colour, shape, direction, **motion),
-                     "colour": colour, "shape": shape, "direction": direction})
+                     "caption": caption_of(colour, shape, direction, **motion), **values,
+                     "questions": [question_of(attribute, args.suite) for attribute in ATTRIBUTES],
+                     "answers": [values[attribute] for attribute in ATTRIBUTES]})
     heldout = max(1, round(args.clips * args.heldout))
     held = set(rng.permutation(args.clips)[:heldout].tolist())
     manifests = {}
     for split in SPLITS:
-        manifests[split] = folder / f"{split}.csv"
-        with open(manifests[split], "w", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(row for index, row in enumerate(rows) if (index in held) == (split == "heldout"))
+        manifests[split] = folder / f"{split}.jsonl"
+        manifests[split].write_text("".join(json.dumps(row) + "\n" for index, row in enumerate(rows)
+                                            if (index in held) == (split == "heldout")))
     (folder / "tracks.json").write_text(json.dumps(tracks))
     return manifests
 
@@ -329,35 +353,67 @@ def heldout_batches(heldout: CachedTokenDataset, args):
         yield collate_videos([heldout[i] for i in range(start, min(start + args.batch_size, len(heldout)))])
 
 
+def heldout_texts(batch: dict, args) -> tuple[list[dict], list[str], list[str | None]]:
+    """The held-out targets of a batch: (one item per target, answers, questions). caption: each clip's caption;
+    qa: each clip's question-answer pairs, all of them."""
+    items = [{name: batch[name][row] for name in ("base", "dynamics", "base_mask")} for row in range(len(batch["caption"]))]
+    if args.task == "caption":
+        return items, batch["caption"], [None] * len(items)
+    pairs = [(item, question, answer) for item, questions, answers in zip(items, batch["questions"], batch["answers"])
+             for question, answer in zip(questions, answers)]
+    return [item for item, _, _ in pairs], [answer for *_, answer in pairs], [question for _, question, _ in pairs]
+
+
 @torch.no_grad()
 def heldout_loss(model, tokenizer, heldout: CachedTokenDataset, args) -> float:
-    """Mean caption loss over the held-out clips."""
+    """Mean loss of the held-out targets (captions, or every answer)."""
     model.eval()
-    losses = [model.video_losses(**{name: batch[name] for name in ("base", "dynamics", "base_mask")},
-                                 **caption_batch(tokenizer, batch["caption"], 64))
-              for batch in heldout_batches(heldout, args)]
+    losses = []
+    for batch in heldout_batches(heldout, args):
+        items, answers, questions = heldout_texts(batch, args)
+        videos = {name: torch.stack([item[name] for item in items]) for name in ("base", "dynamics", "base_mask")}
+        losses.append(model.video_losses(**videos, **model.text_batch(tokenizer, answers, questions)))
     model.train()
     return torch.cat(losses).mean().item()
 
 
 @torch.no_grad()
 def evaluate(model, tokenizer, heldout: CachedTokenDataset, args) -> dict:
-    """Held-out caption loss and accuracy of the greedy caption on each attribute."""
+    """Held-out loss and, per attribute, the accuracy of the generated caption (caption task) or of multiple choice
+    and the generated short answer (qa task), each with a 95 % interval (a bootstrap over the held-out clips)."""
     loss = heldout_loss(model, tokenizer, heldout, args)
     model.eval()
-    correct, samples = {attribute: [] for attribute in ATTRIBUTES}, []
-    for batch in heldout_batches(heldout, args):
-        videos = {name: batch[name] for name in ("base", "dynamics", "base_mask")}
-        generated = model.generate_captions(tokenizer, **videos, max_new_tokens=args.max_new_tokens)
-        for truth, caption in zip(batch["caption"], generated):
-            expected, got = attribute_values(truth), attribute_values(caption)
-            for attribute in ATTRIBUTES:
-                correct[attribute].append(got[attribute] == expected[attribute])
-            samples.append((truth, caption))
+    correct = {attribute: [] for attribute in ATTRIBUTES}
+    samples = []
+    if args.task == "qa":
+        mc = {(attribute, score): [] for attribute in ATTRIBUTES for score in MC_SCORES}
+        items = [heldout[index] for index in range(len(heldout))]
+        questions = [{"video_id": item["video_id"], "question": question_of(attribute, args.suite),
+                      "options": list(values), "answer": values.index(item[attribute]), "attribute": attribute}
+                     for item in items for attribute, values in ATTRIBUTES.items()]
+        records = score_multiple_choice(model, tokenizer, questions, [item for item in items for _ in ATTRIBUTES],
+                                        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+        for question, record in zip(questions, records):
+            for score in MC_SCORES:
+                mc[question["attribute"], score].append(record[f"{score}_correct"])
+            samples.append((question["question"], question["options"][question["answer"]], record["generated"]))
+        correct = {attribute: mc[attribute, "exact-match"] for attribute in ATTRIBUTES}
+    else:
+        for batch in heldout_batches(heldout, args):
+            videos = {name: batch[name] for name in ("base", "dynamics", "base_mask")}
+            generated = model.generate_captions(tokenizer, **videos, max_new_tokens=args.max_new_tokens)
+            for truth, caption in zip(batch["caption"], generated):
+                expected, got = attribute_values(truth), attribute_values(caption)
+                for attribute in ATTRIBUTES:
+                    correct[attribute].append(got[attribute] == expected[attribute])
+                samples.append((truth, caption))
     model.train()
     scores = {"heldout_loss": loss, "examples": samples[:5]}
-    for attribute, values in correct.items():  # 95 % interval: bootstrap over the held-out clips
+    for attribute, values in correct.items():
         scores[f"{attribute}_acc"], *scores[f"{attribute}_interval"] = accuracy_interval(np.array([values]))
+    if args.task == "qa":
+        for (attribute, score), values in mc.items():
+            scores[f"{attribute}_{score}"] = accuracy_interval(np.array([values]))
     return scores
 
 
@@ -376,7 +432,8 @@ def train_variant(variant: str, caches: Path, args, llm) -> dict:
             "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--save-every", str(every),
             "--log-every", str(max(args.steps // 4, 1)), "--seed", str(args.seed), "--raw-steps", str(raw),
             "--llm", args.llm, "--llm-train", args.llm_train, "--video-width", str(args.video_width),
-            "--video-heads", str(args.video_heads), *flags])
+            "--video-heads", str(args.video_heads), *flags,
+            *(["--question-column", "questions", "--answer-column", "answers"] if args.task == "qa" else [])])
 
     heldout = CachedTokenDataset(str(caches / cache / "heldout"))
     before = None
@@ -393,7 +450,10 @@ def train_variant(variant: str, caches: Path, args, llm) -> dict:
         print(f"   step {steps}: held-out loss {curve[-1][1]:.3f}", flush=True)
     train_s = time.perf_counter() - started
     scores = evaluate(result["model"], llm[1], heldout, args)
-    print(f"   held-out loss {scores['heldout_loss']:.3f}; e.g. {scores['examples'][:2]}", flush=True)
+    print(f"   held-out loss {scores['heldout_loss']:.3f}; accuracy " + ", ".join(
+        f"{name} {scores[f'{name}_acc']:.2f}" for name in ATTRIBUTES) + (", multiple choice " + ", ".join(
+            f"{name} {scores[f'{name}_likelihood'][0]:.2f}" for name in ATTRIBUTES) if args.task == "qa" else "")
+          + f"; e.g. {scores['examples'][:2]}", flush=True)
     return {**scores, "untrained": before, "train_s": train_s, "first_loss": losses[0], "last_loss": losses[-1],
             "heldout_curve": curve, "cache": result["cache"], "raw": result["raw"], "ratios": result["ratios"]}
 
@@ -402,7 +462,10 @@ def train_variant(variant: str, caches: Path, args, llm) -> dict:
 
 
 def print_table(results: dict, args) -> None:
-    print(f"\nHeld-out accuracy of the generated caption ({args.k} LLM tokens per video; chance: direction "
+    if args.task == "qa":
+        print_multiple_choice_table(results, args)
+    what = "caption" if args.task == "caption" else "short answer (exact match)"
+    print(f"\nHeld-out accuracy of the generated {what} ({args.k} LLM tokens per video; chance: direction "
           f"0.20, colour 0.25, shape 0.33)")
     print(f"{'variant':16s} {'direction':>17s} {'colour':>17s} {'shape':>17s} {'held-out loss':>14s} "
           f"{'train samples/s':>16s}")
@@ -420,6 +483,19 @@ def print_table(results: dict, args) -> None:
         print(f"held-out loss curve of {variant}: " + ", ".join(f"{step}: {loss:.3f}"
                                                                for step, loss in scores["heldout_curve"]))
     print(f"whole benchmark: {results['timings']['total_s'] / 60:.1f} min; {results['timings']}")
+
+
+def print_multiple_choice_table(results: dict, args) -> None:
+    print(f"\nHeld-out multiple-choice accuracy, the option of highest log-likelihood ({args.k} LLM tokens per video; "
+          "chance: direction 0.20, colour 0.25, shape 0.33); summed over the option's tokens / per token")
+    print(f"{'variant':16s} " + " ".join(f"{name:>35s}" for name in ATTRIBUTES))
+    for variant, scores in results["variants"].items():
+        cells = []
+        for attribute in ATTRIBUTES:
+            (summed, low, high), (mean, mean_low, mean_high) = (scores[f"{attribute}_{score}"]
+                                                                for score in MC_SCORES[:2])
+            cells.append(f"{summed:.2f} [{low:.2f}, {high:.2f}] / {mean:.2f} [{mean_low:.2f}, {mean_high:.2f}]")
+        print(f"{variant:16s} " + " ".join(f"{cell:>35s}" for cell in cells))
 
 
 def build_caches(workdir: Path, caches: Path, args) -> dict:
@@ -457,6 +533,10 @@ def run(args: argparse.Namespace, llm=None) -> dict:
     workdir = Path(args.workdir)
     caches = workdir / "caches"
     timings = {}
+    if args.clips_only:
+        manifests = generate_clips(workdir, args)
+        print(f"{args.clips} clips in {workdir / 'clips'}; manifests: {', '.join(map(str, manifests.values()))}")
+        return {"manifests": manifests}
     if not args.reuse_caches:
         timings = build_caches(workdir, caches, args)
     llm = llm or load_llm(args.llm)

@@ -30,7 +30,6 @@ Chance: direction 0.20, colour 0.25, shape 0.33. Results also go to --workdir/pr
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -125,8 +124,7 @@ def padded(rows: list[torch.Tensor], length: int) -> tuple[torch.Tensor, torch.T
 
 def tokenize_split(manifest: Path, tokenizer: VideoTokenizer, args) -> dict:
     """Every clip of a manifest -> each representation's tokens, the maps, labels, frame indices and timings."""
-    with open(manifest, newline="") as file:
-        rows = list(csv.DictReader(file))
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
     # Token Dynamics always (the diagnosis reads its map); the others when a variant reads them.
     wanted = {"token-dynamics"} | {VARIANTS[variant][0] for variant in args.variants} - {"map-only"}
     reps: dict[str, list] = {name: [] for name in wanted}

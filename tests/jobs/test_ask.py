@@ -104,6 +104,14 @@ def test_tokens_made_otherwise_are_refused(checkpoints, qa_cache, tmp_path, caps
     assert ask("--checkpoint", checkpoints, "--cache", other) == 2
     error = capsys.readouterr().err
     assert "trained on tokens made with other settings" in error and "k: 6 -> 4" in error
+    # resuming training on it is refused too, and leaves the checkpoints as they were
+    copied = tmp_path / "checkpoints"
+    shutil.copytree(checkpoints, copied)
+    train = load_job_script("train_from_cache")
+    assert train.main(["--cache", str(other), "--checkpoint-dir", str(copied), "--steps", str(STEPS + 5),
+                       "--raw-steps", "0", "--question-column", "questions", "--answer-column", "answers"]) == 2
+    assert "k: 6 -> 4" in capsys.readouterr().err
+    assert sorted(path.name for path in copied.iterdir()) == sorted(path.name for path in checkpoints.iterdir())
     # a cache of another width is refused before any settings are compared
     state = read_checkpoint(latest_checkpoint(checkpoints))
     with pytest.raises(CheckpointMismatch, match="reads 32-dim video tokens; .* holds 64-dim"):

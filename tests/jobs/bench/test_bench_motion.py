@@ -108,3 +108,23 @@ def test_a_small_benchmark_run_lowers_the_held_out_loss(tmp_path, ray_local, tin
     out = capsys.readouterr().out
     assert "Held-out accuracy" in out and "frame-pool" in out
     assert json.loads((tmp_path / "results.json").read_text())["variants"]["frame-pool"]["heldout_loss"] > 0
+
+
+def test_the_qa_task_trains_on_questions_and_scores_multiple_choice(tmp_path, ray_local, tiny_llm_dir, capsys):
+    script = load_script()
+    args = script.parse_args(["--workdir", str(tmp_path), "--clips", "8", "--heldout", "0.25", "--clip-frames", "8",
+                              "--clip-size", "64", "--frames", "4", "--k", "4", "--steps", "6", "--batch-size", "4",
+                              "--llm", str(tiny_llm_dir), "--llm-train", "full", "--raw-steps", "0", "--task", "qa",
+                              "--variants", "token-dynamics", "--video-width", "16", "--video-heads", "2",
+                              "--max-new-tokens", "3"])
+    results = script.run(args)
+    manifest = [json.loads(line) for line in (tmp_path / "heldout.jsonl").read_text().splitlines()]
+    assert manifest[0]["questions"][0] == "Which way does the object move?"
+    assert manifest[0]["answers"] == [manifest[0][name] for name in ("direction", "colour", "shape")]
+    scores = results["variants"]["token-dynamics"]
+    assert scores["heldout_loss"] < scores["untrained"]["heldout_loss"]
+    for attribute in ("direction", "colour", "shape"):
+        for score in ("likelihood", "mean-likelihood", "exact-match"):
+            accuracy, low, high = scores[f"{attribute}_{score}"]
+            assert 0 <= low <= accuracy <= high <= 1
+    assert "multiple-choice accuracy" in capsys.readouterr().out
