@@ -34,12 +34,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models load from local files; no
 
 import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
+import ray  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from pipeline.job.run import start_ray  # noqa: E402
 from pipeline.job.tokenizer import list_videos  # noqa: E402
-from pipeline.readers.answering import VIDEO_ERRORS, AnswerFiles, VideoAnswerer  # noqa: E402
+from pipeline.readers.answering import AnswerFiles, VideoAnswerer  # noqa: E402
 from pipeline.readers.cache import SOURCES, CachedTokenDataset, EmptyCacheError, ray_dataset  # noqa: E402
-from pipeline.readers.checkpoint import check_cache, latest_checkpoint, read_checkpoint  # noqa: E402
+from pipeline.readers.checkpoint import (  # noqa: E402
+    check_cache, contract_for_new_videos, latest_checkpoint, read_checkpoint,
+)
 from pipeline.readers.qa import multiple_choice_accuracy, read_multiple_choice, score_multiple_choice  # noqa: E402
 from pipeline.store.contract import ContractError, read_contract  # noqa: E402
 from pipeline.store.schema import SchemaVersionError  # noqa: E402
@@ -53,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     videos.add_argument("--cache", default=None, help="A compression job's --output (local path or s3://...).")
     videos.add_argument("--id", action="append", default=None, dest="ids", metavar="VIDEO_ID",
                         help="Only this video of --cache (repeatable; default: all of them).")
-    videos.add_argument("--source", default="parquet", choices=SOURCES, help="Read --cache's Parquet or LanceDB.")
+    videos.add_argument("--source", default="parquet", choices=SOURCES, help="Read --cache's Parquet or LanceDB (--output always reads Parquet).")
     videos.add_argument("--input", default=None,
                         help="New videos: a file, a folder, an s3:// prefix or a manifest (.csv/.jsonl/.parquet).")
     videos.add_argument("--s3-endpoint-url", default=None, help="Endpoint of an S3-compatible store.")
@@ -102,13 +106,8 @@ def cached_videos(args, answerer: VideoAnswerer) -> CachedTokenDataset:
 
 def new_videos(rows: list[dict], answerer: VideoAnswerer) -> dict[str, dict | Exception]:
     """video_id -> the item of each new video (tokenised as the checkpoint's were), or why it cannot be read."""
-    items = {}
-    for row in tqdm(rows, desc="tokenising", unit="video", disable=len(rows) < 2):
-        try:
-            items[row["video_id"]] = answerer.item_from_uri(row)
-        except VIDEO_ERRORS as error:
-            items[row["video_id"]] = error
-    return items
+    return {row["video_id"]: answerer.item_or_error(row)
+            for row in tqdm(rows, desc="tokenising", unit="video", disable=len(rows) < 2)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -134,12 +133,14 @@ def answer_to_stdout(args, answerer: VideoAnswerer) -> int:
     return 0 if len(readable) == len(items) else 1
 
 
+def blocks_for(videos: int, args) -> int:
+    """Read blocks of about --flush-every videos: the actor's answers reach the driver (and a part file) a block at
+    a time, so this is what a kill can lose and how smoothly progress moves."""
+    return max(1, -(-videos // args.flush_every))
+
+
 def answer_to_parquet(args) -> int:
     """All the videos through Ray Data with the model in an actor pool; the answers in part files."""
-    import ray
-
-    from pipeline.job.run import start_ray
-
     files = AnswerFiles(args.output, s3_endpoint_url=args.s3_endpoint_url)
     files.remove_partial_files()
     answered = {video_id for video_id, question in files.answered() if question == args.question}
@@ -147,27 +148,29 @@ def answer_to_parquet(args) -> int:
                        "max_new_tokens": args.max_new_tokens, "s3_endpoint_url": args.s3_endpoint_url,
                        "threads": args.threads}
     checkpoint = latest_checkpoint(args.checkpoint)
+    state = read_checkpoint(checkpoint)
+    start_ray()  # before any dataset is made: Ray Data would start a Ray of its own, not on loopback
     if args.cache is not None:
         store = OutputStore(args.cache, s3_endpoint_url=args.s3_endpoint_url)
         index = store.read_videos(columns=["video_id", "dim"])
         if index is None or index.num_rows == 0:
             raise EmptyCacheError(f"no compressed videos in {args.cache}")
-        # refused before any actor starts: tokens the checkpoint was not trained on
-        check_cache(read_checkpoint(checkpoint), checkpoint, read_contract(store), index.column("dim")[0].as_py(),
-                    args.cache)
+        check_cache(state, checkpoint, read_contract(store), index.column("dim")[0].as_py(), args.cache)
         listed = index.column("video_id").to_pylist()
         missing = sorted(set(args.ids or []) - set(listed))
         if missing:
             raise FileNotFoundError(f"no video {', '.join(map(repr, missing))} in {args.cache}")
         todo = [video_id for video_id in listed if video_id not in answered and (not args.ids or video_id in args.ids)]
         todo_set = set(todo)
-        videos = ray_dataset(args.cache, metadata_columns=["uri"], s3_endpoint_url=args.s3_endpoint_url).filter(
+        videos = ray_dataset(args.cache, metadata_columns=["uri"], s3_endpoint_url=args.s3_endpoint_url,
+                             override_num_blocks=blocks_for(len(listed), args)).filter(
             lambda item: item["video_id"] in todo_set)
     else:
+        contract_for_new_videos(state, checkpoint)
         todo = [row for row in list_videos(args.input, s3_endpoint_url=args.s3_endpoint_url)
                 if row["video_id"] not in answered]
-        videos = ray.data.from_items([{"video_id": row["video_id"], "uri": row["uri"]} for row in todo])
-    start_ray()
+        videos = ray.data.from_items([{"video_id": row["video_id"], "uri": row["uri"]} for row in todo],
+                                     override_num_blocks=blocks_for(len(todo), args))
     print(f"{len(todo)} videos to answer ({len(answered)} answered before) -> {args.output}")
     if not todo:
         return 0

@@ -120,7 +120,6 @@ def captioned_videos(args: argparse.Namespace) -> QuestionAnswerDataset:
         raise SystemExit(f"error: {error}. Compress from a manifest with that column.") from error
 
 
-
 def batches_forever(videos: QuestionAnswerDataset, args: argparse.Namespace, first_step: int):
     """Shuffled batches, epoch after epoch; the order depends on the seed, the rank and the step a run starts
     from. Every rank's shard has the same length, so every rank runs the same number of steps per epoch."""

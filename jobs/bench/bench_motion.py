@@ -126,6 +126,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--raw-steps", type=int, default=3, help="Steps timed from raw videos (0 skips).")
     parser.add_argument("--max-new-tokens", type=int, default=10, help="Caption length limit when generating.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the clips, the models and the data order.")
+    parser.add_argument("--no-untrained", action="store_true",
+                        help="Do not score the untrained model (one held-out evaluation less).")
     parser.add_argument("--clips-only", action="store_true",
                         help="Only write the captioned clips and their manifests (--workdir/train.jsonl, "
                              "heldout.jsonl: caption, questions, answers) and stop: example data for the job.")
@@ -437,7 +439,7 @@ def train_variant(variant: str, caches: Path, args, llm) -> dict:
 
     heldout = CachedTokenDataset(str(caches / cache / "heldout"))
     before = None
-    if variant == "token-dynamics":  # the same initialisation, untrained: what training has to beat
+    if variant == "token-dynamics" and not args.no_untrained:  # the same initialisation, untrained: to beat
         model = train_from_cache.new_model(train_args(args.steps, 0), heldout.dim, llm[0])
         before = evaluate(model, llm[1], heldout, args)
         del model

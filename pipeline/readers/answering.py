@@ -22,7 +22,9 @@ import torch
 
 from pipeline.job.tokenizer import DecodeError, VideoTokenizer
 from pipeline.readers.cache import TENSOR_KEYS, collate_videos, item_from_video, python_value
-from pipeline.readers.checkpoint import CheckpointMismatch, check_cache, load_trained_model, video_contract
+from pipeline.readers.checkpoint import (
+    CheckpointMismatch, check_cache, contract_for_new_videos, load_trained_model, video_contract,
+)
 from pipeline.store.contract import OutputContract
 from pipeline.store.filesystem import filesystem_for
 
@@ -66,12 +68,9 @@ class VideoAnswerer:
 
     @property
     def video_tokenizer(self) -> VideoTokenizer:
-        if self.contract is None:
-            raise CheckpointMismatch(f"{self.checkpoint} does not record how its tokens were made, so new videos "
-                                     "cannot be tokenised for it; ask about videos of its --cache instead")
         if self._video_tokenizer is None:
-            self._video_tokenizer = VideoTokenizer(self.contract, device=self.device,
-                                                   s3_endpoint_url=self.s3_endpoint_url)
+            self._video_tokenizer = VideoTokenizer(contract_for_new_videos(self.state, self.checkpoint),
+                                                   device=self.device, s3_endpoint_url=self.s3_endpoint_url)
         return self._video_tokenizer
 
     def item_from_uri(self, row: dict) -> dict:
@@ -80,6 +79,16 @@ class VideoAnswerer:
         item = item_from_video(video, self.contract.base_dtype, **row)
         self.check_cache(None, item["base"].shape[-1], row["uri"])
         return item
+
+    def item_or_error(self, row: dict) -> dict | Exception:
+        """`item_from_uri`, or the error that keeps this one video from being read (the error policy: it becomes
+        the video's error row). A checkpoint that cannot tokenise new videos at all stops the caller instead."""
+        try:
+            return self.item_from_uri(row)
+        except CheckpointMismatch:
+            raise
+        except VIDEO_ERRORS as error:
+            return error
 
     # ---- answers --------------------------------------------------------------------------------------------------
     def answer(self, items: list[dict], questions: list[str | None] | None = None) -> list[str]:
@@ -97,10 +106,11 @@ class VideoAnswerer:
             record = {"video_id": row["video_id"], "uri": row.get("uri"), "question": self.question,
                       "answer": None, "error": None, "checkpoint": str(self.checkpoint),
                       "checkpoint_step": self.step, "llm": self.model.llm_name}
-            try:
-                items.append(row if "base" in row else self.item_from_uri(row))
-            except VIDEO_ERRORS as error:
-                record["error"] = f"{type(error).__name__}: {error}"
+            item = row if "base" in row else self.item_or_error(row)
+            if isinstance(item, Exception):
+                record["error"] = f"{type(item).__name__}: {item}"
+            else:
+                items.append(item)
             records.append(record)
         answers = iter(self.answer(items) if items else [])
         for record in records:

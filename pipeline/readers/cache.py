@@ -361,10 +361,19 @@ def ray_dataset(root: str, *, metadata_columns: Sequence[str] | None = None, s3_
                               f"--output {root} first")
     _check_row_versions(index.column("schema_version"), f"{root}/videos")
     columns = _columns_to_read(_parquet_dataset(store).schema, metadata_columns)
-    return (ray.data.read_parquet(f"{store.path}/videos", filesystem=store.fs, file_extensions=["parquet"],
-                                  override_num_blocks=override_num_blocks)
-            .select_columns(columns)
-            .map_batches(_items_from_arrow_batch, batch_format="pyarrow"))
+    context = ray.data.DataContext.get_current()
+    newer_reader = context.use_datasource_v2
+    # Ray's newer Parquet reader merges small files into one read task whatever override_num_blocks asks (a
+    # job's files are often small), and a reader of the blocks gets nothing until the whole merged block is done;
+    # the older one honours it. The choice is made when the plan is built.
+    context.use_datasource_v2 = newer_reader and override_num_blocks is None
+    try:
+        videos = ray.data.read_parquet(f"{store.path}/videos", filesystem=store.fs, file_extensions=["parquet"],
+                                       override_num_blocks=override_num_blocks)
+    finally:
+        context.use_datasource_v2 = newer_reader
+    return (videos.select_columns(columns)
+            .map_batches(_items_from_arrow_batch, batch_format="pyarrow", batch_size=None))  # block by block
 
 
 def python_value(value):

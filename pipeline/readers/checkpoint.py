@@ -66,6 +66,15 @@ def video_contract(state: dict, where: str) -> OutputContract | None:
     return OutputContract.from_json(recorded, where) if recorded else None
 
 
+def contract_for_new_videos(state: dict, checkpoint: Path) -> OutputContract:
+    """The settings new videos are tokenised with for this checkpoint; refused if it does not record them."""
+    contract = video_contract(state, str(checkpoint))
+    if contract is None:
+        raise CheckpointMismatch(f"{checkpoint} does not record how its tokens were made, so new videos cannot be "
+                                 "tokenised for it; ask about videos of its --cache instead")
+    return contract
+
+
 def check_cache(state: dict, checkpoint: Path, tokens: OutputContract | None, dim: int, where: str) -> None:
     """Refuse a cache whose tokens the checkpoint's model was not trained on: another width, or (when both
     record them) other settings."""

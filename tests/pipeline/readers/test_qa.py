@@ -22,10 +22,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_llm_dir):
-    lm, tokenizer = load_llm(str(tiny_llm_dir))
-    torch.manual_seed(0)
-    return VideoPrefixLM(DIM, lm, video_heads=4, video_width=8, llm_name=str(tiny_llm_dir)).eval(), tokenizer
+def tiny(tiny_video_lm):
+    return tiny_video_lm
 
 
 def videos(ks: list[int], seed: int = 0) -> dict:
