@@ -79,11 +79,15 @@ class JobConfig:
     gpus_per_worker: float = _flag(0.0, "GPUs per encoder actor (0 = CPU).")
     cpus_per_worker: float = _flag(1.0, "CPUs per encoder actor.")
     batch_size: int = _flag(4, "Videos per encoder forward pass (their frames are batched together).")
+    writers: int | None = _flag(None, "Write actors, each writing result files to the output directly (default: "
+                                "--workers). On a multi-node cluster a local --output must be a filesystem every "
+                                "node shares.")
     num_cpus: int | None = _flag(None, "CPUs of the embedded local Ray (standalone mode only).")
 
     # Output and failure policy.
-    rows_per_file: int = _flag(256, "Videos per Parquet file.")
-    flush_interval_s: float = _flag(60.0, "Write a partial Parquet file at least this often.")
+    rows_per_file: int = _flag(256, "Videos per Parquet file (a writer writes a file once it has this many, or "
+                               "the input is done; a kill loses at most the videos of files not yet written).")
+    flush_interval_s: float = _flag(60.0, "Commit written files and error rows at least this often.")
     max_error_rate: float = _flag(1.0, "Exit non-zero when failed / attempted exceeds this fraction.")
     neighbours: int = _flag(3, "Nearest neighbours of the first video printed after the summary (0 = none).")
     verbose: bool = _flag(False, "Print the job's, Ray's and Ray Data's log lines and Ray Data's own progress. "
@@ -111,8 +115,8 @@ class JobConfig:
             raise ValueError("--k must be >= 1 (or 0 for adaptive)")
         if not 1 <= self.k_min <= self.k_max:
             raise ValueError("need 1 <= --k-min <= --k-max")
-        if self.workers < 1 or self.batch_size < 1 or self.rows_per_file < 1:
-            raise ValueError("--workers, --batch-size and --rows-per-file must be >= 1")
+        if self.workers < 1 or self.batch_size < 1 or self.rows_per_file < 1 or (self.writers or 1) < 1:
+            raise ValueError("--workers, --writers, --batch-size and --rows-per-file must be >= 1")
         if not 0.0 <= self.max_error_rate <= 1.0:
             raise ValueError("--max-error-rate must be within [0, 1]")
         return self

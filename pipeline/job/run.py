@@ -1,10 +1,13 @@
 """The compression job, from a listing of videos to committed output and a run summary.
 
     list videos -> drop those the output already holds (resume) -> decode (CPU actors, time-limited)
-    -> encode + compress (actor pool, one model each, GPU when asked) -> driver commits rows in files
+    -> encode + compress (actor pool, one model each, GPU when asked) -> write (actor pool: stages Parquet files
+    and Lance fragments in the output) -> the driver commits what was staged
 
-The driver is the only writer, so every video row is committed exactly once (see pipeline.store.storage); Ray Data
-streams batches to it with backpressure, so its memory stays bounded whatever the corpus size.
+Workers write every byte of the rows; the driver receives a few hundred bytes per file and is the only one that
+commits, so every video row is committed exactly once (see pipeline.store.staging) and adding machines adds
+writers. Ray Data streams to it with backpressure, so its memory stays bounded whatever the corpus size. The
+LanceDB table's upkeep (compaction, indexes) runs as a Ray task beside the commits, never in the driver.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
 from tqdm import tqdm
 
@@ -31,9 +35,10 @@ from pipeline.job.encoders import encoder_input_size
 from pipeline.job.errors import ERROR_COLUMNS
 from pipeline.job.sample_clips import write_sample_manifest
 from pipeline.job.sources import Listing, list_input
-from pipeline.job.stages import DecodeStage, EncodeCompressStage, check_extra_columns
+from pipeline.job.stages import DecodeStage, EncodeCompressStage, WriteStage, check_extra_columns, staged_videos
 from pipeline.store.contract import OutputContract, check_rows, check_run, contract_of_rows
 from pipeline.store.schema import now_utc
+from pipeline.store.staging import StagedVideos
 from pipeline.store.storage import OutputStore
 
 log = logging.getLogger("tokendyn.pipeline")
@@ -135,6 +140,9 @@ def build_dataset(todo: list[dict], config: JobConfig, extra_fields: list[pa.Fie
         .map_batches(EncodeCompressStage, fn_constructor_kwargs={"config": config, "extra_fields": list(extra_fields)},
                      batch_size=config.batch_size, batch_format="pyarrow", compute=elastic_pool(config.workers),
                      num_cpus=encode.num_cpus, num_gpus=encode.num_gpus)
+        .map_batches(WriteStage, fn_constructor_kwargs={"config": config}, batch_size=config.rows_per_file,
+                     batch_format="pyarrow", compute=elastic_pool(config.writers or config.workers),
+                     num_cpus=WriteStage.resources(config).num_cpus)
     )
     video_bytes = decoded_video_bytes(config, input_size)
     budget = max(MIN_OBJECT_STORE_BUDGET, IN_FLIGHT_BATCHES * config.workers * config.batch_size * video_bytes)
@@ -144,60 +152,115 @@ def build_dataset(todo: list[dict], config: JobConfig, extra_fields: list[pa.Fie
     return dataset
 
 
+@ray.remote(num_cpus=0)  # mostly I/O, like the commits beside it; it must never wait for an encoder's CPU
+def maintain_table(root: str, s3_endpoint_url: str | None, finish: bool = False) -> None:
+    """The LanceDB table's upkeep: compaction and index updates when due; with `finish`, everything brought up to
+    date and the vector index built (OutputStore.compact_if_needed, build_vector_index)."""
+    store = OutputStore(root, s3_endpoint_url)
+    if finish:
+        store.build_vector_index()
+    else:
+        store.compact_if_needed()
+
+
 class Committer:
-    """Buffers result rows and commits them in files of `rows_per_file`, or sooner after `flush_interval_s`."""
+    """Commits what the write stage staged, in flushes of `rows_per_file` videos or sooner after
+    `flush_interval_s`, and keeps one table upkeep task (`maintain_table`) running beside the commits."""
 
     def __init__(self, store: OutputStore, config: JobConfig, summary: RunSummary,
                  contract: OutputContract | None) -> None:
         self.store, self.config, self.summary, self.contract = store, config, summary, contract
-        self.videos: list[pa.Table] = []
-        self.errors: list[pa.Table] = []
+        self.staged: list[tuple[StagedVideos, dict]] = []  # (staged rows, the write stage's row: their counts)
+        self.errors: list[dict] = []
+        self.committed: set[str] = set()  # video ids this run committed
         self.last_flush = time.monotonic()
+        self.upkeep: ray.ObjectRef | None = None
 
-    def add(self, batch: pa.Table) -> None:
-        failed = pc.is_valid(batch.column("error_stage"))
-        ok = batch.filter(pc.invert(failed)).drop_columns(list(ERROR_COLUMNS))
-        errors = batch.filter(failed)
-        if ok.num_rows:
-            self.videos.append(ok)
-        if errors.num_rows:
-            self.errors.append(errors.select(["video_id", "uri", *ERROR_COLUMNS]).rename_columns(
-                ["video_id", "uri", "stage", "error_type", "message"]))
-        pending = sum(t.num_rows for t in self.videos) + sum(t.num_rows for t in self.errors)
+    def add(self, batch: pa.Table) -> int:
+        """Take one batch of the write stage's output; returns the videos it accounts for."""
+        videos = 0
+        for row in batch.to_pylist():
+            staged = staged_videos(row)
+            if staged is not None:
+                self.staged.append((staged, row))
+            self.errors.extend(row["errors"])
+            videos += len(row["video_ids"]) + len(row["errors"])
+        pending = sum(len(staged.video_ids) for staged, _ in self.staged) + len(self.errors)
         if pending >= self.config.rows_per_file or time.monotonic() - self.last_flush >= self.config.flush_interval_s:
             self.flush()
+        return videos
 
     def flush(self) -> None:
-        if self.videos:
-            videos = pa.concat_tables(self.videos)
-            self._record_contract(videos)
-            self.store.write_videos(videos, replace=self.config.overwrite)
-            self._count_videos(videos)
+        fresh = [(staged, counts) for staged, counts in self.staged if self._not_committed_yet(staged)]
+        if fresh:
+            for staged, _ in fresh:
+                self._record_contract(staged.encoder_table())
+            if self.config.overwrite:
+                self._wait_for_upkeep()  # its compaction and our removal of replaced rows would touch one fragment
+            self.store.commit_staged([staged for staged, _ in fresh], replace=self.config.overwrite)
+            for staged, counts in fresh:
+                self.committed.update(staged.video_ids)
+                self._count_videos(len(staged.video_ids), counts)
+            self._start_upkeep()
         if self.errors:
-            errors = pa.concat_tables(self.errors)
+            errors = pa.Table.from_pylist(self.errors)
             run_ids = pa.array([self.summary.run_id] * errors.num_rows, pa.string())
             created = pa.array([now_utc()] * errors.num_rows, pa.timestamp("us", tz="UTC"))
             self.store.write_errors(errors.append_column("run_id", run_ids).append_column("created_at", created))
             self._count_errors(errors)
-        self.videos, self.errors = [], []
+        self.staged, self.errors = [], []
         self.last_flush = time.monotonic()
 
-    def _record_contract(self, videos: pa.Table) -> None:
+    def finish(self) -> None:
+        """Commit what is pending, then bring the table up to date (compaction, indexes) and wait for it."""
+        self.flush()
+        self._wait_for_upkeep()
+        ray.get(maintain_table.remote(self.store.root, self.store.s3_endpoint_url, finish=True))
+
+    def _not_committed_yet(self, staged: StagedVideos) -> bool:
+        """Whether `staged` is to be committed as it is. A write repeated after its videos were committed (a
+        retried or reconstructed task) is never committed again: its other videos, if any, go in through the
+        driver, and its files are left to remove_orphans."""
+        repeated = self.committed.intersection(staged.video_ids)
+        if not repeated:
+            return True
+        rows = pq.read_table(staged.parquet, filesystem=self.store.fs)
+        rows = rows.filter(pc.invert(pc.is_in(rows.column("video_id"), pa.array(sorted(repeated), pa.string()))))
+        self.store.discard_staged(staged)
+        if rows.num_rows:
+            self.store.write_videos(rows, replace=self.config.overwrite)
+            self.committed.update(rows.column("video_id").to_pylist())
+            self._count_videos(rows.num_rows, {})
+        log.warning("a write of %d video(s) already committed was repeated; committed once", len(repeated))
+        return False
+
+    def _start_upkeep(self) -> None:
+        if self.upkeep is not None:
+            ready, _ = ray.wait([self.upkeep], timeout=0)
+            if not ready:
+                return
+            ray.get(self.upkeep)  # raises what it raised
+        self.upkeep = maintain_table.remote(self.store.root, self.store.s3_endpoint_url)
+
+    def _wait_for_upkeep(self) -> None:
+        if self.upkeep is not None:
+            ray.get(self.upkeep)
+            self.upkeep = None
+
+    def _record_contract(self, encoders: pa.Table) -> None:
         """The output's first rows record its settings before they are committed; later rows must match them."""
         if self.contract is None:
-            self.contract = contract_of_rows(self.config, videos)
+            self.contract = contract_of_rows(self.config, encoders)
             self.store.write_settings(self.contract.as_json(self.summary.run_id))
-        check_rows(self.contract, videos, self.store.root)
+        check_rows(self.contract, encoders, self.store.root)
 
-    def _count_videos(self, videos: pa.Table) -> None:
+    def _count_videos(self, videos: int, counts: dict) -> None:
         s = self.summary
-        s.ok += videos.num_rows
-        cells = pc.multiply(pc.multiply(videos.column("num_frames"), videos.column("grid_h")), videos.column("grid_w"))
-        s.tokens_in += pc.sum(cells).as_py()
-        s.tokens_kept += pc.sum(videos.column("k")).as_py()
-        itemsize = 2 if self.config.base_dtype == "float16" else 4
-        s.raw_token_bytes += pc.sum(pc.multiply(cells, videos.column("dim"))).as_py() * itemsize
-        s.stored_bytes += sum(videos.column(name).nbytes for name in ("base", "dynamics", "cluster_sizes", "pooled"))
+        s.ok += videos
+        s.tokens_in += counts.get("tokens_in", 0)
+        s.tokens_kept += counts.get("tokens_kept", 0)
+        s.raw_token_bytes += counts.get("raw_token_bytes", 0)
+        s.stored_bytes += counts.get("stored_bytes", 0)
 
     def _count_errors(self, errors: pa.Table) -> None:
         self.summary.failed += errors.num_rows
@@ -207,7 +270,8 @@ class Committer:
 
 
 def run_job(config: JobConfig, on_batch: Callable[[int], None] | None = None) -> RunSummary:
-    """Run the job to completion; `on_batch(rows)` is called after each result batch is handed to the writer."""
+    """Run the job to completion; `on_batch(videos)` is called after each batch of written files reaches the
+    driver."""
     started = time.monotonic()
     source = str(write_sample_manifest(Path(tempfile.mkdtemp()))) if config.sample_clips else config.input
     store = OutputStore(config.output, config.s3_endpoint_url)
@@ -256,10 +320,9 @@ def _run_locked(config: JobConfig, store: OutputStore, listing: Listing, summary
         dataset = build_dataset(todo, config, listing.extra_fields)
         with tqdm(total=len(todo), unit="video", desc="videos", dynamic_ncols=True, mininterval=1.0) as progress:
             for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-                committer.add(batch)
-                progress.update(batch.num_rows)
+                videos = committer.add(batch)
+                progress.update(videos)
                 if on_batch is not None:
-                    on_batch(batch.num_rows)
-        committer.flush()
-        store.build_vector_index()
+                    on_batch(videos)
+        committer.finish()
     store.finish_run()

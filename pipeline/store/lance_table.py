@@ -86,7 +86,8 @@ class LanceTable(OutputRoot):
     known to hold exactly Parquet's video ids in `_in_step` (set by reconcile) and whether this run has marked the
     output unsynced in `_marked_unsynced`; it reads Parquet through pipeline.store.parquet and looks ids up and keeps
     the id digest through pipeline.store.done_ids (`_lance_ids_in`, `_read_id_digest`, `_write_id_digest`,
-    `_digest_state`, `_id_digest_covering`).
+    `_digest_state`, `_id_digest_covering`), and removes staged files never committed through
+    pipeline.store.staging (`remove_orphans`).
     """
 
     run_id: str
@@ -130,8 +131,6 @@ class LanceTable(OutputRoot):
         else:
             # The usual case, new ids only. merge_insert would read every row the video_id index does not cover yet.
             lance.add(table)
-        if not any(index.name == ID_INDEX_NAME for index in lance.list_indices()):
-            lance.create_index("video_id", config=BTree(), name=ID_INDEX_NAME)
         self.compact_if_needed(lance)
 
     def _delete_from_lance(self, video_ids: list[str]) -> None:
@@ -140,7 +139,8 @@ class LanceTable(OutputRoot):
     # ---- compaction and the indexes --------------------------------------------------------------------------
     def compact_if_needed(self, lance=None, force: bool = False) -> bool:
         """Merge the fragments the indexes do not cover yet and bring the indexes up to date, once enough have
-        piled up (`force`: whenever there are any). Returns whether it compacted.
+        piled up (`force`: whenever there are any). Returns whether it compacted. The video_id index is created
+        first if the table has none yet.
 
         Each step is bounded: compaction merges only fragments smaller than COMPACTED_FRAGMENT_ROWS, the video_id
         index takes in the new rows, the vector index gets them as a delta (assigned to the trained partitions;
@@ -151,6 +151,8 @@ class LanceTable(OutputRoot):
         lance = self.lance_table() if lance is None else lance
         if lance is None:
             return False
+        if not any(index.name == ID_INDEX_NAME for index in lance.list_indices()):
+            lance.create_index("video_id", config=BTree(), name=ID_INDEX_NAME)
         dataset = lance.to_lance()
         pending = _unindexed_fragments(dataset)
         if not pending or not force and (len(pending) < COMPACT_AT_NEW_FRAGMENTS and
@@ -239,6 +241,7 @@ class LanceTable(OutputRoot):
         if known_in_step:
             self._in_step = True
             return 0
+        self.remove_orphans()  # what the run that did not end cleanly staged and never committed
         latest = self._drop_superseded_rows()
         in_lance = {} if lance is None else dict(_created_at_by_id(
             lance.search().select(["video_id", "created_at"]).limit(None).to_arrow()))
@@ -254,5 +257,7 @@ class LanceTable(OutputRoot):
         return len(stale)
 
     def finish_run(self) -> None:
-        """Record that LanceDB and Parquet agree (the run ended cleanly), so the next `reconcile` can skip its check."""
+        """Delete what this run staged and did not commit (a retried writer's files), and record that LanceDB and
+        Parquet agree (the run ended cleanly), so the next `reconcile` can skip its check."""
+        self.remove_orphans()
         self._set_unsynced_marker(False)

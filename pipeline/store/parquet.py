@@ -64,13 +64,16 @@ class ParquetFiles(OutputRoot):
     def _write_parquet(self, kind: str, table: pa.Table) -> str:
         """Write `table` as one new file under `kind`/, visible to readers only once complete."""
         self._check_lease()
-        name = f"part-{self.run_id}-{self._seq[kind]:05d}.parquet"
-        self._seq[kind] += 1
-        staged = f"{self._dir('_staging')}/{kind}-{name}"
-        final = f"{self._dir(kind)}/{name}"
+        staged = f"{self._dir('_staging')}/{kind}-{uuid.uuid4().hex}.parquet"
         self.fs.create_dir(self._dir("_staging"), recursive=True)
-        self.fs.create_dir(self._dir(kind), recursive=True)
         pq.write_table(table, staged, filesystem=self.fs)
+        return self._publish_parquet(kind, staged)
+
+    def _publish_parquet(self, kind: str, staged: str) -> str:
+        """Move a complete file from _staging/ into `kind`/ under the next name of this run: one step."""
+        final = f"{self._dir(kind)}/part-{self.run_id}-{self._seq[kind]:05d}.parquet"
+        self._seq[kind] += 1
+        self.fs.create_dir(self._dir(kind), recursive=True)
         self.fs.move(staged, final)
         return final
 
@@ -79,7 +82,7 @@ class ParquetFiles(OutputRoot):
             self._write_parquet("errors", table.cast(ERROR_SCHEMA))
 
     # ---- removing rows ---------------------------------------------------------------------------------------
-    def _remove_parquet_rows(self, video_ids: list[str], *, skip_file: str | None = None,
+    def _remove_parquet_rows(self, video_ids: list[str], *, skip_files: list[str] = (),
                              only_file: str | None = None) -> int:
         """Rewrite the Parquet files holding rows of these videos without them (each file replaced whole)."""
         ids = pa.array(sorted(set(video_ids)), pa.string())
@@ -87,7 +90,7 @@ class ParquetFiles(OutputRoot):
             return 0
         removed = 0
         for path in [only_file] if only_file else self._parquet_files("videos"):
-            if path == skip_file:
+            if path in skip_files:
                 continue
             table = pq.read_table(path, filesystem=self.fs)
             kept = table.filter(pc.invert(pc.is_in(table.column("video_id"), value_set=ids)))

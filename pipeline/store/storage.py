@@ -8,7 +8,7 @@ Layout under the output root (a local path or s3://bucket/prefix):
     lancedb/_video_id_digest.arrow    hashes of the video ids in LanceDB, for a resume's lookups (see below)
     settings.json                     the settings every video row was made with (pipeline.store.contract)
     run.json                          summary of the last run
-    _staging/                         files being written (ignored by readers: the name starts with "_")
+    _staging/                         files being written or staged (ignored by readers: the name starts with "_")
     _lancedb_unsynced                 present from a run's start until it ends cleanly (see reconcile)
     _lock                             held by the running job (a lease it renews): a second job refuses to start
     _takeovers/                       one small marker per lock takeover (makes a takeover atomic; removed on release)
@@ -34,6 +34,7 @@ answers and the next compaction makes a new digest.
     pipeline.store.done_ids      done_ids for a resume: the id digest and the video_id index lookups
     pipeline.store.lock          the lock: a lease, renewed, taken over once its holder is gone
     pipeline.store.records       settings.json and run.json
+    pipeline.store.staging       rows staged by writers anywhere (Parquet and Lance fragments), committed by one
 
 This module adds what spans them: the store's state, and the commits that touch both Parquet and LanceDB.
 """
@@ -56,6 +57,7 @@ from pipeline.store.lance_table import LanceTable, UNSYNCED_MARKER
 from pipeline.store.lock import LEASE_S, LeaseLock
 from pipeline.store.parquet import ParquetFiles
 from pipeline.store.records import Records
+from pipeline.store.staging import StagedWrites
 
 # Callers (jobs, readers, benchmarks) import these from here.
 from pipeline.store.lance_table import MIN_ROWS_FOR_VECTOR_INDEX, TABLE_NAME, _unindexed_fragments  # noqa: F401
@@ -63,7 +65,7 @@ from pipeline.store.lock import OutputLocked  # noqa: F401
 
 
 @dataclass
-class OutputStore(ParquetFiles, LanceTable, DoneIds, LeaseLock, Records):
+class OutputStore(ParquetFiles, LanceTable, DoneIds, LeaseLock, Records, StagedWrites):
     """Reads and writes one output root. Cheap to create; nothing is written until asked."""
 
     root: str
@@ -81,6 +83,7 @@ class OutputStore(ParquetFiles, LanceTable, DoneIds, LeaseLock, Records):
         self._lease_lost = False
         self._in_step = False  # LanceDB known to hold exactly Parquet's video ids (set by reconcile)
         self._marked_unsynced = False
+        self._lance_version: int | None = None  # the LanceDB table version commit_staged last committed or read
 
     # ---- commits to both Parquet and LanceDB ----------------------------------------------------------------
     def write_videos(self, table: pa.Table, replace: bool = False) -> None:
@@ -96,7 +99,7 @@ class OutputStore(ParquetFiles, LanceTable, DoneIds, LeaseLock, Records):
             self._set_unsynced_marker(True)
         committed = self._write_parquet("videos", table)
         if replace:
-            self._remove_parquet_rows(table.column("video_id").to_pylist(), skip_file=committed)
+            self._remove_parquet_rows(table.column("video_id").to_pylist(), skip_files=[committed])
         self._upsert_lance(table)
 
     def remove_videos(self, video_ids: Iterable[str]) -> int:
@@ -116,4 +119,4 @@ class OutputStore(ParquetFiles, LanceTable, DoneIds, LeaseLock, Records):
         for name in ("run.json", UNSYNCED_MARKER, self.SETTINGS_FILE):
             if self.fs.get_file_info(self._dir(name)).type != pafs.FileType.NotFound:
                 self.fs.delete_file(self._dir(name))
-        self._db, self._in_step, self._marked_unsynced = None, False, False
+        self._db, self._in_step, self._marked_unsynced, self._lance_version = None, False, False, None

@@ -1,4 +1,5 @@
-"""Crash and resume: kill -9 of the job's driver (local output, then S3 output on moto) and of one encoder actor.
+"""Crash and resume: kill -9 of the job's driver (local output, then S3 output on moto), of one encoder actor, and of
+a writer or the driver between a write and its commit.
 
 Users rely on: after any crash, re-running the same command finishes the work; every video is then present exactly
 once in Parquet and in LanceDB; readers never see a partial file; and what was committed before the crash is kept
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import shutil
 import signal
@@ -24,6 +26,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import lance
 import pyarrow.parquet as pq
 import pytest
 import ray  # noqa: F401  (puts Ray's bundled psutil on the path)
@@ -121,6 +124,12 @@ def kill_driver_when(proc: subprocess.Popen, ready, ray_tmp: str, logs: Path) ->
         time.sleep(0.02)
     before = session_processes(proc.pid, ray_tmp)
     os.kill(proc.pid, signal.SIGKILL)
+    return stop_session(proc, before, ray_tmp)
+
+
+def stop_session(proc: subprocess.Popen, before: dict, ray_tmp: str) -> list[str]:
+    """After the driver was killed: wait (30 s at most) for its Ray session's processes (`before` and those found
+    now) to exit and return the names of those still running; they are then killed by PID."""
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
     processes = {**before, **session_processes(proc.pid, ray_tmp)}
@@ -247,6 +256,85 @@ def test_a_killed_encoder_actor_is_restarted_and_its_batch_retried(ray_local, tm
     expected = sorted(video_id_for(str(path)) for path in corpus)
     assert sorted(store.read_videos(columns=["video_id"]).column("video_id").to_pylist()) == expected
     assert sorted(lance_ids(store)) == expected
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# kill -9 between a write and its commit: of a writer, then of the driver (tests/jobs/faults injects the kill)
+
+FAULTS = REPO / "tests" / "jobs" / "faults"
+FAULT_VIDEOS = 6
+
+
+def run_with_fault(fault: str, corpus: Path, output: Path, logs: Path) -> tuple[subprocess.Popen, dict, list[str]]:
+    """Run the job standalone with `fault` injected, to its end or its kill; -> (process, the staged files the
+    killed process left, the names of its Ray session's processes that outlived it)."""
+    record = logs.parent / f"{logs.name}.fault.json"
+    ray_tmp = short_temp_dir()
+    env = job_env(ray_tmp, PYTHONPATH=os.pathsep.join(filter(None, [str(FAULTS), os.environ.get("PYTHONPATH")])),
+                  TD_FAULT=fault, TD_FAULT_RECORD=str(record))
+    try:
+        proc = start_job(["--input", str(corpus), "--output", str(output), *FLAGS, "--num-cpus", "2"], env, logs)
+        try:
+            proc.wait(timeout=START_TIMEOUT_S * 2)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail("the job did not end in time")
+        survivors = stop_session(proc, {}, ray_tmp) if proc.returncode == -signal.SIGKILL else []
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert record.exists(), "the fault was not injected:\n" + logs.with_suffix(".err").read_text()[-3000:]
+    return proc, json.loads(record.read_text()), survivors
+
+
+def lance_data_files(output: Path) -> set[str]:
+    return {path.name for path in (output / "lancedb" / "videos.lance" / "data").iterdir()}
+
+
+def unreferenced_lance_files(output: Path) -> set[str]:
+    """Data files of the LanceDB table that no version of it refers to."""
+    uri = str(output / "lancedb" / "videos.lance")
+    referenced = {data_file.path for version in lance.dataset(uri).versions()
+                  for fragment in lance.dataset(uri, version=version["version"]).get_fragments()
+                  for data_file in fragment.metadata.files}
+    return lance_data_files(output) - referenced
+
+
+def assert_each_video_once_and_no_orphan(output: Path, corpus: list[Path], left: dict) -> None:
+    store = OutputStore(str(output))
+    expected = sorted(video_id_for(str(path)) for path in corpus)
+    assert sorted(store.read_videos(columns=["video_id"]).column("video_id").to_pylist()) == expected
+    assert sorted(lance_ids(store)) == expected
+    assert not any(Path(path).exists() for path in left["parquet"])
+    assert not set(left["fragments"]) & lance_data_files(output)
+    assert unreferenced_lance_files(output) == set()
+    assert not list((output / "_staging").iterdir())
+
+
+def test_a_writer_killed_after_staging_its_files_is_retried_and_they_are_never_committed(tmp_path,
+                                                                                         make_synthetic_clip):
+    corpus = make_corpus(tmp_path / "corpus", make_synthetic_clip("crash_writer", num_frames=12), FAULT_VIDEOS)
+    output = tmp_path / "out"
+    proc, left, _ = run_with_fault("writer-after-staging", tmp_path / "corpus", output, tmp_path / "logs" / "run")
+    assert proc.returncode == 0, (tmp_path / "logs" / "run.err").read_text()[-3000:]
+    assert len(left["parquet"]) == 1 and left["fragments"]  # what the killed writer had staged...
+    assert_each_video_once_and_no_orphan(output, corpus, left)  # ...was removed, and its videos written again
+
+
+def test_a_driver_killed_with_rows_staged_leaves_them_to_the_rerun(ray_local, tmp_path, make_synthetic_clip):
+    corpus = make_corpus(tmp_path / "corpus", make_synthetic_clip("crash_commit", num_frames=12), FAULT_VIDEOS)
+    output = tmp_path / "out"
+    proc, left, survivors = run_with_fault("driver-before-commit-3", tmp_path / "corpus", output,
+                                           tmp_path / "logs" / "killed")
+    assert proc.returncode == -signal.SIGKILL
+    assert set(survivors) <= RAY_AGENTS_THAT_OUTLIVE_THE_RAYLET, survivors
+    committed = OutputStore(str(output)).read_videos(columns=["video_id"]).column("video_id").to_pylist()
+    assert len(committed) == 2  # two commits of one video each before the kill...
+    assert all(Path(path).exists() for path in left["parquet"])  # ...and the third one's files staged, not visible
+    assert set(left["fragments"]) <= unreferenced_lance_files(output)
+
+    summary = run_job(JobConfig.from_args(["--input", str(tmp_path / "corpus"), "--output", str(output), *FLAGS]))
+    assert (summary.skipped, summary.ok, summary.failed, summary.exit_code) == (2, FAULT_VIDEOS - 2, 0, 0)
+    assert_each_video_once_and_no_orphan(output, corpus, left)
 
 
 # ---------------------------------------------------------------------------------------------------------------

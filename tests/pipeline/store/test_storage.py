@@ -442,15 +442,6 @@ def test_reconcile_after_a_crash_while_removing_drops_what_parquet_no_longer_hol
     assert resumed.done_ids(["a", "b"]) == {"a"}
 
 
-@pytest.fixture(params=["local", "s3"])
-def output_root(request, tmp_path) -> tuple[str, dict]:
-    """(root, OutputStore options) of an empty output, on local disk and on moto S3."""
-    if request.param == "local":
-        return str(tmp_path / "out"), {}
-    endpoint, bucket = request.getfixturevalue("moto_s3_endpoint"), request.getfixturevalue("s3_bucket")
-    return f"s3://{bucket}/out", {"s3_endpoint_url": endpoint}
-
-
 def test_a_table_whose_first_commit_never_finished_is_rebuilt_from_parquet(output_root):
     """A crash inside LanceDB's first commit leaves data files but no version: the table is listed yet unopenable."""
     root, options = output_root
