@@ -16,7 +16,8 @@ Layout under the output root (a local path or s3://bucket/prefix):
 Exactly-once per video: a Parquet file becomes visible in one step (staged, then moved into videos/; an S3 object
 appears whole), and the set of video_ids in videos/ is what counts as done. LanceDB is written after Parquet with
 merge_insert on video_id, so repeating a write never duplicates a row; `reconcile()` copies into LanceDB whatever
-a crash left only in Parquet.
+a crash left only in Parquet. Rows that writers elsewhere staged are committed by the same rule, Parquet first
+(`commit_staged`, pipeline.store.staging).
 
 Flat with size: a commit looks its ids up in a scalar index on video_id and appends when they are all new (the
 usual case; merge_insert otherwise); the fragments commits add are compacted as they pile up, into fragments of at

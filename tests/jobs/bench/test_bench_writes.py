@@ -29,12 +29,13 @@ def test_workers_writing_keep_the_bytes_and_the_work_off_the_driver(tmp_path):
              "--frames", "16", "--grid", "16", "--workdir", str(tmp_path)]
     run = subprocess.run([sys.executable, str(SCRIPT), *flags, "--json"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    before, one, two = json.loads(run.stdout)
+    before, one, two, alone = json.loads(run.stdout)
     assert before["driver_byte_share"] >= 1.0  # every row's bytes, and more, reach the driver
-    for after in (one, two):
+    for after in (one, two, alone):
         assert after["driver_byte_share"] <= 0.01, after
         # 20-50x lower on an idle 2-core machine; a margin for a loaded one.
         assert after["driver_us_per_row_p50"] * 4 <= before["driver_us_per_row_p50"], (before, after)
-    table = bench.format_table([before, one, two])
-    assert "| workers write, 2 writers |" in table and "lower, p50" in table
+    table = bench.format_table([before, one, two, alone])
+    assert "| workers write, 2 writers |" in table and "| commits alone (files staged first) |" in table
+    assert "x lower)" in table
     assert list(tmp_path.iterdir()) == []  # each output removed after its measurement
