@@ -29,6 +29,14 @@ def _contract_flag(name: str, help: str, **argparse_kwargs: Any) -> Any:
 
 
 @dataclass(frozen=True)
+class Resources:
+    """What one instance of a stage of the job asks Ray for."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+
+@dataclass(frozen=True)
 class JobConfig:
     # What to read and where to write.
     input: str | None = _flag(

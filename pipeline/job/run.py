@@ -32,10 +32,10 @@ from tqdm import tqdm
 from pipeline.job.config import JobConfig
 from pipeline.job.console import quiet_ray
 from pipeline.job.encoders import encoder_input_size
-from pipeline.job.errors import ERROR_COLUMNS
 from pipeline.job.sample_clips import write_sample_manifest
 from pipeline.job.sources import Listing, list_input
-from pipeline.job.stages import DecodeStage, EncodeCompressStage, WriteStage, check_extra_columns, staged_videos
+from pipeline.job.stages import DecodeStage, EncodeCompressStage, check_extra_columns
+from pipeline.job.writing import COUNT_COLUMNS, WriteStage, maintain_table, staged_videos
 from pipeline.store.contract import OutputContract, check_rows, check_run, contract_of_rows
 from pipeline.store.schema import now_utc
 from pipeline.store.staging import StagedVideos
@@ -152,17 +152,6 @@ def build_dataset(todo: list[dict], config: JobConfig, extra_fields: list[pa.Fie
     return dataset
 
 
-@ray.remote(num_cpus=0)  # mostly I/O, like the commits beside it; it must never wait for an encoder's CPU
-def maintain_table(root: str, s3_endpoint_url: str | None, finish: bool = False) -> None:
-    """The LanceDB table's upkeep: compaction and index updates when due; with `finish`, everything brought up to
-    date and the vector index built (OutputStore.compact_if_needed, build_vector_index)."""
-    store = OutputStore(root, s3_endpoint_url)
-    if finish:
-        store.build_vector_index()
-    else:
-        store.compact_if_needed()
-
-
 class Committer:
     """Commits what the write stage staged, in flushes of `rows_per_file` videos or sooner after
     `flush_interval_s`, and keeps one table upkeep task (`maintain_table`) running beside the commits."""
@@ -257,10 +246,8 @@ class Committer:
     def _count_videos(self, videos: int, counts: dict) -> None:
         s = self.summary
         s.ok += videos
-        s.tokens_in += counts.get("tokens_in", 0)
-        s.tokens_kept += counts.get("tokens_kept", 0)
-        s.raw_token_bytes += counts.get("raw_token_bytes", 0)
-        s.stored_bytes += counts.get("stored_bytes", 0)
+        for name in COUNT_COLUMNS:
+            setattr(s, name, getattr(s, name) + counts.get(name, 0))
 
     def _count_errors(self, errors: pa.Table) -> None:
         self.summary.failed += errors.num_rows

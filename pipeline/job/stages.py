@@ -1,42 +1,27 @@
-"""Ray Data stages of the compression job: thin adapters over the steps of pipeline.job.tokenizer.VideoTokenizer,
-and the write stage that stages their rows in the output (pipeline.store.staging).
+"""Ray Data stages of the compression job: thin adapters over the steps of pipeline.job.tokenizer.VideoTokenizer
+(the write stage that follows them is in pipeline.job.writing).
 
 Each stage is a callable class (Ray builds one per actor, so set-up happens once) that declares the resources it
 needs. Rows stay small: ids, uris and manifest columns travel; decoded frames exist only between the decode and
-encode stages, as one binary cell per video; after the write stage, only a few hundred bytes per written file
-travel on, to the driver. A failing video becomes a row with error columns set (see pipeline.job.errors), which
-later stages pass through untouched, and the write stage hands on as an error record.
+encode stages, as one binary cell per video. A failing video becomes a row with error columns set (see
+pipeline.job.errors), which later stages pass through untouched.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
 import tokendyn
-from pipeline.job.config import JobConfig
+from pipeline.job.config import JobConfig, Resources
 from pipeline.job.errors import ERROR_COLUMNS, no_failure, record_failure
 from pipeline.job.tokenizer import VideoTokenizer
 from pipeline.store.schema import now_utc, video_row, video_schema
-from pipeline.store.staging import StagedVideos
-from pipeline.store.storage import OutputStore
 
 # Columns the decode stage adds; everything else in its input (ids, manifest columns) is carried through.
 FRAME_COLUMNS = ("frames", "frames_shape", "frame_indices", "fps", "source_frames")
 ERROR_FIELDS = [pa.field(name, pa.string()) for name in ERROR_COLUMNS]
-
-
-@dataclass(frozen=True)
-class Resources:
-    """What one instance of a stage asks Ray for."""
-
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
 
 
 def _is_failed(row: dict) -> bool:
@@ -169,64 +154,3 @@ class EncodeCompressStage:
         for f in ERROR_FIELDS:
             schema = schema.append(f)
         return schema
-
-
-# What the write stage hands the driver per written file: where the rows are, what they hold, and the error records
-# of the batch's failed videos.
-ERROR_RECORD = pa.struct([pa.field(name, pa.string())
-                          for name in ("video_id", "uri", "stage", "error_type", "message")])
-STAGED_SCHEMA = pa.schema([
-    pa.field("parquet", pa.string()),  # null when every video of the batch failed
-    pa.field("fragments", pa.string()),
-    pa.field("video_ids", pa.list_(pa.string())),
-    pa.field("encoders", pa.string()),  # JSON of StagedVideos.encoders
-    pa.field("schema", pa.binary()),
-    *(pa.field(name, pa.int64()) for name in ("tokens_in", "tokens_kept", "raw_token_bytes", "stored_bytes")),
-    pa.field("errors", pa.list_(ERROR_RECORD)),
-])
-
-
-def output_counts(videos: pa.Table, base_dtype: str) -> dict[str, int]:
-    """Tokens in and kept, and bytes of raw tokens and of what is stored, over these video rows (the summary's)."""
-    cells = pc.multiply(pc.multiply(videos.column("num_frames"), videos.column("grid_h")), videos.column("grid_w"))
-    itemsize = 2 if base_dtype == "float16" else 4
-    return {"tokens_in": pc.sum(cells).as_py() or 0, "tokens_kept": pc.sum(videos.column("k")).as_py() or 0,
-            "raw_token_bytes": (pc.sum(pc.multiply(cells, videos.column("dim"))).as_py() or 0) * itemsize,
-            "stored_bytes": sum(videos.column(name).nbytes for name in ("base", "dynamics", "cluster_sizes", "pooled"))}
-
-
-def staged_videos(row: dict) -> StagedVideos | None:
-    """The driver's view of one row of the write stage's output (None when it staged no video)."""
-    if row["parquet"] is None:
-        return None
-    return StagedVideos(parquet=row["parquet"], fragments=row["fragments"], video_ids=row["video_ids"],
-                        encoders=json.loads(row["encoders"]), schema=row["schema"])
-
-
-class WriteStage:
-    """Stage a batch of result rows in the output (one Parquet file and its Lance fragments, not visible until the
-    driver commits them) and hand on one small row naming them, with the batch's counts and error records."""
-
-    def __init__(self, config: JobConfig) -> None:
-        self.config = config
-        self.store = OutputStore(config.output, config.s3_endpoint_url)
-
-    @staticmethod
-    def resources(config: JobConfig) -> Resources:
-        # Writing is mostly I/O; like the driver that used to write, it reserves no CPU, so it can never wait for
-        # one that the decoders and encoders hold.
-        return Resources(num_cpus=0.0)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        failed = pc.is_valid(batch.column("error_stage"))
-        videos = batch.filter(pc.invert(failed)).drop_columns(list(ERROR_COLUMNS))
-        errors = batch.filter(failed).select(["video_id", "uri", *ERROR_COLUMNS]).rename_columns(
-            ERROR_RECORD.names).to_pylist()
-        row = {"parquet": None, "fragments": None, "video_ids": [], "encoders": "[]", "schema": None, "errors": errors,
-               **dict.fromkeys(("tokens_in", "tokens_kept", "raw_token_bytes", "stored_bytes"), 0)}
-        if videos.num_rows:
-            staged = self.store.stage_videos(videos)
-            row.update(parquet=staged.parquet, fragments=staged.fragments, video_ids=staged.video_ids,
-                       encoders=json.dumps(staged.encoders), schema=staged.schema,
-                       **output_counts(videos, self.config.base_dtype))
-        return pa.Table.from_pylist([row], schema=STAGED_SCHEMA)

@@ -7,11 +7,13 @@ The same video schema is used for the Parquet files and the LanceDB table, so th
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
-from tokendyn import CompressedVideo
+if TYPE_CHECKING:  # imported where rows become videos: the store's writers and its upkeep never load torch
+    from tokendyn import CompressedVideo
 
 SCHEMA_VERSION = 1
 SCHEMA_VERSION_KEY = b"tokendyn.schema_version"
@@ -103,6 +105,8 @@ def video_row(
 
 def compressed_video_from_row(row: dict) -> CompressedVideo:
     """Inverse of `video_row` for a row read back as Python values (e.g. `table.to_pylist()`)."""
+    from tokendyn import CompressedVideo
+
     return CompressedVideo.from_storage(
         {
             "k": row["k"],

@@ -12,7 +12,7 @@ from job_scripts import load_job_script
 from pipeline.job.config import JobConfig
 from pipeline.job.errors import ERROR_COLUMNS
 from pipeline.job.run import Committer, RunSummary
-from pipeline.job.stages import WriteStage
+from pipeline.job.writing import WriteStage
 from pipeline.store.storage import OutputStore
 
 bench = load_job_script("bench/bench_writes")
