@@ -8,6 +8,7 @@ import json
 
 import lance
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.store.filesystem import lance_storage_options
@@ -58,6 +59,21 @@ def test_staged_rows_are_invisible_until_committed_then_in_both_stores_in_one_la
     assert lance_ids(store) == ["a", "b", "c", "d"]
     assert store.lance_table().version == version + 1  # one commit for the flush
     assert staged_files(store) == []
+
+
+def test_rows_staged_for_a_table_made_from_parquet_rows_are_committed(tmp_path):
+    """A table made from rows read back from Parquet (as reconcile makes one after a crash) names list items
+    "element", rows from Ray Data "item"; Lance refuses an append whose names differ unless the rows take the
+    table's."""
+    store = OutputStore(str(tmp_path / "out"))
+    store.reconcile()
+    pq.write_table(video_table(["a"]), tmp_path / "a.parquet")
+    store.write_videos(pq.read_table(tmp_path / "a.parquet"))
+    assert "element" in str(store.lance_table().schema.field("cluster_sizes").type)
+    staged = video_table(["b"], seed=1)
+    store.commit_staged([OutputStore(store.root).stage_videos(staged)])
+    assert lance_ids(store) == ["a", "b"]
+    assert rows_of(store.lance_table().to_arrow(), ["b"]) == staged.to_pylist()
 
 
 def test_the_first_commit_creates_the_table_from_rows_staged_before_it_existed(tmp_path):
