@@ -161,7 +161,7 @@ class Committer:
         self.store, self.config, self.summary, self.contract = store, config, summary, contract
         self.staged: list[tuple[StagedVideos, dict]] = []  # (staged rows, the write stage's row: their counts)
         self.errors: list[dict] = []
-        self.committed: set[str] = set()  # video ids this run committed
+        self.committed: set[str] = set()  # video ids this run committed, or is committing in this flush
         self.last_flush = time.monotonic()
         self.upkeep: ray.ObjectRef | None = None
 
@@ -180,7 +180,11 @@ class Committer:
         return videos
 
     def flush(self) -> None:
-        fresh = [(staged, counts) for staged, counts in self.staged if self._not_committed_yet(staged)]
+        fresh = []
+        for staged, counts in self.staged:
+            if self._not_committed_yet(staged):
+                fresh.append((staged, counts))
+                self.committed.update(staged.video_ids)  # claimed now: a repeat later in this flush is caught too
         if fresh:
             for staged, _ in fresh:
                 self._record_contract(staged.encoder_table())
@@ -188,7 +192,6 @@ class Committer:
                 self._wait_for_upkeep()  # its compaction and our removal of replaced rows would touch one fragment
             self.store.commit_staged([staged for staged, _ in fresh], replace=self.config.overwrite)
             for staged, counts in fresh:
-                self.committed.update(staged.video_ids)
                 self._count_videos(len(staged.video_ids), counts)
             self._start_upkeep()
         if self.errors:

@@ -50,3 +50,21 @@ def test_a_repeated_write_is_committed_once_and_counted_once(ray_local, tmp_path
     assert store.read_errors().column("video_id").to_pylist() == ["x"]
     assert (summary.ok, summary.failed, summary.failed_by_stage) == (3, 1, {"decode": 1})
     assert not list((tmp_path / "out" / "_staging").iterdir())
+
+
+def test_a_write_repeated_within_one_flush_is_committed_once(ray_local, tmp_path):
+    config = JobConfig.from_args(["--input", "unused", "--output", str(tmp_path / "out"), "--rows-per-file", "10"])
+    store = OutputStore(config.output)
+    store.acquire_lock()
+    store.reconcile()
+    summary = RunSummary(run_id=store.run_id, input="unused", output=config.output, encoder="synthetic")
+    committer = Committer(store, config, summary, contract=None)
+    write = WriteStage(config)
+    for ids in (["a", "b"], ["a", "b"], ["b", "c"]):  # fewer than 10 videos: all three wait for the same flush
+        committer.add(write(results(ids)))
+    committer.finish()
+    store.finish_run()
+    store.release_lock()
+    assert sorted(store.read_videos(columns=["video_id"]).column("video_id").to_pylist()) == ["a", "b", "c"]
+    assert sorted(store.lance_table().to_arrow().column("video_id").to_pylist()) == ["a", "b", "c"]
+    assert summary.ok == 3
