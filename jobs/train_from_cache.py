@@ -68,6 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--steps", type=int, default=200, help="Train until this many steps in total.")
     train.add_argument("--batch-size", type=int, default=4, help="Videos per step.")
     train.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate.")
+    train.add_argument("--llm-lr", type=float, default=None,
+                       help="Learning rate of the LLM weights that --llm-train opens (default: --lr). LLaVA trains "
+                            "its projector at about 50x the rate of the LLM.")
     train.add_argument("--max-caption-tokens", type=int, default=64, help="Captions are cut to this many tokens.")
     train.add_argument("--checkpoint-dir", default="checkpoints", help="Where checkpoints are written and resumed.")
     train.add_argument("--save-every", type=int, default=50, help="Write a checkpoint every this many steps.")
@@ -145,7 +148,11 @@ def new_model(args: argparse.Namespace, video_dim: int, lm) -> VideoPrefixLM:
 
 
 def new_optimizer(model: VideoPrefixLM, args) -> torch.optim.Optimizer:
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    """AdamW: the video side at --lr, the LLM weights that train (if any) at --llm-lr."""
+    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for name, p in trained if not name.startswith("lm.")], "lr": args.lr},
+              {"params": [p for name, p in trained if name.startswith("lm.")], "lr": args.llm_lr or args.lr}]
+    return torch.optim.AdamW([group for group in groups if group["params"]])
 
 
 def build_or_resume(args, videos: QuestionAnswerDataset, llm=None
@@ -301,6 +308,8 @@ def run(args: argparse.Namespace, llm=None) -> dict:
     """
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda"):
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls: the frozen LM's float32 weights at tensor-core speed
     joined = init_distributed(args)
     try:
         return _run(args, llm)

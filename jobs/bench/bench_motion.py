@@ -1,6 +1,7 @@
 """Motion benchmark: can a video LLM read direction, colour and shape from a handful of cached tokens?
 
     python jobs/bench/bench_motion.py                     # defaults: 200 clips, K = 16, SmolLM2, < 30 min on 2 cores
+    python jobs/bench/bench_motion.py --reuse-caches --device cuda --variants tome   # train and score on a GPU
 
 1. Generate captioned synthetic clips with PyAV: a red / green / blue / yellow circle, square or triangle moves
    left, right, up or down, or stays still, over a random textured background ("a red circle moves left").
@@ -120,6 +121,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Held-out loss every this many steps, for the curve (default: at the end only).")
     parser.add_argument("--batch-size", type=int, default=8, help="Videos per training step.")
     parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate.")
+    parser.add_argument("--llm-lr", type=float, default=None, help="Learning rate of the LLM blocks --llm-train opens.")
     parser.add_argument("--video-width", type=int, default=128, help="Width of the cross-dynamics attention.")
     parser.add_argument("--video-heads", type=int, default=8, help="Heads of the cross-dynamics attention.")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="Comma-separated variants to train.")
@@ -131,13 +133,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--clips-only", action="store_true",
                         help="Only write the captioned clips and their manifests (--workdir/train.jsonl, "
                              "heldout.jsonl: caption, questions, answers) and stop: example data for the job.")
+    parser.add_argument("--caches-only", action="store_true",
+                        help="Write the clips and build every variant's caches (--workdir/caches), then stop: train "
+                             "them elsewhere (a GPU machine, say) with --reuse-caches.")
     parser.add_argument("--reuse-caches", action="store_true",
                         help="Keep the clips and caches of an earlier run in --workdir; only train and evaluate.")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads of torch (default: torch's).")
+    parser.add_argument("--device", default="cpu", help="Where the LLM trains and is scored: cpu, cuda, cuda:1, ...")
     args = parser.parse_args(argv)
     unknown = set(args.variants.split(",")) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variant(s) {sorted(unknown)}; choose from {list(VARIANTS)}")
+    if sum((args.clips_only, args.caches_only, args.reuse_caches)) > 1:
+        parser.error("--clips-only, --caches-only and --reuse-caches exclude one another")
     if args.clips < 2 or not 0 < args.heldout < 1 or min(args.steps, args.k, args.frames, args.batch_size) < 1:
         parser.error("need --clips >= 2, 0 < --heldout < 1 and positive --steps, --k, --frames, --batch-size")
     return args
@@ -374,7 +382,8 @@ def heldout_loss(model, tokenizer, heldout: CachedTokenDataset, args) -> float:
     for batch in heldout_batches(heldout, args):
         items, answers, questions = heldout_texts(batch, args)
         videos = {name: torch.stack([item[name] for item in items]) for name in ("base", "dynamics", "base_mask")}
-        losses.append(model.video_losses(**videos, **model.text_batch(tokenizer, answers, questions)))
+        inputs = {**videos, **model.text_batch(tokenizer, answers, questions)}
+        losses.append(model.video_losses(**{name: value.to(args.device) for name, value in inputs.items()}).cpu())
     model.train()
     return torch.cat(losses).mean().item()
 
@@ -402,7 +411,7 @@ def evaluate(model, tokenizer, heldout: CachedTokenDataset, args) -> dict:
         correct = {attribute: mc[attribute, "exact-match"] for attribute in ATTRIBUTES}
     else:
         for batch in heldout_batches(heldout, args):
-            videos = {name: batch[name] for name in ("base", "dynamics", "base_mask")}
+            videos = {name: batch[name].to(args.device) for name in ("base", "dynamics", "base_mask")}
             generated = model.generate_captions(tokenizer, **videos, max_new_tokens=args.max_new_tokens)
             for truth, caption in zip(batch["caption"], generated):
                 expected, got = attribute_values(truth), attribute_values(caption)
@@ -433,14 +442,15 @@ def train_variant(variant: str, caches: Path, args, llm) -> dict:
             "--cache", str(caches / cache / "train"), "--checkpoint-dir", str(checkpoints), "--steps", str(steps),
             "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--save-every", str(every),
             "--log-every", str(max(args.steps // 4, 1)), "--seed", str(args.seed), "--raw-steps", str(raw),
-            "--llm", args.llm, "--llm-train", args.llm_train, "--video-width", str(args.video_width),
-            "--video-heads", str(args.video_heads), *flags,
+            "--llm", args.llm, "--llm-train", args.llm_train, *(["--llm-lr", str(args.llm_lr)] if args.llm_lr else []),
+            "--video-width", str(args.video_width), "--video-heads", str(args.video_heads), "--device", args.device,
+            *flags,
             *(["--question-column", "questions", "--answer-column", "answers"] if args.task == "qa" else [])])
 
     heldout = CachedTokenDataset(str(caches / cache / "heldout"))
     before = None
     if variant == "token-dynamics" and not args.no_untrained:  # the same initialisation, untrained: to beat
-        model = train_from_cache.new_model(train_args(args.steps, 0), heldout.dim, llm[0])
+        model = train_from_cache.new_model(train_args(args.steps, 0), heldout.dim, llm[0]).to(args.device)
         before = evaluate(model, llm[1], heldout, args)
         del model
     print(f"\n== {variant}: {' '.join(flags) or 'cross-dynamics attention'}", flush=True)
@@ -541,6 +551,9 @@ def run(args: argparse.Namespace, llm=None) -> dict:
         return {"manifests": manifests}
     if not args.reuse_caches:
         timings = build_caches(workdir, caches, args)
+    if args.caches_only:
+        print(f"caches of {args.clips} clips in {caches}: {', '.join(sorted(path.name for path in caches.iterdir()))}")
+        return {"caches": caches, "timings": timings}
     llm = llm or load_llm(args.llm)
     results = {"settings": {name: value for name, value in vars(args).items()}, "variants": {}, "timings": timings}
     for variant in args.variants.split(","):

@@ -145,10 +145,11 @@ def score_multiple_choice(model, tokenizer, questions: list[dict], items: list[d
     Returns one record per question: the chosen option by summed and by mean log-likelihood, the generated answer,
     and whether each is right."""
     records = []
+    device = next(model.parameters()).device
     for start in range(0, len(questions), batch_size):
         chunk = questions[start:start + batch_size]
         batch = collate_videos(items[start:start + batch_size])
-        videos = {name: batch[name] for name in VIDEO_INPUTS}
+        videos = {name: batch[name].to(device) for name in VIDEO_INPUTS}
         texts = [question["question"] for question in chunk]
         sums, counts = model.option_log_likelihoods(tokenizer, **videos, questions=texts,
                                                     options=[question["options"] for question in chunk])

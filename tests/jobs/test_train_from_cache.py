@@ -193,13 +193,30 @@ def test_empty_cache_is_a_clear_error(tmp_path, capsys):
     assert "no compressed videos" in capsys.readouterr().err
 
 
+def test_the_llm_blocks_that_train_have_their_own_learning_rate_and_a_rerun_resumes_with_it(captioned_cache, tmp_path,
+                                                                                           tiny_llm_dir):
+    script = load_script()
+    flags = [*arguments(captioned_cache, tmp_path, steps=4, llm=str(tiny_llm_dir)), "--llm-train", "1",
+             "--llm-lr", "1e-5"]
+    first = script.run(script.parse_args(flags))
+    state = torch.load(tmp_path / "checkpoint-00000004.pt", weights_only=False)
+    video_side, llm_side = state["optimizer"]["param_groups"]
+    assert (video_side["lr"], llm_side["lr"]) == (3e-3, 1e-5)
+    names = [name for name, p in first["model"].named_parameters() if p.requires_grad]
+    assert len(video_side["params"]) == sum(not name.startswith("lm.") for name in names)
+    assert len(llm_side["params"]) == sum(name.startswith(("lm.model.layers.1.", "lm.model.norm.")) for name in names) > 0
+    flags[flags.index("--steps") + 1] = "6"
+    second = script.run(script.parse_args(flags))
+    assert second["start_step"] == 4 and len(second["losses"]) == 2
+
+
 def test_help_describes_the_flags(capsys):
     with pytest.raises(SystemExit) as exit:
         load_script().parse_args(["--help"])
     assert exit.value.code == 0
     out = capsys.readouterr().out
     for flag in ("--cache", "--caption-column", "--steps", "--batch-size", "--checkpoint-dir", "--raw-steps", "--llm",
-                 "--llm-train", "--drop-last", "--no-dynamics"):
+                 "--llm-train", "--llm-lr", "--drop-last", "--no-dynamics"):
         assert flag in out
 
 

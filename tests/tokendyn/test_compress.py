@@ -404,6 +404,8 @@ def test_cuda_recovers_small_objects_and_batches_like_one_by_one():
         batched = compress_batch(videos, k, k_min=2, k_max=6, seed=0)
         for video, b in zip(videos, batched):
             alone = compress(video, k, k_min=2, k_max=6, seed=0)
-            assert torch.equal(alone.dynamics, b.dynamics) and torch.equal(alone.base, b.base)
+            assert torch.equal(alone.dynamics, b.dynamics)
+            # CUDA's atomic adds sum a cluster's tokens in no fixed order: the base agrees to float rounding
+            torch.testing.assert_close(alone.base, b.base, rtol=0, atol=1e-5)
             on_cpu = compress(video.cpu(), k, k_min=2, k_max=6, seed=0)
             assert same_partition(on_cpu.dynamics, b.dynamics.cpu())

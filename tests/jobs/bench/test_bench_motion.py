@@ -111,13 +111,16 @@ def test_a_small_benchmark_run_lowers_the_held_out_loss(tmp_path, ray_local, tin
 
 
 def test_the_qa_task_trains_on_questions_and_scores_multiple_choice(tmp_path, ray_local, tiny_llm_dir, capsys):
+    """In two runs, as on a GPU machine: the caches are built first (nothing trains), then trained and scored."""
     script = load_script()
-    args = script.parse_args(["--workdir", str(tmp_path), "--clips", "8", "--heldout", "0.25", "--clip-frames", "8",
-                              "--clip-size", "64", "--frames", "4", "--k", "4", "--steps", "6", "--batch-size", "4",
-                              "--llm", str(tiny_llm_dir), "--llm-train", "full", "--raw-steps", "0", "--task", "qa",
-                              "--variants", "token-dynamics", "--video-width", "16", "--video-heads", "2",
-                              "--max-new-tokens", "3"])
-    results = script.run(args)
+    flags = ["--workdir", str(tmp_path), "--clips", "8", "--heldout", "0.25", "--clip-frames", "8",
+             "--clip-size", "64", "--frames", "4", "--k", "4", "--steps", "6", "--batch-size", "4",
+             "--llm", str(tiny_llm_dir), "--llm-train", "full", "--raw-steps", "0", "--task", "qa",
+             "--variants", "token-dynamics", "--video-width", "16", "--video-heads", "2", "--max-new-tokens", "3"]
+    built = script.run(script.parse_args([*flags, "--caches-only"]))
+    assert sorted(path.name for path in built["caches"].iterdir()) == sorted(["token-dynamics", *script.BASELINES])
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "results.json").exists()
+    results = script.run(script.parse_args([*flags, "--reuse-caches"]))
     manifest = [json.loads(line) for line in (tmp_path / "heldout.jsonl").read_text().splitlines()]
     assert manifest[0]["questions"][0] == "Which way does the object move?"
     assert manifest[0]["answers"] == [manifest[0][name] for name in ("direction", "colour", "shape")]

@@ -4,6 +4,7 @@ the prompt, and the reading of training pairs and multiple-choice sets."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -87,11 +88,16 @@ def test_the_question_replaces_the_caption_prompt_and_is_no_target(tiny):
     assert "Describe the video." in tokenizer.decode(text["input_ids"][1])
 
 
+def cached_items(batch: dict, k: int) -> list[dict]:
+    """The rows of a batch of k-token videos as the cache's items."""
+    return [{"base": batch["base"][row, :k], "dynamics": batch["dynamics"][row],
+             "cluster_sizes": torch.ones(k, dtype=torch.long)} for row in range(len(batch["base"]))]
+
+
 def test_multiple_choice_picks_the_likeliest_option_and_scores_exact_match(tiny):
     model, tokenizer = tiny
     batch = videos([4, 4], seed=1)
-    items = [{"base": batch["base"][row, :4], "dynamics": batch["dynamics"][row],
-              "cluster_sizes": torch.ones(4, dtype=torch.long)} for row in range(2)]
+    items = cached_items(batch, 4)
     with torch.no_grad():
         sums, counts = model.option_log_likelihoods(tokenizer, **batch, questions=QUESTIONS, options=OPTIONS)
     best = [int(sums[row].argmax()) for row in range(2)]
@@ -116,6 +122,19 @@ def test_multiple_choice_picks_the_likeliest_option_and_scores_exact_match(tiny)
         model.__class__ = original
     assert [record["exact-match_correct"] for record in records] == [True, True]
     assert [record["generated"] for record in records] == ["The Left.", "a pale  yellow"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_multiple_choice_on_a_cuda_model_scores_as_on_the_cpu(tiny):
+    model, tokenizer = tiny
+    items = cached_items(videos([4, 4], seed=2), 4)
+    questions = [{"video_id": str(row), "question": QUESTIONS[row], "options": OPTIONS[row], "answer": 0}
+                 for row in range(2)]
+    on_cpu = score_multiple_choice(model, tokenizer, questions, items)
+    # the cache's items stay on the CPU; the scorer moves each batch to the model
+    on_gpu = score_multiple_choice(copy.deepcopy(model).cuda(), tokenizer, questions, items)
+    assert [(record["likelihood"], record["generated"]) for record in on_gpu] == [
+        (record["likelihood"], record["generated"]) for record in on_cpu]
 
 
 def test_normalised_answers():
