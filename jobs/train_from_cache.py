@@ -69,8 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--batch-size", type=int, default=4, help="Videos per step.")
     train.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate.")
     train.add_argument("--llm-lr", type=float, default=None,
-                       help="Learning rate of the LLM weights that --llm-train opens (default: --lr). LLaVA trains "
-                            "its projector at about 50x the rate of the LLM.")
+                       help="Learning rate of the LLM weights that --llm-train opens (default: --lr). LLaVA-1.5 "
+                            "trains its projector at 1e-3 and its LLM at 2e-5.")
     train.add_argument("--max-caption-tokens", type=int, default=64, help="Captions are cut to this many tokens.")
     train.add_argument("--checkpoint-dir", default="checkpoints", help="Where checkpoints are written and resumed.")
     train.add_argument("--save-every", type=int, default=50, help="Write a checkpoint every this many steps.")

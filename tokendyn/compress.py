@@ -172,8 +172,9 @@ def compress_batch(
     """Compress several videos; those of the same shape, dtype and device are fitted together.
 
     videos: list of [T, H, W, D] tensors -> one CompressedVideo each, in order, identical to `compress` of that
-    video with the same arguments (on CUDA the same map, and the base to float rounding: atomic adds). A batch shares every step of the fit (one batched matmul instead of B), which
-    is much cheaper on accelerators and for small videos; large videos on CPU are fitted one by one.
+    video with the same arguments (on CUDA the same map, and the base to float rounding: atomic adds). A batch
+    shares every step of the fit (one batched matmul instead of B), which is much cheaper on accelerators and for
+    small videos; large videos on CPU are fitted one by one.
     """
     _check_k(k, k_min, k_max)
     if k is None:
