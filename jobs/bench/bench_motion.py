@@ -73,8 +73,10 @@ ATTRIBUTES = {"direction": tuple(DIRECTIONS), "colour": tuple(COLOURS), "shape":
 # basic: one object, one direction. The harder suites keep the same attributes but break any reader of where the
 # object is on average or of its first-to-last displacement: in `turn` the object first moves another way and turns
 # (or stops) halfway, and the direction asked is the second one; in `pan` the camera pans while the object moves
-# (or stays) in the scene, and the direction asked is the object's in the scene, not on the screen.
-SUITES = ("basic", "turn", "pan")
+# (or stays) in the scene, and the direction asked is the object's in the scene, not on the screen; in `two` a second,
+# smaller object of another colour and shape moves another way (or stays), and what is asked is the large object's.
+SUITES = ("basic", "turn", "pan", "two")
+OTHER_SCALE = 0.6  # the second object's size against the first's (suite `two`)
 MOVING = ("left", "right", "up", "down")
 BASELINES = {"uniform-pool": uniform_pool, "tome": tome_merge, "frame-pool": frame_pool}
 # variant -> (cache, train_from_cache flags)
@@ -84,16 +86,19 @@ VARIANTS = {"token-dynamics": ("token-dynamics", []), "token-base": ("token-dyna
 SPLITS = ("train", "heldout")
 TASKS = ("caption", "qa")
 # What the qa task asks of each clip (the answer is the attribute's value, a single word); the direction question
-# names what the suite asks: the second way in `turn`, the way in the scene in `pan`.
+# names what the suite asks: the second way in `turn`, the way in the scene in `pan`; in `two` every question names
+# the large object.
 QUESTIONS = {"direction": {"basic": "Which way does the object move?",
                            "turn": "Which way does the object move at the end?",
-                           "pan": "Which way does the object move in the scene?"},
-             "colour": "What colour is the object?", "shape": "What shape is the object?"}
+                           "pan": "Which way does the object move in the scene?",
+                           "two": "Which way does the large object move?"},
+             "colour": {"basic": "What colour is the object?", "two": "What colour is the large object?"},
+             "shape": {"basic": "What shape is the object?", "two": "What shape is the large object?"}}
 
 
 def question_of(attribute: str, suite: str) -> str:
     question = QUESTIONS[attribute]
-    return question[suite] if isinstance(question, dict) else question
+    return question.get(suite, question["basic"])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -105,7 +110,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--clip-size", type=int, default=96, help="Width and height of the generated clips.")
     parser.add_argument("--suite", default="basic", choices=SUITES,
                         help="basic: one move; turn: a move, then another (or a stop) halfway, the second asked; "
-                             "pan: the camera pans while the object moves in the scene.")
+                             "pan: the camera pans while the object moves in the scene; two: a smaller second "
+                             "object moves another way, the large one asked.")
     parser.add_argument("--task", default="caption", choices=TASKS,
                         help="caption: train on the caption and score its words; qa: train on one question per "
                              "attribute and score multiple choice (log-likelihood of each value) and exact match.")
@@ -155,12 +161,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # 1. captioned synthetic clips
 
 
-def caption_of(colour: str, shape: str, direction: str, *, first: str | None = None, pan: str | None = None) -> str:
+def caption_of(colour: str, shape: str, direction: str, *, first: str | None = None, pan: str | None = None,
+               other: tuple[str, str, str] | None = None) -> str:
     """"a red circle moves left"; with `first` (turn suite) "a red circle moves up, then left" / "..., then stops";
-    with `pan` (pan suite) "a red circle moves left as the camera pans up"."""
+    with `pan` (pan suite) "a red circle moves left as the camera pans up"; with `other` (colour, shape, direction
+    of the second object, suite two) "a red circle moves left and a small blue square moves up"."""
     if first is not None:
         return f"a {colour} {shape} moves {first}, then " + ("stops" if direction == "still" else direction)
     caption = f"a {colour} {shape} " + ("stays still" if direction == "still" else f"moves {direction}")
+    if other is not None:
+        caption += " and a small " + caption_of(*other)[2:]
     return caption if pan is None else f"{caption} as the camera pans {pan}"
 
 
@@ -231,11 +241,12 @@ def screen_path(legs: list[tuple[float, str, float]], camera: tuple[float, float
 
 def write_clip(path: Path, colour: str, shape: str, direction: str, *, frames: int, size: int,
                rng: np.random.Generator, object_scale: float = 1.0, first: str | None = None,
-               pan: str | None = None) -> dict:
+               pan: str | None = None, other: tuple[str, str, str] | None = None) -> dict:
     """Write the clip; returns its track (shape, size, frames, radius, waypoints on the screen, camera) for
     `object_mask` / `object_centre`. object_scale: the object's size against the benchmark's own. first (turn suite):
     the object moves this way for the first half, then `direction`. pan (pan suite): the camera pans this way
-    while the object moves `direction` in the scene."""
+    while the object moves `direction` in the scene. other (suite two): the colour, shape and direction of a second
+    object, OTHER_SCALE times the size, drawn under the first; its track is the track's "other"."""
     background = textured_background(size, rng)  # drawn first in every suite: a seed's basic clips stay the same
     radius = size * rng.uniform(0.12, 0.17) * object_scale
     camera = (0.0, 0.0)
@@ -250,6 +261,12 @@ def write_clip(path: Path, colour: str, shape: str, direction: str, *, frames: i
         waypoints = straight_path(direction, size, radius, rng)
     track = {"shape": shape, "size": size, "frames": frames, "radius": float(radius), "direction": direction,
              "waypoints": waypoints, "camera": list(camera)}
+    drawn = [(track, colour)]
+    if other is not None:
+        other_radius = radius * OTHER_SCALE
+        track["other"] = {"shape": other[1], "size": size, "frames": frames, "radius": float(other_radius),
+                          "direction": other[2], "waypoints": straight_path(other[2], size, other_radius, rng)}
+        drawn.insert(0, (track["other"], other[0]))
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream("libx264", rate=16)
         stream.width = stream.height = size
@@ -260,7 +277,8 @@ def write_clip(path: Path, colour: str, shape: str, direction: str, *, frames: i
             # The view into the scene: it starts where the camera's move keeps it inside the background.
             top, left = (round(max(0.0, -step) + step * progress) for step in camera)
             frame = background[top: top + size, left: left + size].copy()
-            frame[object_mask(track, t)] = COLOURS[colour]
+            for drawn_track, drawn_colour in drawn:
+                frame[object_mask(drawn_track, t)] = COLOURS[drawn_colour]
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())
     return track
@@ -283,6 +301,10 @@ def generate_clips(folder: Path, args) -> dict[str, Path]:
             motion["first"] = str(rng.choice([d for d in MOVING if d != direction]))
         elif args.suite == "pan":
             motion["pan"] = str(rng.choice(MOVING))
+        elif args.suite == "two":  # every attribute differs from the large object's
+            motion["other"] = tuple(str(rng.choice([value for value in values if value != mine]))
+                                    for values, mine in ((tuple(COLOURS), colour), (SHAPES, shape),
+                                                         (tuple(DIRECTIONS), direction)))
         tracks[f"clip-{index:04d}"] = write_clip(path, colour, shape, direction, frames=args.clip_frames,
                                                  size=args.clip_size, rng=rng,
                                                  object_scale=args.object_scale, **motion)
@@ -344,7 +366,8 @@ def write_baseline_caches(job_cache: Path, outputs: dict[str, Path], args) -> No
 
 def attribute_values(caption: str) -> dict[str, str | None]:
     """The value of each attribute a caption names (None when it names none or several)."""
-    words = caption.lower().split(" as the camera")[0].replace(",", " ").replace(".", " ").split()
+    words = caption.lower().split(" as the camera")[0].split(" and a small ")[0].replace(",", " ").replace(".", " ")
+    words = words.split()
     found = {}
     for attribute, values in ATTRIBUTES.items():
         named = [value for value in values if value in words]

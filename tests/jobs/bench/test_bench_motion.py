@@ -21,9 +21,14 @@ def load_script():
 
 def red_centres(path: Path) -> np.ndarray:
     """[T, 2] (y, x) of the red pixels in each frame (the background is greyish, never this saturated)."""
+    return colour_centres(path, lambda f: (f[..., 0] > 170) & (f[..., 1] < 100) & (f[..., 2] < 100))
+
+
+def colour_centres(path: Path, is_colour) -> np.ndarray:
+    """[T, 2] (y, x) of the pixels `is_colour` ([H, W, 3] int -> [H, W] bool) picks in each frame."""
     with av.open(str(path)) as container:
         frames = [frame.to_ndarray(format="rgb24").astype(int) for frame in container.decode(video=0)]
-    return np.array([np.argwhere((f[..., 0] > 170) & (f[..., 1] < 100) & (f[..., 2] < 100)).mean(0) for f in frames])
+    return np.array([np.argwhere(is_colour(f)).mean(0) for f in frames])
 
 
 @pytest.mark.parametrize("direction", ["left", "right", "up", "down", "still"])
@@ -71,6 +76,20 @@ def test_a_pan_clip_moves_the_object_on_screen_by_its_motion_less_the_camera_s(t
     assert np.abs(last[y0 + shift[0]: y0 + shift[0] + 8, x0 + shift[1]: x0 + shift[1] + 8] - block).mean() < 12
 
 
+@pytest.mark.parametrize("direction, other", [("left", "up"), ("still", "right"), ("down", "still")])
+def test_a_two_object_clip_moves_the_large_object_and_the_small_one_each_its_own_way(tmp_path, direction, other):
+    script = load_script()
+    track = script.write_clip(tmp_path / "clip.mp4", "red", "circle", direction, frames=8, size=64,
+                              rng=np.random.default_rng(4), other=("blue", "square", other))
+    red = red_centres(tmp_path / "clip.mp4")  # the large object is drawn over the small one: always whole
+    blue = colour_centres(tmp_path / "clip.mp4", lambda f: (f[..., 2] > 170) & (f[..., 0] < 100) & (f[..., 1] < 140))
+    for centres, way, object_track in ((red, direction, track), (blue, other, track["other"])):
+        expected = np.array(script.DIRECTIONS[way]) * 64 * 0.35
+        assert np.all(np.abs(centres[-1] - centres[0] - expected) < 64 * 0.16), (way, centres)
+    assert np.abs(red - [script.object_centre(track, t) for t in range(8)]).max() < 1.5
+    assert track["other"]["radius"] == pytest.approx(track["radius"] * script.OTHER_SCALE)
+
+
 def test_captions_of_the_harder_suites_name_the_direction_asked():
     script = load_script()
     assert script.attribute_values(script.caption_of("red", "circle", "up", first="left")) == {
@@ -79,6 +98,10 @@ def test_captions_of_the_harder_suites_name_the_direction_asked():
     assert script.attribute_values(script.caption_of("blue", "square", "down", pan="left")) == {
         "direction": "down", "colour": "blue", "shape": "square"}
     assert script.attribute_values(script.caption_of("blue", "square", "still", pan="up"))["direction"] == "still"
+    two = script.caption_of("red", "circle", "still", other=("blue", "square", "down"))
+    assert two == "a red circle stays still and a small blue square moves down"
+    assert script.attribute_values(two) == {"direction": "still", "colour": "red", "shape": "circle"}
+    assert script.question_of("shape", "two") == "What shape is the large object?"
 
 
 def test_captions_name_one_value_of_each_attribute():
