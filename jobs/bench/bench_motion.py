@@ -8,7 +8,9 @@
    The combinations are dealt round-robin, so every split holds every value of every attribute. Harder suites
    (--suite): `turn`, the object first moves another way and turns or stops halfway ("a red circle moves up, then
    left"), the second way asked; `pan`, the camera pans while the object moves or stays in the scene ("a red circle
-   stays still as the camera pans up"), the way in the scene asked.
+   stays still as the camera pans up"), the way in the scene asked; `two`, a second object, smaller and of another
+   colour and shape, moves another way ("a red circle moves left and a small blue square moves up"), the large
+   object asked.
 2. Compress them with the real job (pipeline.job.run.run_job: default encoder, --frames, K = --k) into a cache of
    train and held-out clips.
 3. Build the baselines at the same number of LLM tokens per video from the same encoder tokens of the same

@@ -6,7 +6,8 @@
     python jobs/bench/bench_probe.py --encoder dinov2-small --suite turn   # turns and stops halfway (or --suite pan)
 
 1. Clips from the motion benchmark's generator (jobs/bench/bench_motion.py: a coloured shape moves one of four ways or
-   stays still over a textured background; --suite turn / pan for the harder suites), with each object's track.
+   stays still over a textured background; --suite turn / pan / two for the harder suites), with each object's
+   track.
 2. Every clip through the job's own decode -> encode -> compress (pipeline.job.tokenizer.VideoTokenizer with the
    settings the job records for --encoder, --input-size, --frames, --k), and the baselines at the same budget from
    the same encoder tokens. The tokens are kept in --workdir (--reuse-tokens trains again on them).
