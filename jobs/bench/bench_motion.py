@@ -368,8 +368,8 @@ def write_baseline_caches(job_cache: Path, outputs: dict[str, Path], args) -> No
 
 def attribute_values(caption: str) -> dict[str, str | None]:
     """The value of each attribute a caption names (None when it names none or several)."""
-    words = caption.lower().split(" as the camera")[0].split(" and a small ")[0].replace(",", " ").replace(".", " ")
-    words = words.split()
+    about_the_object = caption.lower().split(" as the camera")[0].split(" and a small ")[0]
+    words = about_the_object.replace(",", " ").replace(".", " ").split()
     found = {}
     for attribute, values in ATTRIBUTES.items():
         named = [value for value in values if value in words]
