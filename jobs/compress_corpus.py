@@ -35,6 +35,10 @@ def print_summary(s: RunSummary) -> None:
         print(f"  bytes       {s.stored_bytes:,} stored vs {s.raw_token_bytes:,} raw tokens ({d['byte_ratio']:.2%})")
     rate = f"{d['videos_per_s']:.2f} videos/s" if d["videos_per_s"] else "-"
     print(f"  time        {s.wall_s:.1f} s wall, {rate}")
+    if s.stage_s:
+        stages = ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in s.stage_s.items())
+        busy = f"; encoder busy {s.encoder_busy_share:.0%} of the wall time" if s.encoder_busy_share is not None else ""
+        print(f"  stages      {stages} (worker seconds){busy}")
 
 
 def print_neighbours(config: JobConfig) -> None:

@@ -52,11 +52,17 @@ class JobConfig:
     limit: int | None = _flag(None, "Process at most this many of the listed videos (after resume filtering).")
 
     # Decoding.
-    decoder: str = _contract_flag("decoder", "Video decoder.", choices=["decord", "pyav"])
+    decoder: str = _contract_flag("decoder", "Video decoder: decord (its frames; read by seeking with PyAV "
+                                  "wherever the bytes are the same, which decodes fewer frames) or pyav.",
+                                  choices=["decord", "pyav"])
     frames: int = _contract_flag("frames", "Frames sampled uniformly per video (ignored when --fps is given).")
     fps: float | None = _contract_flag("fps", "Sample frames at this rate instead of a fixed count.")
     max_frames: int = _contract_flag("max_frames",
                                      "Frame cap with --fps: longer clips are sampled uniformly at this many frames.")
+    sample: str = _contract_flag("sample", "exact: decode the sampled frames themselves; keyframes: decode the "
+                                 "keyframe nearest to each instead (several times faster on long videos, frames "
+                                 "no longer evenly spaced: docs/scaling.md, \"Decoding\").",
+                                 choices=["exact", "keyframes"])
     decode_timeout_s: float = _flag(120.0, "Per-video decode time limit; a stuck decode becomes an error row.")
 
     # Encoding.

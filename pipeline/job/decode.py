@@ -37,6 +37,7 @@ really found); decord's `get_batch` can hang on such files, which only a process
 
 from __future__ import annotations
 
+import bisect
 import io
 import os
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ from PIL import Image
 from pipeline.job.sources import canonical_uri, is_s3_uri, read_bytes
 
 DECODERS = ("decord", "pyav")
+SAMPLING = ("exact", "keyframes")  # the sampled frames, or the keyframe nearest to each
 VideoSource = Union[str, os.PathLike, bytes, bytearray, memoryview, io.IOBase]
 
 
@@ -66,6 +68,7 @@ class DecodedClip:
     fps: float  # source average frame rate (0.0 when the container does not say)
     source_frames: int  # frame count of the source
     source_size: tuple[int, int] = (0, 0)  # (height, width) of the source frames
+    frames_decoded: int = 0  # frames the decoder decoded to give these (decord's: counted by its seek rule)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -104,6 +107,31 @@ def sample_frame_indices(
     if max_frames is not None and len(indices) > max_frames:
         indices = [indices[i] for i in _segment_centres(len(indices), max_frames)]
     return indices
+
+
+def frames_to_decode(keyframes: list[int], wanted: list[int]) -> int:
+    """Frames a decoder decodes to give `wanted` (ascending) when it goes from the keyframe before each wanted frame,
+    or on from the previous one when that is nearer, decoding every frame on the way (no frame skipped)."""
+    decoded, position = 0, -1
+    for frame in wanted:
+        after = bisect.bisect_right(keyframes, frame) - 1
+        start = keyframes[after] if after >= 0 else 0
+        decoded += frame - (position if start <= position else start - 1)
+        position = frame
+    return decoded
+
+
+def nearest_keyframes(indices: list[int], keyframes: list[int]) -> list[int]:
+    """Each index replaced by the nearest keyframe's (the earlier one on a tie); the order is kept and a keyframe
+    may repeat. No keyframe listed (a stream without keyframe flags): the indices as they are."""
+    if not keyframes:
+        return list(indices)
+    nearest = []
+    for index in indices:
+        after = bisect.bisect_left(keyframes, index)
+        candidates = keyframes[max(0, after - 1): after + 1]
+        nearest.append(min(candidates, key=lambda key: (abs(key - index), key)))
+    return nearest
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -195,6 +223,11 @@ class _DecordReader:
             raise DecodeError(f"decord cannot open the video: {error}") from error
         self.frame_count = len(self._reader)
         self.avg_fps = float(self._reader.get_avg_fps() or 0.0)
+        self.frames_decoded = 0
+
+    @property
+    def keyframe_indices(self) -> list[int]:
+        return [int(i) for i in self._reader.get_key_indices()]
 
     def get_frames(self, indices: list[int]) -> np.ndarray:
         unique = sorted(set(indices))
@@ -205,6 +238,7 @@ class _DecordReader:
         if batch.ndim != 4 or batch.shape[0] != len(unique) or batch.shape[-1] != 3:
             raise DecodeError(f"decord returned frames of shape {batch.shape} for {len(unique)} RGB frames")
         row_of = {index: row for row, index in enumerate(unique)}
+        self.frames_decoded += frames_to_decode(self.keyframe_indices, unique)
         return batch[[row_of[i] for i in indices]]
 
 
@@ -214,15 +248,80 @@ class _StreamShorterThanReported(Exception):
         self.real_count = real_count
 
 
+class _SeekMissed(Exception):
+    """A seek did not give the wanted frame: the packet index does not describe the stream."""
+
+
+# Codecs whose decoders skip non-reference frames exactly when asked per packet (AVDISCARD_NONREF): a skipped frame
+# is one that no other frame is predicted from, so the frames that are decoded do not change.
+SKIP_NONREF_CODECS = ("h264", "hevc")
+# Pixel formats whose conversion to RGB by PyAV is byte-identical to decord's (tests/pipeline/job/
+# test_decode_exact.py); 10-bit, 4:4:4 and grey sources differ by up to 2 levels, so decord decodes those itself.
+DECORD_IDENTICAL_FORMATS = ("yuv420p", "yuvj420p")
+
+
+@dataclass
+class _PacketIndex:
+    """A stream's video packets in presentation order, read by demuxing alone (nothing is decoded).
+
+    Frame i is the packet with the i-th smallest pts, as decord numbers frames. `seekable`: the index describes the
+    stream well enough to seek by it (every packet timed, no two alike, none that the demuxer discards, a keyframe
+    first)."""
+
+    pts: list[int]  # presentation time of frame i, ascending
+    keyframes: list[int]  # frame indices of the keyframes, ascending
+    seekable: bool
+
+    @classmethod
+    def of(cls, container, stream) -> _PacketIndex:
+        timed, seekable = [], True
+        for packet in container.demux(stream):
+            if not packet.size:
+                continue
+            if packet.pts is None or packet.is_discard:
+                seekable = False
+                continue
+            timed.append((packet.pts, packet.is_keyframe))
+        timed.sort()
+        pts = [t for t, _ in timed]
+        keyframes = [i for i, (_, key) in enumerate(timed) if key]
+        seekable = seekable and bool(keyframes) and keyframes[0] == 0 and len(set(pts)) == len(pts)
+        return cls(pts, keyframes, seekable)
+
+    def keyframe_before(self, frame: int) -> int:
+        """The position in `keyframes` of the last keyframe at or before `frame`."""
+        return bisect.bisect_right(self.keyframes, frame) - 1
+
+
 class _PyAVReader:
-    def __init__(self, source: str | io.BytesIO, num_threads: int):
+    """PyAV. Seeks: each wanted frame is decoded from the keyframe before it, or on from the last frame decoded when
+    that is nearer, and frames that nothing is predicted from are skipped unless wanted (h264, hevc). A stream its
+    packet index cannot describe is decoded sequentially from the start, numbering frames as they come out;
+    with `sequential_fallback=False` such a stream raises DecodeError instead."""
+
+    def __init__(self, source: str | io.BytesIO, num_threads: int, sequential_fallback: bool = True):
         self._source = source
         self._num_threads = num_threads
+        self._sequential_fallback = sequential_fallback
         with self._open() as container:
             stream = container.streams.video[0]
             self.avg_fps = float(stream.average_rate or stream.guessed_rate or 0.0)
-            # Many containers (mkv, webm) leave the frame count empty; demuxing packets is cheap and exact.
-            self.frame_count = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
+            self.pix_fmt = stream.codec_context.pix_fmt
+            self.index = _PacketIndex.of(container, stream)
+            # Many containers (mkv, webm) leave the frame count empty; the demuxed packets count exactly.
+            self.frame_count = stream.frames or len(self.index.pts)
+        self.index.seekable = self.index.seekable and self.frame_count == len(self.index.pts)
+        self._frame_at = {pts: i for i, pts in enumerate(self.index.pts)}
+        self.frames_decoded = 0  # frames the decoder gave so far (skipped frames are not decoded)
+
+    @property
+    def keyframe_indices(self) -> list[int]:
+        return self.index.keyframes
+
+    @property
+    def gives_decord_frames(self) -> bool:
+        """Whether this reader's frames are byte for byte decord's (seekable, and a format converted alike)."""
+        return self.index.seekable and self.pix_fmt in DECORD_IDENTICAL_FORMATS
 
     def _open(self):
         try:
@@ -235,6 +334,65 @@ class _PyAVReader:
         return container
 
     def get_frames(self, indices: list[int]) -> np.ndarray:
+        if self.index.seekable:
+            if max(indices) >= len(self.index.pts):
+                raise _StreamShorterThanReported(len(self.index.pts))
+            try:
+                found = self._seek_and_decode(sorted(set(indices)))
+                return np.stack([found[i] for i in indices])
+            except _SeekMissed as missed:
+                if not self._sequential_fallback:
+                    raise DecodeError(f"seeking by the packet index failed: {missed}") from None
+        return self._decode_sequentially(indices)
+
+    def _seek_and_decode(self, wanted: list[int]) -> dict[int, np.ndarray]:
+        """{frame index: RGB image [h, w, 3]} of the wanted frames (ascending indices)."""
+        index, found = self.index, {}
+        wanted_at = {index.pts[i]: i for i in wanted}
+        with self._open() as container:
+            stream = container.streams.video[0]
+            context = stream.codec_context
+            # Slice threads only: with frame threads a packet's skip_frame setting would reach another packet.
+            context.thread_type = "SLICE"
+            context.thread_count = self._num_threads
+            skip = "NONREF" if context.name in SKIP_NONREF_CODECS else "DEFAULT"
+            last_out = -1  # the frame the decoder gave last
+            for target in wanted:
+                if target in found:
+                    continue
+                key = index.keyframe_before(target)
+                if index.keyframes[key] > last_out:  # the keyframe is ahead: seeking decodes fewer frames
+                    # FFmpeg seeks to the last keyframe whose pts is at or before the one asked (MP4 and Matroska).
+                    container.seek(index.pts[index.keyframes[key]], backward=True, stream=stream)
+                last_out = self._decode_until(container, stream, target, wanted_at, found, skip)
+        return found
+
+    def _decode_until(self, container, stream, target: int, wanted_at: dict[int, int], found: dict[int, np.ndarray],
+                      skip: str) -> int:
+        """Feed packets until frame `target` comes out, keeping wanted frames on the way -> the last frame out.
+        Raises _SeekMissed when the decoder gives a frame the index does not know, or ends without `target`."""
+        context, last_out = stream.codec_context, -1
+        try:
+            for packet in container.demux(stream):
+                context.skip_frame = "DEFAULT" if packet.pts in wanted_at else skip
+                for frame in context.decode(packet if packet.size else None):
+                    if frame.pts not in self._frame_at:
+                        raise _SeekMissed(f"the decoder gave a frame at pts {frame.pts}, which no packet has")
+                    last_out = self._frame_at[frame.pts]
+                    self.frames_decoded += 1
+                    if frame.pts in wanted_at:
+                        found[wanted_at[frame.pts]] = _upright(frame.to_ndarray(format="rgb24"), frame.rotation)
+                if last_out >= target:
+                    break
+        except _SeekMissed:
+            raise
+        except Exception as error:
+            raise DecodeError(f"PyAV failed while decoding towards frame {target}: {error}") from error
+        if target not in found:
+            raise _SeekMissed(f"frame {target} did not come out (last frame out: {last_out})")
+        return last_out
+
+    def _decode_sequentially(self, indices: list[int]) -> np.ndarray:
         wanted, found, last_position = set(indices), {}, -1
         with self._open() as container:
             stream = container.streams.video[0]
@@ -243,6 +401,7 @@ class _PyAVReader:
                 stream.thread_count = self._num_threads
             try:
                 for last_position, frame in enumerate(container.decode(stream)):
+                    self.frames_decoded += 1
                     if last_position in wanted:
                         found[last_position] = _upright(frame.to_ndarray(format="rgb24"), frame.rotation)
                     if last_position >= max(wanted):
@@ -270,11 +429,23 @@ def _display_rotation(source: str | io.BytesIO) -> float:
 
 
 def _read_with(decoder: str, source: str | io.BytesIO, num_threads: int, read):
-    """read(reader) with the chosen decoder. A rotated clip, or one that decord cannot open or decode, is read by
-    PyAV (see the module docstring); when PyAV fails too, decord's error is raised."""
+    """read(reader) with the chosen decoder.
+
+    decord's frames are read by PyAV's seeking reader wherever the two give the same bytes (a seekable stream of a
+    format they convert alike): it decodes fewer frames per frame kept (docs/scaling.md, "Decoding"). Otherwise a
+    rotated clip, or one that decord cannot open or decode, is read by PyAV (see the module docstring); when PyAV
+    fails too, decord's error is raised."""
     if decoder not in DECODERS:
         raise ValueError(f"unknown decoder {decoder!r}; choose one of {DECODERS}")
-    if decoder == "pyav" or round(_display_rotation(source) / 90) % 4:
+    if decoder == "pyav":
+        return read(_PyAVReader(source, num_threads))
+    try:
+        seeking = _PyAVReader(source, num_threads, sequential_fallback=False)
+        if seeking.gives_decord_frames:
+            return read(seeking)
+    except DecodeError:  # decord may still read it: as before, its own error is the one reported
+        pass
+    if round(_display_rotation(source) / 90) % 4:
         return read(_PyAVReader(source, num_threads))
     try:
         return read(_DecordReader(source, num_threads))
@@ -299,31 +470,41 @@ def decode_video(
     s3_endpoint_url: str | None = None,
     num_threads: int = 0,
     max_frames: int | None = None,
+    sample: str = "exact",
 ) -> DecodedClip:
     """Sample, decode and resize the frames of one video.
 
     source: a local path, an s3:// uri, raw bytes or a binary file object.
     num_frames / fps / max_frames: frame sampling, see `sample_frame_indices` (fps wins over num_frames;
         max_frames caps fps sampling, None = no cap: the job always gives one).
+    sample: "exact" decodes the sampled frames; "keyframes" the keyframe nearest to each (see `nearest_keyframes`).
     size: (height, width) of the returned frames (shorter side + centre crop); None keeps the (upright) source size.
     num_threads: decoder threads; 0 lets FFmpeg choose.
     Raises FileNotFoundError for a missing file and DecodeError for anything that is not a decodable video.
     """
     data = _as_decodable(source, s3_endpoint_url)
-    sampling = dict(num_frames=num_frames, fps=fps, max_frames=max_frames)
+    if sample not in SAMPLING:
+        raise ValueError(f"unknown sampling {sample!r}; choose one of {SAMPLING}")
+    sampling = dict(num_frames=num_frames, fps=fps, max_frames=max_frames, keyframes=sample == "keyframes")
     clip = _read_with(decoder, data, num_threads, lambda reader: _sample_and_read(reader, **sampling))
     clip.frames = resize_frames(clip.frames, size)
     return clip
 
 
-def _sample_and_read(reader, *, num_frames: int | None, fps: float | None, max_frames: int | None) -> DecodedClip:
+def _sample_and_read(reader, *, num_frames: int | None, fps: float | None, max_frames: int | None,
+                     keyframes: bool) -> DecodedClip:
     """The sampled frames of one opened video, at the source size."""
     if reader.frame_count < 1:
         raise DecodeError("the video stream has no frames")
     if fps is not None and reader.avg_fps <= 0:
         raise DecodeError("the container gives no frame rate, so frames cannot be sampled by fps")
     sampling = dict(num_frames=num_frames, fps=fps, source_fps=reader.avg_fps, max_frames=max_frames)
-    indices = sample_frame_indices(reader.frame_count, **sampling)
+
+    def indices_over(total: int) -> list[int]:
+        indices = sample_frame_indices(total, **sampling)
+        return nearest_keyframes(indices, [k for k in reader.keyframe_indices if k < total]) if keyframes else indices
+
+    indices = indices_over(reader.frame_count)
     try:
         frames = reader.get_frames(indices)
         source_frames = reader.frame_count
@@ -332,7 +513,7 @@ def _sample_and_read(reader, *, num_frames: int | None, fps: float | None, max_f
         if short.real_count < 1:
             raise DecodeError("the video stream decodes to no frames") from None
         source_frames = short.real_count
-        indices = sample_frame_indices(source_frames, **sampling)
+        indices = indices_over(source_frames)
         frames = reader.get_frames(indices)
     return DecodedClip(
         frames=frames,
@@ -340,6 +521,7 @@ def _sample_and_read(reader, *, num_frames: int | None, fps: float | None, max_f
         fps=reader.avg_fps,
         source_frames=source_frames,
         source_size=(int(frames.shape[1]), int(frames.shape[2])),
+        frames_decoded=reader.frames_decoded,
     )
 
 

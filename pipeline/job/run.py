@@ -34,6 +34,7 @@ from pipeline.job.console import quiet_ray
 from pipeline.job.encoders import encoder_input_size
 from pipeline.job.sample_clips import write_sample_manifest
 from pipeline.job.sources import Listing, list_input
+from pipeline.job.stage_clock import ClockWatcher, StageClock
 from pipeline.job.stages import DecodeStage, EncodeCompressStage, check_extra_columns
 from pipeline.job.writing import COUNT_COLUMNS, WriteStage, maintain_table, staged_videos
 from pipeline.store.contract import OutputContract, check_rows, check_run, contract_of_rows
@@ -69,6 +70,10 @@ class RunSummary:
     stored_bytes: int = 0
     raw_token_bytes: int = 0
     wall_s: float = 0.0
+    # Worker seconds in each stage (summed over actors) and the share of the pipeline's wall time the encoder actors
+    # were busy (encode + compress seconds / (wall seconds x --workers)): what bounds the run.
+    stage_s: dict[str, float] = field(default_factory=dict)
+    encoder_busy_share: float | None = None
     exit_code: int = 0
 
     @property
@@ -123,8 +128,10 @@ def elastic_pool(max_actors: int) -> ray.data.ActorPoolStrategy:
     return ray.data.ActorPoolStrategy(min_size=MIN_POOL_ACTORS, max_size=max(MIN_POOL_ACTORS, max_actors))
 
 
-def build_dataset(todo: list[dict], config: JobConfig, extra_fields: list[pa.Field] = ()) -> ray.data.Dataset:
-    """The Ray Data plan over the rows still to do; `extra_fields` types the columns the rows carry."""
+def build_dataset(todo: list[dict], config: JobConfig, extra_fields: list[pa.Field] = (), clock=None
+                  ) -> ray.data.Dataset:
+    """The Ray Data plan over the rows still to do; `extra_fields` types the columns the rows carry; the stages
+    report their seconds to `clock` (a StageClock), when given."""
     cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
     encoder_cpus = math.ceil(config.workers * config.cpus_per_worker)
     decode_actors = max(1, cluster_cpus - encoder_cpus) if config.gpus_per_worker == 0 else max(1, cluster_cpus)
@@ -135,12 +142,14 @@ def build_dataset(todo: list[dict], config: JobConfig, extra_fields: list[pa.Fie
     input_size = encoder_input_size(config.encoder, config.input_size)
     dataset = (
         ray.data.from_items(todo, override_num_blocks=blocks)
-        .map(DecodeStage, fn_constructor_kwargs={"config": config, "input_size": input_size},
+        .map(DecodeStage, fn_constructor_kwargs={"config": config, "input_size": input_size, "clock": clock},
              compute=elastic_pool(decode_actors), num_cpus=decode.num_cpus)
-        .map_batches(EncodeCompressStage, fn_constructor_kwargs={"config": config, "extra_fields": list(extra_fields)},
+        .map_batches(EncodeCompressStage,
+                     fn_constructor_kwargs={"config": config, "extra_fields": list(extra_fields), "clock": clock},
                      batch_size=config.batch_size, batch_format="pyarrow", compute=elastic_pool(config.workers),
                      num_cpus=encode.num_cpus, num_gpus=encode.num_gpus)
-        .map_batches(WriteStage, fn_constructor_kwargs={"config": config}, batch_size=config.rows_per_file,
+        .map_batches(WriteStage, fn_constructor_kwargs={"config": config, "clock": clock},
+                     batch_size=config.rows_per_file,
                      batch_format="pyarrow", compute=elastic_pool(config.writers or config.workers),
                      num_cpus=WriteStage.resources(config).num_cpus)
     )
@@ -307,12 +316,31 @@ def _run_locked(config: JobConfig, store: OutputStore, listing: Listing, summary
     if todo:
         init_ray(config)  # only now: a refused or finished run never starts a cluster
         committer = Committer(store, config, summary, contract)
-        dataset = build_dataset(todo, config, listing.extra_fields)
-        with tqdm(total=len(todo), unit="video", desc="videos", dynamic_ncols=True, mininterval=1.0) as progress:
+        clock = StageClock.remote()
+        dataset = build_dataset(todo, config, listing.extra_fields, clock)
+        started, committed = time.monotonic(), 0
+        with tqdm(total=len(todo), unit="video", desc="videos", dynamic_ncols=True, mininterval=1.0) as progress, \
+                ClockWatcher(clock, lambda encoded: _advance(progress, encoded)):
             for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
                 videos = committer.add(batch)
-                progress.update(videos)
+                committed += videos
+                progress.set_postfix_str(f"{committed} committed", refresh=False)
+                _advance(progress, committed)  # a committed video was encoded, whatever the clock says yet
                 if on_batch is not None:
                     on_batch(videos)
         committer.finish()
+        _record_stage_times(summary, ray.get(clock.read.remote()), time.monotonic() - started, config.workers)
     store.finish_run()
+
+
+def _advance(progress: tqdm, encoded: int) -> None:
+    """Move the bar on to `encoded` videos (never back; a retried batch is counted again, so never past the total)."""
+    encoded = min(encoded, progress.total)
+    if encoded > progress.n:
+        progress.update(encoded - progress.n)
+
+
+def _record_stage_times(summary: RunSummary, clock: dict, wall_s: float, encoder_actors: int) -> None:
+    summary.stage_s = {stage: round(seconds, 3) for stage, seconds in clock["seconds"].items()}
+    busy = clock["seconds"]["encode"] + clock["seconds"]["compress"]
+    summary.encoder_busy_share = min(1.0, busy / (wall_s * encoder_actors)) if wall_s > 0 else None

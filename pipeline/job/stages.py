@@ -9,6 +9,8 @@ pipeline.job.errors), which later stages pass through untouched.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pyarrow as pa
 import torch
@@ -16,6 +18,7 @@ import torch
 import tokendyn
 from pipeline.job.config import JobConfig, Resources
 from pipeline.job.errors import ERROR_COLUMNS, no_failure, record_failure
+from pipeline.job.stage_clock import report
 from pipeline.job.tokenizer import VideoTokenizer
 from pipeline.store.schema import now_utc, video_row, video_schema
 
@@ -31,8 +34,10 @@ def _is_failed(row: dict) -> bool:
 class DecodeStage:
     """Decode one video per call into `frames` at the encoder's input size, in a time-limited child process."""
 
-    def __init__(self, config: JobConfig, input_size: tuple[int, int]) -> None:
+    def __init__(self, config: JobConfig, input_size: tuple[int, int], clock=None) -> None:
+        """clock: the run's StageClock (pipeline.job.stage_clock), told each video's decode seconds."""
         self.config = config
+        self.clock = clock
         self.tokenizer = VideoTokenizer(config.output_settings(), s3_endpoint_url=config.s3_endpoint_url,
                                         decode_timeout_s=config.decode_timeout_s, input_size=input_size)
 
@@ -42,11 +47,14 @@ class DecodeStage:
 
     def __call__(self, row: dict) -> dict:
         row = {**row, **no_failure()}
+        started = time.perf_counter()
         try:
             clip = self.tokenizer.decode(row["uri"])
         except Exception as exc:
+            report(self.clock, "decode", time.perf_counter() - started, 1)
             return {**record_failure(row, "decode", exc), "frames": b"", "frames_shape": [],
                     "frame_indices": [], "fps": None, "source_frames": None}
+        report(self.clock, "decode", time.perf_counter() - started, 1)
         return {**row, "frames": clip.frames.tobytes(), "frames_shape": list(clip.frames.shape),
                 "frame_indices": [int(i) for i in clip.frame_indices], "fps": float(clip.fps),
                 "source_frames": int(clip.source_frames)}
@@ -78,10 +86,11 @@ def _device_for(config: JobConfig) -> str:
 class EncodeCompressStage:
     """Encode the frames of a batch of videos in one forward pass and compress their tokens in one batched fit."""
 
-    def __init__(self, config: JobConfig, extra_fields: list[pa.Field] | None = None) -> None:
+    def __init__(self, config: JobConfig, extra_fields: list[pa.Field] | None = None, clock=None) -> None:
         """extra_fields: the Arrow types of the carried (manifest) columns, fixed for the whole run; None takes
-        them from each batch."""
+        them from each batch. clock: the run's StageClock, told each batch's encode and compress seconds."""
         self.config = config
+        self.clock = clock
         self.extra_fields = extra_fields
         self.tokenizer = VideoTokenizer(config.output_settings(), device=_device_for(config))
         self.encoder = self.tokenizer.encoder
@@ -93,7 +102,12 @@ class EncodeCompressStage:
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         videos = [row for row in rows if not _is_failed(row)]
-        compressed = self._compress(self._encode(videos, rows))
+        started = time.perf_counter()
+        tokens = self._encode(videos, rows)
+        encoded = time.perf_counter()
+        compressed = self._compress(tokens)
+        report(self.clock, "encode", encoded - started, len(rows))
+        report(self.clock, "compress", time.perf_counter() - encoded, len(videos))
         created_at = now_utc()
         out = []
         for row in rows:

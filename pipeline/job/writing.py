@@ -8,6 +8,7 @@ they hold, and the error records of the batch's failed videos.
 from __future__ import annotations
 
 import json
+import time
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -15,6 +16,7 @@ import ray
 
 from pipeline.job.config import JobConfig, Resources
 from pipeline.job.errors import ERROR_COLUMNS
+from pipeline.job.stage_clock import report
 from pipeline.store.staging import StagedVideos
 from pipeline.store.storage import OutputStore
 
@@ -54,8 +56,10 @@ class WriteStage:
     """Stage a batch of result rows in the output (one Parquet file and its Lance fragments, not visible until the
     driver commits them) and hand on one small row naming them, with the batch's counts and error records."""
 
-    def __init__(self, config: JobConfig) -> None:
+    def __init__(self, config: JobConfig, clock=None) -> None:
+        """clock: the run's StageClock (pipeline.job.stage_clock), told each file's write seconds."""
         self.config = config
+        self.clock = clock
         self.store = OutputStore(config.output, config.s3_endpoint_url)
 
     @staticmethod
@@ -65,6 +69,7 @@ class WriteStage:
         return Resources(num_cpus=0.0)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        started = time.perf_counter()
         failed = pc.is_valid(batch.column("error_stage"))
         videos = batch.filter(pc.invert(failed)).drop_columns(list(ERROR_COLUMNS))
         errors = batch.filter(failed).select(["video_id", "uri", *ERROR_COLUMNS]).rename_columns(
@@ -76,6 +81,7 @@ class WriteStage:
             row.update(parquet=staged.parquet, fragments=staged.fragments, video_ids=staged.video_ids,
                        encoders=json.dumps(staged.encoders), schema=staged.schema,
                        **output_counts(videos, self.config.base_dtype))
+        report(self.clock, "write", time.perf_counter() - started, videos.num_rows)
         return pa.Table.from_pylist([row], schema=STAGED_SCHEMA)
 
 

@@ -25,6 +25,7 @@ CONTRACT_DEFAULTS: dict[str, Any] = {
     "frames": 16,
     "fps": None,
     "max_frames": 256,
+    "sample": "exact",
     # encoding
     "encoder": DEFAULT_ENCODER,
     "input_size": None,
@@ -43,10 +44,13 @@ CONTRACT_DEFAULTS: dict[str, Any] = {
 def output_settings(fields: Mapping[str, Any]) -> dict[str, Any]:
     """The settings that give an output row its meaning, from the value of every contract field, without those the
     mode ignores: sampling is `frames` or `fps` + `max_frames`; K is fixed `k` or the adaptive rule (`k` = 0) with
-    its range; the input size only when one is asked (outputs made at the encoder's own size record none)."""
+    its range; the input size only when one is asked (outputs made at the encoder's own size record none), and the
+    keyframe sampling only when asked."""
     settings = dict(fields)
     ignored = {"frames"} if settings["fps"] is not None else {"fps", "max_frames"}
     ignored |= {"input_size"} if settings["input_size"] is None else set()
+    # Recorded only when asked, as the input size: outputs made before the setting existed keep their contract.
+    ignored |= {"sample"} if settings["sample"] == "exact" else set()
     if settings["k"] is None or settings["k"] == 0:  # adaptive K
         settings["k"] = 0
         ignored |= {"target_fidelity"} if settings["k_rule"] != "fidelity" else set()
@@ -68,7 +72,7 @@ def decode_kwargs(settings: dict[str, Any]) -> dict[str, Any]:
     """Keyword arguments of pipeline.job.decode.decode_video that sample a video as `settings`
     (JobConfig.output_settings()) say."""
     return {"num_frames": settings.get("frames"), "fps": settings.get("fps"), "max_frames": settings.get("max_frames"),
-            "decoder": settings["decoder"]}
+            "decoder": settings["decoder"], "sample": settings.get("sample", "exact")}
 
 
 def compress_kwargs(settings: dict[str, Any]) -> dict[str, Any]:

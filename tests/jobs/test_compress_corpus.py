@@ -44,6 +44,15 @@ def test_every_good_video_written_once_and_the_corrupt_one_is_an_error_row(sampl
     assert run["ok"] + run["failed"] + run["skipped"] + run["deferred"] == run["listed"] == 5
 
 
+def test_the_summary_says_where_the_time_went(sample_output):
+    output, summary = sample_output
+    assert set(summary.stage_s) == {"decode", "encode", "compress", "write"}
+    assert all(seconds > 0 for seconds in summary.stage_s.values()), summary.stage_s
+    assert summary.stage_s["encode"] > summary.stage_s["compress"]  # EfficientNet-Lite0 on 8 frames vs a K=8 fit
+    assert 0 < summary.encoder_busy_share <= 1
+    assert json.loads((output / "run.json").read_text())["stage_s"] == summary.stage_s
+
+
 def test_rows_hold_a_faithful_compression(sample_output):
     output, _ = sample_output
     rows = OutputStore(str(output)).read_videos().to_pylist()

@@ -1,0 +1,60 @@
+"""Where a run's time goes, and how many videos the encoder has done: a small Ray actor that the stages report to.
+
+Each decode call, each encoder batch (its forward pass and its batched fit apart) and each written file sends its
+seconds and video count, fire-and-forget (`report`). The driver reads the totals (`read`) once a second for the
+progress bar, which so counts videos as they are encoded rather than as their files are committed, and once at the
+end for the run summary.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import ray
+
+STAGES = ("decode", "encode", "compress", "write")
+
+
+@ray.remote(num_cpus=0)
+class StageClock:
+    def __init__(self) -> None:
+        self.seconds = dict.fromkeys(STAGES, 0.0)
+        self.videos = dict.fromkeys(STAGES, 0)
+
+    def report(self, stage: str, seconds: float, videos: int) -> None:
+        self.seconds[stage] += seconds
+        self.videos[stage] += videos
+
+    def read(self) -> dict[str, dict[str, float]]:
+        return {"seconds": dict(self.seconds), "videos": dict(self.videos)}
+
+
+def report(clock, stage: str, seconds: float, videos: int) -> None:
+    """Send one measurement to `clock` (None: nothing is measured, as for stages run outside a job)."""
+    if clock is not None:
+        clock.report.remote(stage, seconds, videos)
+
+
+class ClockWatcher:
+    """Calls `on_encoded(videos through the encode stage)` about once a second from a thread, until stopped."""
+
+    def __init__(self, clock, on_encoded: Callable[[int], None], interval_s: float = 1.0) -> None:
+        self.clock, self.on_encoded, self.interval_s = clock, on_encoded, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="stage-clock", daemon=True)
+
+    def __enter__(self) -> ClockWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.on_encoded(ray.get(self.clock.read.remote(), timeout=self.interval_s)["videos"]["encode"])
+            except Exception:  # a slow or restarting actor: the bar waits for the next reading
+                continue
