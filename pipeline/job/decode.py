@@ -164,6 +164,12 @@ def resize_frames(frames: np.ndarray, size: tuple[int, int] | None) -> np.ndarra
     return np.stack(resized)
 
 
+def _resized(image: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+    """One frame [H, W, 3] resized as `resize_frames` resizes each: frames are resized as they are decoded, so a
+    video's full-size frames are never all in memory at once."""
+    return resize_frames(image[None], size)[0]
+
+
 def _upright(image: np.ndarray, rotation: float) -> np.ndarray:
     """[h, w, 3] -> the image turned by `rotation` degrees counter-clockwise (a display matrix's rotation, as
     PyAV's `VideoFrame.rotation` reports it), in quarter turns."""
@@ -229,7 +235,8 @@ class _DecordReader:
     def keyframe_indices(self) -> list[int]:
         return [int(i) for i in self._reader.get_key_indices()]
 
-    def get_frames(self, indices: list[int]) -> np.ndarray:
+    def get_frames(self, indices: list[int], size: tuple[int, int] | None = None) -> np.ndarray:
+        """The frames at `indices` (in that order), resized to `size`; sets `source_size`."""
         unique = sorted(set(indices))
         try:
             batch = self._reader.get_batch(unique).asnumpy()
@@ -239,7 +246,8 @@ class _DecordReader:
             raise DecodeError(f"decord returned frames of shape {batch.shape} for {len(unique)} RGB frames")
         row_of = {index: row for row, index in enumerate(unique)}
         self.frames_decoded += frames_to_decode(self.keyframe_indices, unique)
-        return batch[[row_of[i] for i in indices]]
+        self.source_size = (int(batch.shape[1]), int(batch.shape[2]))
+        return resize_frames(batch[[row_of[i] for i in indices]], size)
 
 
 class _StreamShorterThanReported(Exception):
@@ -333,22 +341,29 @@ class _PyAVReader:
             raise DecodeError("the file has no video stream")
         return container
 
-    def get_frames(self, indices: list[int]) -> np.ndarray:
+    def get_frames(self, indices: list[int], size: tuple[int, int] | None = None) -> np.ndarray:
+        """The frames at `indices` (in that order), upright and resized to `size`; sets `source_size`."""
         if self.index.seekable:
             if max(indices) >= len(self.index.pts):
                 raise _StreamShorterThanReported(len(self.index.pts))
             try:
-                found = self._seek_and_decode(sorted(set(indices)))
+                found = self._seek_and_decode(sorted(set(indices)), size)
                 return np.stack([found[i] for i in indices])
             except _SeekMissed as missed:
                 if not self._sequential_fallback:
                     raise DecodeError(f"seeking by the packet index failed: {missed}") from None
-        return self._decode_sequentially(indices)
+        return self._decode_sequentially(indices, size)
 
-    def _seek_and_decode(self, wanted: list[int]) -> dict[int, np.ndarray]:
-        """{frame index: RGB image [h, w, 3]} of the wanted frames (ascending indices)."""
+    def _keep(self, frame, size: tuple[int, int] | None) -> np.ndarray:
+        image = _upright(frame.to_ndarray(format="rgb24"), frame.rotation)
+        self.source_size = (int(image.shape[0]), int(image.shape[1]))
+        return _resized(image, size)
+
+    def _seek_and_decode(self, wanted: list[int], size: tuple[int, int] | None) -> dict[int, np.ndarray]:
+        """{frame index: RGB image [h, w, 3], resized to `size`} of the wanted frames (ascending indices)."""
         index, found = self.index, {}
         wanted_at = {index.pts[i]: i for i in wanted}
+        keyframe_of = {i: index.keyframes[index.keyframe_before(i)] for i in wanted}
         with self._open() as container:
             stream = container.streams.video[0]
             context = stream.codec_context
@@ -356,34 +371,54 @@ class _PyAVReader:
             context.thread_type = "SLICE"
             context.thread_count = self._num_threads
             skip = "NONREF" if context.name in SKIP_NONREF_CODECS else "DEFAULT"
-            last_out = -1  # the frame the decoder gave last
-            for target in wanted:
+            last_out, sent = -1, None  # the frame the decoder gave last; pts sent since the last seek (None: drained)
+            for position, target in enumerate(wanted):
                 if target in found:
                     continue
-                key = index.keyframe_before(target)
-                if index.keyframes[key] > last_out:  # the keyframe is ahead: seeking decodes fewer frames
+                if sent is None or keyframe_of[target] > last_out:  # the keyframe is ahead: seeking decodes less
                     # FFmpeg seeks to the last keyframe whose pts is at or before the one asked (MP4 and Matroska).
-                    container.seek(index.pts[index.keyframes[key]], backward=True, stream=stream)
-                last_out = self._decode_until(container, stream, target, wanted_at, found, skip)
+                    container.seek(index.pts[keyframe_of[target]], backward=True, stream=stream)
+                    sent = set()
+                # When the next frame wanted is reached by a seek anyway, the decoder is drained once this one's
+                # packet is in, instead of decoding later frames to push it out of its reordering delay.
+                later = position + 1 < len(wanted) and keyframe_of[wanted[position + 1]] <= target
+                last_out = self._decode_until(container, stream, target, wanted_at, found, skip, size, sent,
+                                              drain=not later)
+                if not later:
+                    sent = None
         return found
 
     def _decode_until(self, container, stream, target: int, wanted_at: dict[int, int], found: dict[int, np.ndarray],
-                      skip: str) -> int:
-        """Feed packets until frame `target` comes out, keeping wanted frames on the way -> the last frame out.
-        Raises _SeekMissed when the decoder gives a frame the index does not know, or ends without `target`."""
-        context, last_out = stream.codec_context, -1
+                      skip: str, size: tuple[int, int] | None, sent: set[int], drain: bool) -> int:
+        """Feed packets until frame `target` comes out, keeping the frames of `wanted_at` ({pts: frame index}) on
+        the way and skipping the others as `skip` says; with `drain`, the decoder is drained as soon as the target's
+        packet is in (`sent`: the pts fed since the last seek) -> the last frame out. Raises _SeekMissed when the
+        decoder gives a frame the index does not know, or ends without `target`."""
+        context, last_out, target_pts = stream.codec_context, -1, self.index.pts[target]
+
+        def take(frames) -> None:
+            nonlocal last_out
+            for frame in frames:
+                if frame.pts not in self._frame_at:
+                    raise _SeekMissed(f"the decoder gave a frame at pts {frame.pts}, which no packet has")
+                last_out = self._frame_at[frame.pts]
+                self.frames_decoded += 1
+                if frame.pts in wanted_at:
+                    found[wanted_at[frame.pts]] = self._keep(frame, size)
+
         try:
-            for packet in container.demux(stream):
-                context.skip_frame = "DEFAULT" if packet.pts in wanted_at else skip
-                for frame in context.decode(packet if packet.size else None):
-                    if frame.pts not in self._frame_at:
-                        raise _SeekMissed(f"the decoder gave a frame at pts {frame.pts}, which no packet has")
-                    last_out = self._frame_at[frame.pts]
-                    self.frames_decoded += 1
-                    if frame.pts in wanted_at:
-                        found[wanted_at[frame.pts]] = _upright(frame.to_ndarray(format="rgb24"), frame.rotation)
-                if last_out >= target:
-                    break
+            if drain and target_pts in sent:
+                take(context.decode(None))
+            else:
+                for packet in container.demux(stream):
+                    sent.add(packet.pts)
+                    context.skip_frame = "DEFAULT" if packet.pts in wanted_at else skip
+                    take(context.decode(packet if packet.size else None))
+                    if drain and packet.pts == target_pts:
+                        take(context.decode(None))
+                        break
+                    if last_out >= target:
+                        break
         except _SeekMissed:
             raise
         except Exception as error:
@@ -392,7 +427,7 @@ class _PyAVReader:
             raise _SeekMissed(f"frame {target} did not come out (last frame out: {last_out})")
         return last_out
 
-    def _decode_sequentially(self, indices: list[int]) -> np.ndarray:
+    def _decode_sequentially(self, indices: list[int], size: tuple[int, int] | None) -> np.ndarray:
         wanted, found, last_position = set(indices), {}, -1
         with self._open() as container:
             stream = container.streams.video[0]
@@ -403,7 +438,7 @@ class _PyAVReader:
                 for last_position, frame in enumerate(container.decode(stream)):
                     self.frames_decoded += 1
                     if last_position in wanted:
-                        found[last_position] = _upright(frame.to_ndarray(format="rgb24"), frame.rotation)
+                        found[last_position] = self._keep(frame, size)
                     if last_position >= max(wanted):
                         break
             except Exception as error:
@@ -486,14 +521,12 @@ def decode_video(
     if sample not in SAMPLING:
         raise ValueError(f"unknown sampling {sample!r}; choose one of {SAMPLING}")
     sampling = dict(num_frames=num_frames, fps=fps, max_frames=max_frames, keyframes=sample == "keyframes")
-    clip = _read_with(decoder, data, num_threads, lambda reader: _sample_and_read(reader, **sampling))
-    clip.frames = resize_frames(clip.frames, size)
-    return clip
+    return _read_with(decoder, data, num_threads, lambda reader: _sample_and_read(reader, size=size, **sampling))
 
 
-def _sample_and_read(reader, *, num_frames: int | None, fps: float | None, max_frames: int | None,
-                     keyframes: bool) -> DecodedClip:
-    """The sampled frames of one opened video, at the source size."""
+def _sample_and_read(reader, *, size: tuple[int, int] | None, num_frames: int | None, fps: float | None,
+                     max_frames: int | None, keyframes: bool) -> DecodedClip:
+    """The sampled frames of one opened video, resized to `size`."""
     if reader.frame_count < 1:
         raise DecodeError("the video stream has no frames")
     if fps is not None and reader.avg_fps <= 0:
@@ -506,7 +539,7 @@ def _sample_and_read(reader, *, num_frames: int | None, fps: float | None, max_f
 
     indices = indices_over(reader.frame_count)
     try:
-        frames = reader.get_frames(indices)
+        frames = reader.get_frames(indices, size)
         source_frames = reader.frame_count
     except _StreamShorterThanReported as short:
         # The metadata over-reported the length: sample again over the frames that really exist.
@@ -514,13 +547,13 @@ def _sample_and_read(reader, *, num_frames: int | None, fps: float | None, max_f
             raise DecodeError("the video stream decodes to no frames") from None
         source_frames = short.real_count
         indices = indices_over(source_frames)
-        frames = reader.get_frames(indices)
+        frames = reader.get_frames(indices, size)
     return DecodedClip(
         frames=frames,
         frame_indices=indices,
         fps=reader.avg_fps,
         source_frames=source_frames,
-        source_size=(int(frames.shape[1]), int(frames.shape[2])),
+        source_size=reader.source_size,
         frames_decoded=reader.frames_decoded,
     )
 
@@ -538,5 +571,4 @@ def decode_frames(
     -> uint8 [len(frame_indices), h, w, 3]. Raises like `decode_video`.
     """
     data = _as_decodable(source, s3_endpoint_url)
-    frames = _read_with(decoder, data, 0, lambda reader: reader.get_frames(list(frame_indices)))
-    return resize_frames(frames, size)
+    return _read_with(decoder, data, 0, lambda reader: reader.get_frames(list(frame_indices), size))

@@ -11,9 +11,11 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from pipeline.job.sources import video_id_for
 from pipeline.readers.search import nearest_to_video
+from pipeline.store.contract import SettingsMismatch
 from pipeline.store.schema import compressed_video_from_row
 from pipeline.store.storage import OutputStore
 
@@ -180,3 +182,20 @@ def test_ray_job_submit_against_a_local_head(tmp_path, job_input_dir, free_port)
         subprocess.run([*head, "stop"], env=env, check=True, timeout=120)
     assert not (tmp_path / "head" / "head.pid").exists()
 
+
+
+def test_keyframe_sampling_stores_keyframes_and_records_the_setting(tmp_path, run_job_on):
+    from pipeline.job.clip_encoding import ClipFormat, encode_clip, moving_texture
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    encode_clip(corpus / "gop7.mp4", moving_texture(40, 32, 48), ClipFormat(gop=7, bframes=2))
+    output = tmp_path / "out"
+    summary = run_job_on(corpus, output, "--frames", "4", "--k", "2", "--sample", "keyframes")
+    assert summary.ok == 1
+    row = OutputStore(str(output)).read_videos().to_pylist()[0]
+    # Keyframes every 7 frames; the segment centres are 5, 15, 25 and 35.
+    assert row["frame_indices"] == [7, 14, 28, 35]
+    assert json.loads((output / "settings.json").read_text())["settings"]["sample"] == "keyframes"
+    with pytest.raises(SettingsMismatch, match="sample"):
+        run_job_on(corpus, output, "--frames", "4", "--k", "2")

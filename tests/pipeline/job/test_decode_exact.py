@@ -9,7 +9,7 @@ import av
 import decord
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
 from pipeline.job.clip_encoding import ClipFormat, encode_clip, moving_texture, repeat_clip
@@ -54,7 +54,10 @@ def clip_formats(draw):
 def test_seeking_decode_gives_the_frames_of_a_full_decode(tmp_path_factory, clip, data):
     fmt, container, (height, width), count, frame_ms = clip
     path = tmp_path_factory.mktemp("exact") / f"clip.{container}"
-    encode_clip(path, moving_texture(count, height, width, seed=count), fmt, frame_ms=frame_ms)
+    try:
+        encode_clip(path, moving_texture(count, height, width, seed=count), fmt, frame_ms=frame_ms)
+    except av.error.PatchWelcomeError:  # FFmpeg's MP4 muxer cannot write 1-2 HEVC frames with B-frames
+        reject()
     oracle = full_decode(path)
     total = len(oracle)
     indices = data.draw(st.lists(st.integers(0, total - 1), min_size=1, max_size=12), label="indices")
@@ -95,7 +98,7 @@ def test_on_an_open_gop_decord_is_not_a_full_decode_and_the_default_decoder_is(t
 @pytest.mark.parametrize("codec", [c for c in ("h264", "hevc") if c in AVAILABLE])
 def test_seeking_decodes_a_fraction_of_the_frames_a_sequential_pass_does(tmp_path, codec):
     # 10 copies of a 2-keyframe clip: 600 frames, a keyframe every 30; 4 frames wanted far apart.
-    short = encode_clip(tmp_path / "short.mp4", moving_texture(60, 32, 48), ClipFormat(codec=codec, gop=30,
+    short = encode_clip(tmp_path / "short.mp4", moving_texture(60, 64, 96), ClipFormat(codec=codec, gop=30,
                                                                                       bframes=3))
     path = repeat_clip(short, tmp_path / "long.mp4", 10)
     oracle = full_decode(path)

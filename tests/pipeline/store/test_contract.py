@@ -78,3 +78,14 @@ def test_the_input_size_is_part_of_the_contract(tmp_path):
     assert check_run(fine, job(input_size=448)).settings["input_size"] == 448
     with pytest.raises(SettingsMismatch, match="input_size: 448 -> 224"):
         check_run(fine, job(input_size=224))
+
+
+def test_keyframe_sampling_is_part_of_the_contract_and_exact_sampling_records_nothing(tmp_path):
+    assert "sample" not in job().output_settings()  # outputs made before the setting existed agree
+    assert job(sample="keyframes").output_settings()["sample"] == "keyframes"
+    assert contract_of_rows(job(sample="keyframes"), video_table(["a"])).decode_kwargs()["sample"] == "keyframes"
+    store = OutputStore(str(tmp_path / "out"))
+    store.write_settings(contract_of_rows(job(), video_table(["a"])).as_json("run"))
+    with pytest.raises(SettingsMismatch, match="sample: '\\(not set\\)' -> 'keyframes'"):
+        check_run(store, job(sample="keyframes"))
+    assert check_run(store, job()).decode_kwargs()["sample"] == "exact"
