@@ -18,7 +18,8 @@ Modes, all for the job's sampling (--frames frames at segment centres) and resiz
 
 Per video and mode: CPU seconds (user + system of this process, all threads: what a core pays; the job runs one
 decode per core), videos/s per core (1 / CPU seconds), wall seconds, and frames decoded per frame kept (decord's and
-sequential's counted by their rules). Each is the median of --repeats runs, with [min, max]. Then the encoder's own
+sequential's counted by their rules), and how far keyframe sampling moves the frames (mean seconds from the exact
+frame). Each is the median of --repeats runs, with [min, max]. Then the encoder's own
 videos/s per core (one torch thread, --frames frames at its input size), so the table says which side bounds a
 worker. Results go to <workdir>/decode.json.
 """
@@ -30,57 +31,19 @@ import json
 import resource
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import av  # noqa: F401  (before decord, see pipeline.job.decode)
 import decord
 import numpy as np
 import torch
-from PIL import Image
 
-from pipeline.job.clip_encoding import ENCODERS, ClipFormat, encode_clip, repeat_clip
+from pipeline.job.clip_encoding import ENCODERS, REALISTIC, SMALL, build_corpus
 from pipeline.job.decode import (decode_video, frames_to_decode, resize_frames, sample_frame_indices)
 from pipeline.job.encoders import load_encoder
-from pipeline.job.sample_clips import sample_clip_paths
 
-SEGMENT_S = 10
 MODES = ("decord", "sequential", "exact", "keyframes")
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One corpus video: `height`p (16:9), `minutes` long, a keyframe every `gop_s` seconds."""
-
-    codec: str
-    height: int
-    minutes: float
-    gop_s: float
-    bframes: int
-
-    @property
-    def name(self) -> str:
-        length = f"{self.minutes:g}min" if self.minutes >= 1 else f"{round(self.minutes * 60)}s"
-        return f"{self.codec}-{self.height}p-{length}-gop{self.gop_s:.2g}s-b{self.bframes}"
-
-    @property
-    def container(self) -> str:
-        return "webm" if self.codec == "vp9" else "mp4"
-
-
-REALISTIC = [
-    Entry("h264", 480, 1 / 6, 0.5, 3),
-    Entry("h264", 720, 3, 2, 3),
-    Entry("h264", 720, 10, 10, 0),
-    Entry("h264", 1080, 40 / 60, 250 / 30, 3),
-    Entry("h264", 1080, 10, 2, 3),
-    Entry("h264", 1080, 10, 0.5, 0),
-    Entry("h264", 2160, 1, 2, 3),
-    Entry("hevc", 1080, 3, 2, 3),
-    Entry("vp9", 720, 1, 5, 0),
-    Entry("av1", 1080, 1, 2, 0),
-]
-SMALL = [Entry("h264", 144, 1 / 3, 1, 3), Entry("h264", 144, 1 / 3, 10, 0), Entry("vp9", 144, 1 / 6, 2, 0)]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -100,40 +63,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown or not args.modes:
         parser.error(f"unknown modes {unknown}; choose from {', '.join(MODES)}")
     return args
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the corpus
-
-
-def source_frames(height: int) -> list[np.ndarray]:
-    """The sample clip's frames (1280 x 720), scaled to 16:9 at `height` (even sizes)."""
-    width = (height * 16 // 9) // 2 * 2
-    with av.open(str(sample_clip_paths()["bigbuckbunny"])) as container:
-        return [np.asarray(frame.to_image().resize((width, height), Image.Resampling.BILINEAR))
-                for frame in container.decode(video=0)]
-
-
-def build_corpus(entries: list[Entry], folder: Path, fps: int = 30) -> dict[Entry, Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    paths, by_height = {}, {}
-    for entry in entries:
-        path = folder / f"{entry.name}.{entry.container}"
-        if not path.exists():
-            if entry.height not in by_height:
-                by_height[entry.height] = source_frames(entry.height)
-            frames = by_height[entry.height]
-            segment_frames = min(SEGMENT_S * fps, max(1, round(entry.minutes * 60 * fps)))
-            gop = max(1, round(entry.gop_s * fps))
-            fmt = ClipFormat(codec=entry.codec, fps=fps, gop=gop, bframes=entry.bframes,
-                             preset="veryfast" if entry.codec == "h264" else "ultrafast")
-            print(f"  encoding {path.name}", flush=True)
-            segment = folder / f"_segment.{entry.container}"
-            encode_clip(segment, (frames[i % len(frames)] for i in range(segment_frames)), fmt)
-            repeat_clip(segment, path, max(1, round(entry.minutes * 60 * fps / segment_frames)))
-            segment.unlink()
-        paths[entry] = path
-    return paths
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -172,6 +101,14 @@ def _exact(path: Path, frames: int, size: tuple[int, int]) -> int:
 
 def _keyframes(path: Path, frames: int, size: tuple[int, int]) -> int:
     return decode_video(path, num_frames=frames, size=size, sample="keyframes").frames_decoded
+
+
+def keyframe_offset_s(path: Path, frames: int) -> float:
+    """Mean distance in seconds from each frame keyframe sampling takes to the frame exact sampling takes."""
+    exact = decode_video(path, num_frames=frames, size=(8, 8))
+    keyframes = decode_video(path, num_frames=frames, size=(8, 8), sample="keyframes")
+    offsets = np.abs(np.asarray(keyframes.frame_indices) - np.asarray(exact.frame_indices))
+    return float(offsets.mean() / exact.fps)
 
 
 RUN_MODE = {"decord": _decord, "sequential": _sequential, "exact": _exact, "keyframes": _keyframes}
@@ -230,6 +167,8 @@ def run(args: argparse.Namespace) -> dict:
                 row["modes"][mode] = {"error": f"{type(error).__name__}: {str(error)[:120]}"}
                 continue
             row["modes"][mode] = {**timing, "decoded_per_kept": timing["frames_decoded"] / args.frames}
+        if "keyframes" in args.modes:
+            row["keyframe_offset_s"] = keyframe_offset_s(path, args.frames)
         rows.append(row)
         print(f"  {entry.name}: " + ", ".join(f"{mode} {m['cpu_s']:.3f} s" for mode, m in row["modes"].items()
                                               if "cpu_s" in m), flush=True)
@@ -244,8 +183,8 @@ def run(args: argparse.Namespace) -> dict:
 def table(results: dict) -> str:
     modes = [mode for mode in MODES if any(mode in row["modes"] for row in results["videos"])]
     head = "| video | " + " | ".join(f"{mode}: videos/s/core (decoded/kept)" for mode in modes)
-    head += " | exact vs decord | keyframes vs decord |"
-    lines = [head, "|---|" + "---:|" * (len(modes) + 2)]
+    head += " | exact vs decord | keyframes vs decord | keyframes: mean offset |"
+    lines = [head, "|---|" + "---:|" * (len(modes) + 3)]
     for row in results["videos"]:
         cells = []
         for mode in modes:
@@ -257,7 +196,8 @@ def table(results: dict) -> str:
         for mode in ("exact", "keyframes"):
             base, new = row["modes"].get("decord", {}), row["modes"].get(mode, {})
             ratios.append(f"{base['cpu_s'] / new['cpu_s']:.1f}x" if "cpu_s" in base and "cpu_s" in new else "—")
-        lines.append(f"| {row['name']} | " + " | ".join(cells + ratios) + " |")
+        offset = f"{row['keyframe_offset_s']:.2f} s" if "keyframe_offset_s" in row else "—"
+        lines.append(f"| {row['name']} | " + " | ".join(cells + ratios + [offset]) + " |")
     encoder = results.get("encoder")
     if encoder:
         lines.append(f"\nencoder {encoder['encoder']} at {results['size']}, {results['frames']} frames, one thread: "

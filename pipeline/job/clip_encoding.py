@@ -5,6 +5,10 @@ identity tests are made of (jobs/bench/bench_decode.py, tests/pipeline/job/test_
 rotation and, optionally, per-frame durations (a variable frame rate). `repeat_clip` makes a long video out of a
 short one by copying its packets with shifted timestamps (no re-encoding), so a 10-minute 4K source costs one
 short encode; every copy starts on the short clip's first keyframe, so its GOP structure repeats as it is.
+
+The decode corpus (`REALISTIC`, `SMALL`, `build_corpus`): videos of real content (the sample clip bigbuckbunny.mp4,
+scaled to 480p .. 4K) encoded once as a 10-second segment with each entry's codec and GOP structure, then repeated
+up to the entry's length (10 s to 10 min): decoding costs per frame what a real encode of that size does.
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ from pathlib import Path
 
 import av
 import numpy as np
+from PIL import Image
+
+from pipeline.job.sample_clips import sample_clip_paths
 
 # PyAV's encoder for each codec name the corpus uses; AV1 and VP9 have no B-frames in these encoders' terms.
 ENCODERS = {"h264": "libx264", "hevc": "libx265", "vp9": "libvpx-vp9", "av1": "libsvtav1"}
@@ -116,3 +123,78 @@ def moving_texture(count: int, height: int, width: int, seed: int = 0) -> Iterab
     for index in range(count):
         window = texture[index: index + height, 2 * index: 2 * index + width].astype(np.int16)
         yield np.clip(window // 2 + 60 + (index * 7) % 64, 0, 255).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the decode corpus
+
+
+SEGMENT_S = 10
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One corpus video: `height`p (16:9), `minutes` long, a keyframe every `gop_s` seconds."""
+
+    codec: str
+    height: int
+    minutes: float
+    gop_s: float
+    bframes: int
+
+    @property
+    def name(self) -> str:
+        length = f"{self.minutes:g}min" if self.minutes >= 1 else f"{round(self.minutes * 60)}s"
+        return f"{self.codec}-{self.height}p-{length}-gop{self.gop_s:.2g}s-b{self.bframes}"
+
+    @property
+    def container(self) -> str:
+        return "webm" if self.codec == "vp9" else "mp4"
+
+
+# 480p to 4K, 10 s to 10 min, a keyframe every 0.5 to 10 s, four codecs, with and without B-frames.
+REALISTIC = [
+    Entry("h264", 480, 1 / 6, 0.5, 3),
+    Entry("h264", 720, 3, 2, 3),
+    Entry("h264", 720, 10, 10, 0),
+    Entry("h264", 1080, 40 / 60, 250 / 30, 3),
+    Entry("h264", 1080, 10, 2, 3),
+    Entry("h264", 1080, 10, 0.5, 0),
+    Entry("h264", 2160, 1, 2, 3),
+    Entry("hevc", 1080, 3, 2, 3),
+    Entry("vp9", 720, 1, 5, 0),
+    Entry("av1", 1080, 1, 2, 0),
+]
+# What the suite runs: seconds to make and decode.
+SMALL = [Entry("h264", 144, 1 / 3, 1, 3), Entry("h264", 144, 1 / 3, 10, 0), Entry("vp9", 144, 1 / 6, 2, 0)]
+
+
+def source_frames(height: int) -> list[np.ndarray]:
+    """The sample clip's frames (1280 x 720), scaled to 16:9 at `height` (even sizes)."""
+    width = (height * 16 // 9) // 2 * 2
+    with av.open(str(sample_clip_paths()["bigbuckbunny"])) as container:
+        return [np.asarray(frame.to_image().resize((width, height), Image.Resampling.BILINEAR))
+                for frame in container.decode(video=0)]
+
+
+def build_corpus(entries: list[Entry], folder: Path, fps: int = 30) -> dict[Entry, Path]:
+    """{entry: its video in `folder`}, encoding those not there yet (a 4K entry takes a minute or two)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths, by_height = {}, {}
+    for entry in entries:
+        path = folder / f"{entry.name}.{entry.container}"
+        if not path.exists():
+            if entry.height not in by_height:
+                by_height[entry.height] = source_frames(entry.height)
+            frames = by_height[entry.height]
+            segment_frames = min(SEGMENT_S * fps, max(1, round(entry.minutes * 60 * fps)))
+            gop = max(1, round(entry.gop_s * fps))
+            fmt = ClipFormat(codec=entry.codec, fps=fps, gop=gop, bframes=entry.bframes,
+                             preset="veryfast" if entry.codec == "h264" else "ultrafast")
+            print(f"  encoding {path.name}", flush=True)
+            segment = folder / f"_segment.{entry.container}"
+            encode_clip(segment, (frames[i % len(frames)] for i in range(segment_frames)), fmt)
+            repeat_clip(segment, path, max(1, round(entry.minutes * 60 * fps / segment_frames)))
+            segment.unlink()
+        paths[entry] = path
+    return paths

@@ -34,7 +34,7 @@ from pipeline.job.console import quiet_ray
 from pipeline.job.encoders import encoder_input_size
 from pipeline.job.sample_clips import write_sample_manifest
 from pipeline.job.sources import Listing, list_input
-from pipeline.job.stage_clock import ClockWatcher, StageClock
+from pipeline.job.stage_clock import ClockWatcher, start_clock
 from pipeline.job.stages import DecodeStage, EncodeCompressStage, check_extra_columns
 from pipeline.job.writing import COUNT_COLUMNS, WriteStage, maintain_table, staged_videos
 from pipeline.store.contract import OutputContract, check_rows, check_run, contract_of_rows
@@ -316,7 +316,7 @@ def _run_locked(config: JobConfig, store: OutputStore, listing: Listing, summary
     if todo:
         init_ray(config)  # only now: a refused or finished run never starts a cluster
         committer = Committer(store, config, summary, contract)
-        clock = StageClock.remote()
+        clock = start_clock()
         dataset = build_dataset(todo, config, listing.extra_fields, clock)
         started, committed = time.monotonic(), 0
         with tqdm(total=len(todo), unit="video", desc="videos", dynamic_ncols=True, mininterval=1.0) as progress, \

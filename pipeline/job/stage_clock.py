@@ -3,7 +3,8 @@
 Each decode call, each encoder batch (its forward pass and its batched fit apart) and each written file sends its
 seconds and video count, fire-and-forget (`report`). The driver reads the totals (`read`) once a second for the
 progress bar, which so counts videos as they are encoded rather than as their files are committed, and once at the
-end for the run summary.
+end for the run summary. Ray is imported only where an actor is started or read: the stages import this module,
+and they also run without Ray (jobs/bench/bench_gpu.py drives them from a process pool).
 """
 
 from __future__ import annotations
@@ -11,13 +12,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-import ray
-
 STAGES = ("decode", "encode", "compress", "write")
 
 
-@ray.remote(num_cpus=0)
 class StageClock:
+    """Seconds and videos per stage; `start_clock` runs one as an actor."""
+
     def __init__(self) -> None:
         self.seconds = dict.fromkeys(STAGES, 0.0)
         self.videos = dict.fromkeys(STAGES, 0)
@@ -28,6 +28,13 @@ class StageClock:
 
     def read(self) -> dict[str, dict[str, float]]:
         return {"seconds": dict(self.seconds), "videos": dict(self.videos)}
+
+
+def start_clock():
+    """A StageClock actor (reserving no CPU) for one run."""
+    import ray
+
+    return ray.remote(num_cpus=0)(StageClock).remote()
 
 
 def report(clock, stage: str, seconds: float, videos: int) -> None:
@@ -53,6 +60,8 @@ class ClockWatcher:
         self._thread.join()
 
     def _watch(self) -> None:
+        import ray
+
         while not self._stop.wait(self.interval_s):
             try:
                 self.on_encoded(ray.get(self.clock.read.remote(), timeout=self.interval_s)["videos"]["encode"])

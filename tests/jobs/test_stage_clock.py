@@ -6,11 +6,11 @@ import threading
 
 import ray
 
-from pipeline.job.stage_clock import ClockWatcher, StageClock, report
+from pipeline.job.stage_clock import ClockWatcher, report, start_clock
 
 
 def test_reports_add_up_and_the_watcher_sees_encoded_videos_before_anything_is_committed(ray_local):
-    clock = StageClock.remote()
+    clock = start_clock()
     seen, three = [], threading.Event()
 
     def on_encoded(videos: int) -> None:

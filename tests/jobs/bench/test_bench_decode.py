@@ -24,6 +24,7 @@ def test_a_small_run_measures_every_mode_on_every_video(tmp_path, capsys):
         # Seeking never decodes more than a pass from the start; keyframes decode at most one frame per frame kept.
         assert modes["exact"]["frames_decoded"] <= modes["sequential"]["frames_decoded"]
         assert modes["keyframes"]["decoded_per_kept"] <= 1
+        assert 0 <= row["keyframe_offset_s"] <= row["gop_s"]
     by_name = {row["name"]: row for row in results["videos"]}
     # A keyframe every second and B-frames: seeking skips what a pass from the keyframe decodes.
     h264 = by_name["h264-144p-20s-gop1s-b3"]["modes"]
