@@ -27,8 +27,8 @@ from pipeline.job.sample_clips import sample_clip_paths
 # PyAV's encoder for each codec name the corpus uses; AV1 and VP9 have no B-frames in these encoders' terms.
 ENCODERS = {"h264": "libx264", "hevc": "libx265", "vp9": "libvpx-vp9", "av1": "libsvtav1"}
 # The smallest frame side each encoder takes safely: x265 corrupts its heap on frames under its 64-pixel CTU (seen at
-# widths of 40 and 48, aborting the process a few encodes later); SVT-AV1 refuses frames under 64.
-MIN_SIDE = {"h264": 1, "hevc": 64, "vp9": 1, "av1": 64}
+# widths of 40 and 48, aborting the process a few encodes later). SVT-AV1 takes 4:2:0 only.
+MIN_SIDE = {"h264": 1, "hevc": 64, "vp9": 1, "av1": 1}
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-from fractions import Fraction
 
 import av
 import numpy as np
@@ -11,6 +10,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from pipeline.job.clip_encoding import ClipFormat, encode_clip
 from pipeline.job.decode import (DecodeError, DecodedClip, decode_frames, decode_video, resize_frames,
                              sample_frame_indices)
 
@@ -279,27 +279,11 @@ def quadrant_frames(count: int, height: int = 32, width: int = 48) -> np.ndarray
 
 
 def write_clip(path, frames: np.ndarray, *, rotation: int = 0, pix_fmt: str = "yuv444p", frame_ms=None,
-               codec: str = "libx264"):
-    """Encode RGB frames [T, h, w, 3]. rotation: counter-clockwise degrees recorded in the display matrix (as phones
-    record portrait video). frame_ms: per-frame durations, for a variable frame rate."""
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=10)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
-        if rotation:
-            stream.set_display_rotation(rotation)
-        if frame_ms is not None:
-            stream.codec_context.time_base = Fraction(1, 1000)
-        pts = 0
-        for index, image in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-            if frame_ms is not None:
-                frame.pts, frame.time_base = pts, Fraction(1, 1000)
-                pts += frame_ms[index % len(frame_ms)]
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
+               codec: str = "h264"):
+    """Encode RGB frames [T, h, w, 3] at 10 fps. rotation: counter-clockwise degrees recorded in the display matrix
+    (as phones record portrait video). frame_ms: per-frame durations, for a variable frame rate."""
+    return encode_clip(path, frames, ClipFormat(codec=codec, fps=10, gop=250, pix_fmt=pix_fmt, rotation=rotation),
+                       frame_ms=frame_ms)
 
 
 @pytest.mark.parametrize("decoder", ["decord", "pyav"])
@@ -345,7 +329,7 @@ def test_a_codec_decord_cannot_open_is_decoded_by_pyav(tmp_path, frame_index_of)
     # decord 0.6 bundles an FFmpeg without AV1: with --decoder decord the clip still decodes, through PyAV.
     levels = np.array([16 + 8 * i for i in range(6)], dtype=np.uint8)
     frames = np.broadcast_to(levels[:, None, None, None], (6, 48, 64, 3)).copy()
-    path = write_clip(tmp_path / "av1.mp4", frames, pix_fmt="yuv420p", codec="libsvtav1")
+    path = write_clip(tmp_path / "av1.mp4", frames, pix_fmt="yuv420p", codec="av1")
     clip = decode_video(path, num_frames=3, size=(16, 16), decoder="decord")
     assert clip.source_frames == 6
     assert [frame_index_of(frame) for frame in clip.frames] == clip.frame_indices == [1, 3, 5]

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
-from pipeline.job.clip_encoding import ClipFormat, encode_clip, moving_texture, repeat_clip
+from pipeline.job.clip_encoding import MIN_SIDE, ClipFormat, encode_clip, moving_texture, repeat_clip
 from pipeline.job.decode import (DECORD_IDENTICAL_FORMATS, _PyAVReader, decode_frames, decode_video,
                                  nearest_keyframes, sample_frame_indices)
 
@@ -38,7 +38,7 @@ def clip_formats(draw):
     if odd:
         height, width, pix_fmt = draw(st.integers(17, 41)) | 1, draw(st.integers(17, 67)) | 1, "yuv444p"
     else:
-        low = 64 if codec in ("av1", "hevc") else 16  # see pipeline.job.clip_encoding.MIN_SIDE
+        low = max(16, MIN_SIDE[codec])
         height, width = 2 * draw(st.integers(low // 2, 40)), 2 * draw(st.integers(low // 2, 56))
         pix_fmt = "yuv420p" if codec == "av1" else draw(st.sampled_from(["yuv420p", "yuv420p", "yuv444p"]))
     fmt = ClipFormat(codec=codec, gop=draw(st.sampled_from([1, 2, 5, 12, 30, 250])),
