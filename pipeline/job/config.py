@@ -52,8 +52,8 @@ class JobConfig:
     limit: int | None = _flag(None, "Process at most this many of the listed videos (after resume filtering).")
 
     # Decoding.
-    decoder: str = _contract_flag("decoder", "Video decoder: decord (its frames; read by seeking with PyAV "
-                                  "wherever the bytes are the same, which decodes fewer frames) or pyav.",
+    decoder: str = _contract_flag("decoder", "Video decoder: decord (decord's frames; 8-bit 4:2:0 video is read by "
+                                  "PyAV's seeking reader: the same bytes, fewer frames decoded) or pyav.",
                                   choices=["decord", "pyav"])
     frames: int = _contract_flag("frames", "Frames sampled uniformly per video (ignored when --fps is given).")
     fps: float | None = _contract_flag("fps", "Sample frames at this rate instead of a fixed count.")

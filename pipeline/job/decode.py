@@ -1,7 +1,17 @@
 """Decoding: sampled RGB frames of one video, resized for the encoder.
 
-Two decoders give the same frames for the same indices: decord (default; random access by frame index) and
-PyAV (sequential decode up to the last wanted frame). Both convert to RGB with FFmpeg's swscale.
+Two decoders give the same frames for the same indices: decord (default) and PyAV. Frames are numbered by
+presentation time, as decord numbers them. PyAV seeks by the packet index (read by demuxing, nothing decoded):
+to the keyframe before each wanted frame, or on from the last frame decoded when that is nearer; frames no other
+frame is predicted from are not decoded unless wanted (h264, hevc); a frame whose successor needs a seek anyway is
+drained out of the decoder rather than pushed out by decoding more. The frames are exactly those of a full decode
+from the start (tests/pipeline/job/test_decode_exact.py); a stream whose index cannot be trusted (packets without
+timestamps, duplicates, discarded packets) is decoded from the start in one pass. With `decoder="decord"`, 8-bit
+4:2:0 video is read by PyAV's seeking reader, which gives decord's bytes and decodes fewer frames (docs/scaling.md,
+"Decoding"); decord itself reads the other formats. (On open GOPs decord's own frames are not a full decode's; the
+seeking reader's are.)
+
+`sample="keyframes"` (`nearest_keyframes`): the keyframe nearest to each sampled index instead, decoded alone.
 
 Frame sampling (`sample_frame_indices`):
   - `num_frames=T`: T frames spread uniformly over the whole clip, one at the centre of each of T equal
@@ -28,7 +38,7 @@ Decoders: decord 0.6 turns 90/270-degree clips itself but garbles 180-degree one
 FFmpeg predates it) and fails on some narrow frame widths (1-16 px). So a clip with a rotation is always decoded
 by PyAV, and a clip that decord cannot open or decode is decoded again by PyAV; the decord error is raised only
 when PyAV fails too. Any pixel format FFmpeg decodes works (8/10-bit 4:2:0, 4:4:4, grey): both decoders convert
-to RGB with FFmpeg's swscale.
+to RGB with FFmpeg's swscale (decord's older build differs by up to 2 levels outside 8-bit 4:2:0).
 
 Indices are clamped to the frame count the decoder reports (decord's packet count; PyAV's stream metadata or
 packet count). A file whose stream ends before that count is handled by PyAV (it resamples over the frames it

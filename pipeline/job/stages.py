@@ -51,10 +51,10 @@ class DecodeStage:
         try:
             clip = self.tokenizer.decode(row["uri"])
         except Exception as exc:
-            report(self.clock, "decode", time.perf_counter() - started, 1)
             return {**record_failure(row, "decode", exc), "frames": b"", "frames_shape": [],
                     "frame_indices": [], "fps": None, "source_frames": None}
-        report(self.clock, "decode", time.perf_counter() - started, 1)
+        finally:
+            report(self.clock, "decode", time.perf_counter() - started, 1)
         return {**row, "frames": clip.frames.tobytes(), "frames_shape": list(clip.frames.shape),
                 "frame_indices": [int(i) for i in clip.frame_indices], "fps": float(clip.fps),
                 "source_frames": int(clip.source_frames)}
