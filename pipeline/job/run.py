@@ -34,7 +34,7 @@ from pipeline.job.console import quiet_ray
 from pipeline.job.encoders import encoder_input_size
 from pipeline.job.sample_clips import write_sample_manifest
 from pipeline.job.sources import Listing, list_input
-from pipeline.job.stage_clock import ClockWatcher, start_clock
+from pipeline.job.stage_clock import ClockWatcher, read_clock, start_clock
 from pipeline.job.stages import DecodeStage, EncodeCompressStage, check_extra_columns
 from pipeline.job.writing import COUNT_COLUMNS, WriteStage, maintain_table, staged_videos
 from pipeline.store.contract import OutputContract, check_rows, check_run, contract_of_rows
@@ -329,7 +329,7 @@ def _run_locked(config: JobConfig, store: OutputStore, listing: Listing, summary
                 if on_batch is not None:
                     on_batch(videos)
         committer.finish()
-        _record_stage_times(summary, ray.get(clock.read.remote()), time.monotonic() - started, config.workers)
+        _record_stage_times(summary, read_clock(clock), time.monotonic() - started, config.workers)
     store.finish_run()
 
 
@@ -340,7 +340,10 @@ def _advance(progress: tqdm, encoded: int) -> None:
         progress.update(encoded - progress.n)
 
 
-def _record_stage_times(summary: RunSummary, clock: dict, wall_s: float, encoder_actors: int) -> None:
+def _record_stage_times(summary: RunSummary, clock: dict | None, wall_s: float, encoder_actors: int) -> None:
+    if clock is None:
+        log.warning("the stage clock was lost with its node: the summary gives no stage times")
+        return
     summary.stage_s = {stage: round(seconds, 3) for stage, seconds in clock["seconds"].items()}
     busy = clock["seconds"]["encode"] + clock["seconds"]["compress"]
     summary.encoder_busy_share = min(1.0, busy / (wall_s * encoder_actors)) if wall_s > 0 else None

@@ -31,10 +31,23 @@ class StageClock:
 
 
 def start_clock():
-    """A StageClock actor (reserving no CPU) for one run."""
+    """A StageClock actor (reserving no CPU) for one run, on the driver's node: a worker node may be lost mid-run,
+    and the clock with it."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
+    return ray.remote(num_cpus=0)(StageClock).options(scheduling_strategy=here).remote()
+
+
+def read_clock(clock, timeout_s: float = 30.0) -> dict[str, dict[str, float]] | None:
+    """The clock's totals, or None when it cannot be read (its node lost): the run's summary then has no times."""
     import ray
 
-    return ray.remote(num_cpus=0)(StageClock).remote()
+    try:
+        return ray.get(clock.read.remote(), timeout=timeout_s)
+    except (ray.exceptions.RayError, TimeoutError):
+        return None
 
 
 def report(clock, stage: str, seconds: float, videos: int) -> None:
@@ -60,10 +73,7 @@ class ClockWatcher:
         self._thread.join()
 
     def _watch(self) -> None:
-        import ray
-
         while not self._stop.wait(self.interval_s):
-            try:
-                self.on_encoded(ray.get(self.clock.read.remote(), timeout=self.interval_s)["videos"]["encode"])
-            except Exception:  # a slow or restarting actor: the bar waits for the next reading
-                continue
+            totals = read_clock(self.clock, timeout_s=self.interval_s)
+            if totals is not None:  # else a slow or lost clock: the bar waits for the next reading
+                self.on_encoded(totals["videos"]["encode"])

@@ -50,17 +50,17 @@ def clip_formats(draw):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(clip=clip_formats(), data=st.data())
-def test_seeking_decode_gives_the_frames_of_a_full_decode(tmp_path_factory, clip, data):
+@given(clip=clip_formats(), where=st.lists(st.floats(0, 1, exclude_max=True), min_size=1, max_size=12))
+def test_seeking_decode_gives_the_frames_of_a_full_decode(tmp_path_factory, clip, where):
     fmt, container, (height, width), count, frame_ms = clip
     path = tmp_path_factory.mktemp("exact") / f"clip.{container}"
     try:
         encode_clip(path, moving_texture(count, height, width, seed=count), fmt, frame_ms=frame_ms)
-    except av.error.PatchWelcomeError:  # FFmpeg's MP4 muxer cannot write 1-2 HEVC frames with B-frames
+    except av.error.FFmpegError:  # what the muxers refuse (1-2 HEVC frames with B-frames in MP4, say) is no input
         reject()
     oracle = full_decode(path)
     total = len(oracle)
-    indices = data.draw(st.lists(st.integers(0, total - 1), min_size=1, max_size=12), label="indices")
+    indices = [int(fraction * total) for fraction in where]  # wanted frames, in any order, repeats allowed
 
     reader = _PyAVReader(str(path), 0)
     assert reader.frame_count == total

@@ -15,12 +15,12 @@ from pipeline.store.contract import OutputContract
 
 @pytest.mark.parametrize("flags, decode, compress", [
     (dict(frames=5, k=7, seed=2),
-     dict(num_frames=5, fps=None, max_frames=None, decoder="decord"), dict(k=7, seed=2)),
+     dict(num_frames=5, fps=None, max_frames=None, decoder="decord", sample="exact"), dict(k=7, seed=2)),
     (dict(fps=2.0, max_frames=9, k=0, k_rule="elbow", decoder="pyav"),
-     dict(num_frames=None, fps=2.0, max_frames=9, decoder="pyav"),
+     dict(num_frames=None, fps=2.0, max_frames=9, decoder="pyav", sample="exact"),
      dict(k=None, k_min=8, k_max=64, k_rule="elbow", seed=0)),
-    (dict(k=0, k_min=3, k_max=12, target_fidelity=0.8),
-     dict(num_frames=16, fps=None, max_frames=None, decoder="decord"),
+    (dict(k=0, k_min=3, k_max=12, target_fidelity=0.8, sample="keyframes"),
+     dict(num_frames=16, fps=None, max_frames=None, decoder="decord", sample="keyframes"),
      dict(k=None, k_min=3, k_max=12, k_rule="fidelity", target_fidelity=0.8, seed=0)),
 ])
 def test_settings_and_their_contract_give_the_same_steps(flags, decode, compress):
