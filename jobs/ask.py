@@ -6,7 +6,8 @@
     python jobs/ask.py --checkpoint checkpoints --cache output --output answers/    # all of them, to Parquet
     python jobs/ask.py --checkpoint checkpoints --cache output --mc questions.jsonl # multiple-choice accuracy
 
---checkpoint is what jobs/train_from_cache.py wrote (a file, or its --checkpoint-dir for the last one); it names
+--checkpoint is what jobs/train_from_cache.py wrote (a checkpoint-<step> folder, or its --checkpoint-dir for the
+last one; pickled .pt checkpoints of earlier versions are refused, see jobs/convert_checkpoint.py); it names
 its LLM and records the settings of the tokens it was trained on. Videos come from --cache (the compression job's
 --output: its tokens are used as they are, and refused if made with other settings) or --input (video files, a
 folder, an s3:// prefix or a manifest: tokenised here exactly as the checkpoint's cache was).
@@ -52,7 +53,7 @@ from pipeline.store.storage import OutputStore  # noqa: E402
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="A checkpoint file or a --checkpoint-dir (its last).")
+    parser.add_argument("--checkpoint", required=True, help="A checkpoint-<step> folder or a --checkpoint-dir (its last).")
     videos = parser.add_argument_group("videos (one of --cache, --input)")
     videos.add_argument("--cache", default=None, help="A compression job's --output (local path or s3://...).")
     videos.add_argument("--id", action="append", default=None, dest="ids", metavar="VIDEO_ID",

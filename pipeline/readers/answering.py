@@ -45,7 +45,7 @@ VIDEO_ERRORS = (DecodeError, OSError, ValueError)
 class VideoAnswerer:
     """One checkpoint's model with its tokenizer, answering batches of videos.
 
-    checkpoint: a checkpoint file or a --checkpoint-dir (its last one). question: asked of every video (None:
+    checkpoint: a checkpoint-<step> folder or a --checkpoint-dir (its last one). question: asked of every video (None:
     the caption question the model was trained with). threads: CPU threads of torch (a Ray actor's share).
     """
 

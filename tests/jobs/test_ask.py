@@ -118,6 +118,19 @@ def test_tokens_made_otherwise_are_refused(checkpoints, qa_cache, tmp_path, caps
         check_cache(state, Path("ck.pt"), None, 64, "a cache")
 
 
+def test_training_refuses_to_resume_beside_a_pickled_checkpoint(checkpoints, qa_cache, tmp_path, capsys):
+    copied = tmp_path / "checkpoints"
+    shutil.copytree(checkpoints, copied)
+    (copied / "checkpoint-00000001.pt").write_bytes(b"a pickle of an earlier version")
+    before = sorted(path.name for path in copied.iterdir())
+    train = load_job_script("train_from_cache")
+    assert train.main(["--cache", str(qa_cache), "--checkpoint-dir", str(copied), "--steps", str(STEPS + 5),
+                       "--raw-steps", "0", "--question-column", "questions", "--answer-column", "answers"]) == 2
+    error = capsys.readouterr().err
+    assert "pickled checkpoint" in error and "convert_checkpoint.py" in error
+    assert sorted(path.name for path in copied.iterdir()) == before
+
+
 def test_a_multiple_choice_set_is_scored(checkpoints, qa_cache, tmp_path, capsys):
     mc = tmp_path / "mc.jsonl"
     answers = sorted({answer for pairs in CLIPS.values() for _, answer in pairs if "Where" in _})

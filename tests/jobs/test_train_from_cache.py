@@ -23,6 +23,7 @@ from pipeline.job.config import JobConfig
 from pipeline.job.decode import decode_video
 from pipeline.job.encoders import load_encoder
 from pipeline.job.sources import video_id_for
+from pipeline.readers.checkpoint import checkpoint_paths, read_checkpoint
 from pipeline.store.contract import contract_of_rows
 from pipeline.store.schema import now_utc, video_row, video_schema
 from pipeline.store.storage import OutputStore
@@ -79,8 +80,7 @@ def test_loss_falls_and_a_rerun_resumes_from_the_checkpoint(captioned_cache, tmp
     out = capsys.readouterr().out
     assert first["start_step"] == 0 and len(first["losses"]) == 40
     assert first["losses"][-1] < 0.5 * first["losses"][0], first["losses"]
-    assert sorted(p.name for p in tmp_path.glob("checkpoint-*.pt")) == ["checkpoint-00000020.pt",
-                                                                        "checkpoint-00000040.pt"]
+    assert [p.name for p in checkpoint_paths(tmp_path)] == ["checkpoint-00000020", "checkpoint-00000040"]
     # the throughput comparison ran and printed its table
     assert first["raw"]["samples"] == 4 and first["cache"]["samples"] == 40 * 4
     assert first["ratios"]["tokens for a step"] > first["ratios"]["training (tokens + step)"] > 1
@@ -93,14 +93,14 @@ def test_loss_falls_and_a_rerun_resumes_from_the_checkpoint(captioned_cache, tmp
     assert second["start_step"] == 40 and len(second["losses"]) == 10
     # it carries on from the trained weights, not from scratch
     assert second["losses"][0] < 0.5 * first["losses"][0]
-    assert (tmp_path / "checkpoint-00000050.pt").is_file()
+    assert [p.name for p in checkpoint_paths(tmp_path)][-1] == "checkpoint-00000050"
 
 
 def test_a_frozen_llm_run_checkpoints_only_the_video_side_and_resumes_at_its_step(captioned_cache, tmp_path,
                                                                                   tiny_llm_dir):
     script = load_script()
     first = script.run(script.parse_args(arguments(captioned_cache, tmp_path, steps=20, llm=str(tiny_llm_dir))))
-    state = torch.load(tmp_path / "checkpoint-00000020.pt", weights_only=False)
+    state = read_checkpoint(tmp_path / "checkpoint-00000020")
     assert state["step"] == 20 and state["architecture"]["llm"] == str(tiny_llm_dir)
     assert state["model"] and not any(name.startswith("lm.") for name in state["model"])
     assert all(not p.requires_grad for p in first["model"].lm.parameters())
@@ -176,7 +176,7 @@ def test_two_gloo_ranks_run_an_epoch_to_the_end_and_see_every_video_once(tmp_pat
     seen = [video_id for rank in ranks for batch in rank["video_ids"] for video_id in batch]
     assert sorted(seen) == sorted(captioned)  # one epoch: every captioned video exactly once, none twice
     assert ranks[0]["projector_sum"] == pytest.approx(ranks[1]["projector_sum"], rel=1e-6)  # DDP kept them equal
-    assert sorted(p.name for p in (tmp_path / "ckpt").glob("checkpoint-*.pt")) == ["checkpoint-00000002.pt"]
+    assert [p.name for p in checkpoint_paths(tmp_path / "ckpt")] == ["checkpoint-00000002"]
 
 
 def test_missing_caption_column_is_a_clear_error(captioned_cache, tmp_path):
@@ -199,7 +199,7 @@ def test_the_llm_blocks_that_train_have_their_own_learning_rate_and_a_rerun_resu
     flags = [*arguments(captioned_cache, tmp_path, steps=4, llm=str(tiny_llm_dir)), "--llm-train", "1",
              "--llm-lr", "1e-5"]
     first = script.run(script.parse_args(flags))
-    state = torch.load(tmp_path / "checkpoint-00000004.pt", weights_only=False)
+    state = read_checkpoint(tmp_path / "checkpoint-00000004")
     video_side, llm_side = state["optimizer"]["param_groups"]
     assert (video_side["lr"], llm_side["lr"]) == (3e-3, 1e-5)
     names = [name for name, p in first["model"].named_parameters() if p.requires_grad]
