@@ -99,7 +99,9 @@ class LanceTable(OutputRoot):
         """The LanceDB table, or None when nothing was committed to it yet.
 
         A crash inside the table's first commit leaves data files but no version: LanceDB lists that table yet
-        cannot open it. It holds nothing Parquet lacks, so it counts as absent and the next write creates it.
+        cannot open it. It holds nothing Parquet lacks, so it counts as absent and the next write creates it. A
+        reader whose open fails while a running job makes that first version finds the version there afterwards,
+        and opens the table again.
         """
         db = self._lance_db()
         if TABLE_NAME not in db.list_tables().tables:
@@ -108,9 +110,9 @@ class LanceTable(OutputRoot):
             table = db.open_table(TABLE_NAME)
         except ValueError:
             versions = pafs.FileSelector(f"{self._dir('lancedb')}/{TABLE_NAME}.lance/_versions", allow_not_found=True)
-            if any(info.path.endswith(".manifest") for info in self.fs.get_file_info(versions)):
-                raise
-            return None
+            if not any(info.path.endswith(".manifest") for info in self.fs.get_file_info(versions)):
+                return None
+            table = db.open_table(TABLE_NAME)  # its first version landed since: raises only if that is unreadable
         check_schema_version(table.schema, self.lancedb_uri)
         return table
 

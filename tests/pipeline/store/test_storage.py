@@ -460,6 +460,25 @@ def test_a_table_whose_first_commit_never_finished_is_rebuilt_from_parquet(outpu
     assert lance_ids(resumed) == ["a", "b", "c"]
 
 
+def test_a_reader_that_opens_while_the_first_version_lands_gets_the_table(tmp_path, monkeypatch):
+    """A job's first commit to LanceDB: the table is listed, a reader's open finds no version yet, and by the time
+    it looks again the version is there. The reader gets the table, not LanceDB's "was not found"."""
+    store = OutputStore(str(tmp_path / "out"))
+    store.write_videos(video_table(["a", "b"]))
+    reader = OutputStore(str(tmp_path / "out"))
+    db = reader._lance_db()
+    open_table, opens = db.open_table, []
+
+    def open_before_the_version_landed(name, *args, **kwargs):
+        opens.append(name)
+        if len(opens) == 1:  # Lance's own message for a listed table without a manifest
+            raise ValueError(f"Table '{name}' was not found")
+        return open_table(name, *args, **kwargs)
+
+    monkeypatch.setattr(db, "open_table", open_before_the_version_landed)
+    assert lance_ids(reader) == ["a", "b"] and len(opens) == 2
+
+
 def _no_index_lookups(monkeypatch, store: OutputStore) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("looked the listing up in LanceDB instead of the id digest")
