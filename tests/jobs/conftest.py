@@ -34,8 +34,9 @@ def ray_local(moto_s3_endpoint):
 
 @pytest.fixture(scope="session")
 def run_job_on(ray_local):
-    def run(input: str, output: str, *flags: str) -> RunSummary:
-        return run_job(JobConfig.from_args(["--input", str(input), "--output", str(output), *TEST_FLAGS, *flags]))
+    def run(input: str, output: str, *flags: str, on_batch=None) -> RunSummary:
+        return run_job(JobConfig.from_args(["--input", str(input), "--output", str(output), *TEST_FLAGS, *flags]),
+                       on_batch=on_batch)
 
     return run
 
