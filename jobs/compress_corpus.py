@@ -6,8 +6,8 @@ On one machine:     python jobs/compress_corpus.py --input videos/ --output out/
 Re-running with the same --output skips the videos it already holds; the output records the settings its rows were
 made with (settings.json), and a run with other settings is refused (--rebuild starts the output over). Exit status:
 0, or 1 when the share of failed videos exceeds --max-error-rate (the good ones are written either way), 2 on bad
-arguments, a missing input, or an output that another job holds, that holds other settings, or that another schema
-version wrote.
+arguments, a missing input, or an output that another job holds, that holds other settings, that another schema
+version wrote, or that cannot be written (disk full, read-only; what was committed stays, and a rerun completes).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import sys
 
 from pipeline.job.config import JobConfig
 from pipeline.job.console import driver_log_path, native_stderr_to
+from pipeline.job.errors import OutputUnwritable
 from pipeline.job.run import RunSummary, run_job
 from pipeline.readers.search import nearest_to_video
 from pipeline.store.schema import SchemaVersionError
@@ -65,7 +66,7 @@ def run(config: JobConfig) -> int:
                         format="%(asctime)s %(levelname)s %(message)s")
     try:
         summary = run_job(config)
-    except (FileNotFoundError, ValueError, OutputLocked, SchemaVersionError) as error:
+    except (FileNotFoundError, ValueError, OutputLocked, SchemaVersionError, OutputUnwritable) as error:
         # Problems with the input or the output as a whole; per-video problems never get here (error rows).
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -3,10 +3,14 @@
 A failure of one video never stops the job: the stage that failed turns it into an error record (video_id, uri,
 stage, error type, message), which travels with the data and is written to the error files. Every failure is
 also logged. Messages are redacted of credentials before they go anywhere.
+
+A failure of the output's storage (a full disk, a read-only or vanished mount) stops the job: no video could be
+written anyway. It becomes one OutputUnwritable naming the output and the cause; what was committed before stays.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -68,3 +72,28 @@ def one_line(exc: BaseException) -> str:
     """The message of `exc` as one redacted line, for a command line's `error: ...` (decoders' messages can span
     lines)."""
     return " ".join(redact(str(exc) or type(exc).__name__).split())
+
+
+# errno values that mean the output's storage, not one video, is at fault; and their text, since Lance and Ray
+# pass OS errors on as messages ("No space left on device (os error 28)") without an errno.
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.ENODEV, errno.ESTALE)
+_STORAGE_FAULT = re.compile("|".join(re.escape(os.strerror(code)) for code in STORAGE_ERRNOS))
+
+
+class OutputUnwritable(OSError):
+    """The output cannot take more data (disk full, read-only, mount gone): the job stops, the committed stay."""
+
+
+def storage_fault(exc: BaseException) -> str | None:
+    """The storage fault behind `exc` (os.strerror's wording: "No space left on device", ...), looked for along
+    its chain of causes (a Ray task error carries the worker's), or None for any other failure."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+            return os.strerror(exc.errno)
+        found = _STORAGE_FAULT.search(str(exc))
+        if found:
+            return found.group(0)
+        exc = exc.__cause__ or exc.__context__
+    return None

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from pipeline.job.config import JobConfig
 from pipeline.job.console import quiet_ray
 from pipeline.job.encoders import encoder_input_size
+from pipeline.job.errors import OutputUnwritable, one_line, storage_fault
 from pipeline.job.sample_clips import write_sample_manifest
 from pipeline.job.sources import Listing, list_input
 from pipeline.job.stage_clock import ClockWatcher, read_clock, start_clock
@@ -295,9 +296,26 @@ def run_job(config: JobConfig, on_batch: Callable[[int], None] | None = None) ->
         if summary.attempted and summary.failed / summary.attempted > config.max_error_rate:
             summary.exit_code = 1
         store.write_run_summary({"config": asdict(config), **summary.as_dict()})
-    finally:
-        store.release_lock()
+    except BaseException as error:
+        _release_lock_after(store, error)
+        fault = storage_fault(error)
+        if fault is None:
+            raise
+        raise OutputUnwritable(f"the output {config.output} cannot be written: {fault}. The {summary.ok} videos "
+                               "committed in this run and all committed before are kept; make room (or make the "
+                               "output writable) and rerun to complete it") from error
+    store.release_lock()
     return summary
+
+
+def _release_lock_after(store: OutputStore, error: BaseException) -> None:
+    """Release the lock on the way out of a failed run, without hiding why it failed: on a full or read-only
+    output the release can fail too (the lease then expires on its own)."""
+    try:
+        store.release_lock()
+    except Exception as release_error:
+        log.warning("the output's lock was not released (%s: %s) after the run failed with %s; its lease expires "
+                    "on its own", type(release_error).__name__, one_line(release_error), type(error).__name__)
 
 
 def _run_locked(config: JobConfig, store: OutputStore, listing: Listing, summary: RunSummary,
