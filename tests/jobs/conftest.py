@@ -5,7 +5,9 @@
 - job_input_dir    a folder with three real clips (bikes, carphone pristine and distorted), a synthetic clip in a
                    subfolder and a corrupt .mp4
 - sample_output    (root, first RunSummary) of the job over job_input_dir, shared read-only by tests
-- run_job_on       function (input, output, *flags) -> RunSummary running the job with the test defaults
+- run_job_on       function (input, output, *flags, on_batch=None) -> RunSummary running the job with the test
+                   defaults; job_config (input, output, *flags) -> the JobConfig it runs
+- ten_clips        a folder of ten copies of the sample clips under their own names (ten videos, ten ids)
 """
 
 from __future__ import annotations
@@ -32,13 +34,30 @@ def ray_local(moto_s3_endpoint):
     ray.shutdown()
 
 
+def job_config(input: str, output: str, *flags: str) -> JobConfig:
+    return JobConfig.from_args(["--input", str(input), "--output", str(output), *TEST_FLAGS, *flags])
+
+
 @pytest.fixture(scope="session")
 def run_job_on(ray_local):
     def run(input: str, output: str, *flags: str, on_batch=None) -> RunSummary:
-        return run_job(JobConfig.from_args(["--input", str(input), "--output", str(output), *TEST_FLAGS, *flags]),
-                       on_batch=on_batch)
+        return run_job(job_config(input, output, *flags), on_batch=on_batch)
 
     return run
+
+
+@pytest.fixture(name="job_config", scope="session")
+def job_config_fixture():
+    return job_config
+
+
+@pytest.fixture(scope="session")
+def ten_clips(tmp_path_factory, sample_clip_paths) -> Path:
+    folder = tmp_path_factory.mktemp("ten_clips")
+    clips = sorted(sample_clip_paths.values())
+    for index in range(10):
+        shutil.copy(clips[index % len(clips)], folder / f"clip-{index:02d}.mp4")
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -3,27 +3,16 @@ videos only, none twice, and LanceDB never ahead of Parquet (the job commits Par
 
 from __future__ import annotations
 
-import shutil
 import threading
 
 import numpy as np
-import pytest
 
 from pipeline.readers.cache import CachedTokenDataset, EmptyCacheError
 from pipeline.readers.search.index import SearchError, VideoSearch
 from pipeline.store.contract import read_contract
 from pipeline.store.storage import OutputStore
 
-VIDEOS = 10
-
-
-@pytest.fixture(scope="module")
-def ten_clips(tmp_path_factory, sample_clip_paths):
-    folder = tmp_path_factory.mktemp("ten_clips")
-    clips = sorted(sample_clip_paths.values())
-    for index in range(VIDEOS):
-        shutil.copy(clips[index % len(clips)], folder / f"clip-{index:02d}.mp4")
-    return folder
+VIDEOS = 10  # the ten_clips fixture's
 
 
 class Reader(threading.Thread):

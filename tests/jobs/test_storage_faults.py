@@ -7,29 +7,17 @@ skipped with that reason."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from pipeline.job.config import JobConfig
 from pipeline.job.errors import OutputUnwritable
 from pipeline.store.storage import OutputStore
-from conftest import TEST_FLAGS
 from job_scripts import load_job_script
 
-VIDEOS = 10
+VIDEOS = 10  # the ten_clips fixture's
 FLAGS = ["--rows-per-file", "1"]  # a commit per video or two: the fault lands between commits
-
-
-@pytest.fixture(scope="module")
-def ten_clips(tmp_path_factory, sample_clip_paths):
-    folder = tmp_path_factory.mktemp("ten_clips")
-    clips = sorted(sample_clip_paths.values())
-    for index in range(VIDEOS):
-        shutil.copy(clips[index % len(clips)], folder / f"clip-{index:02d}.mp4")
-    return folder
 
 
 def mount(*args: str) -> None:
@@ -68,12 +56,11 @@ def assert_complete_after_a_rerun(run_job_on, ten_clips: Path, output: Path, com
     assert not list((output / "_staging").iterdir())  # nothing the failed run staged is left behind
 
 
-def test_a_disk_that_fills_up_stops_the_job_with_its_cause_and_the_rerun_completes(small_disk, ray_local,
-                                                                                    run_job_on, ten_clips, capsys):
+def test_a_disk_that_fills_up_stops_the_job_with_its_cause_and_the_rerun_completes(small_disk, run_job_on,
+                                                                                    job_config, ten_clips, capsys):
     output = small_disk / "out"
     job = load_job_script("compress_corpus")
-    config = JobConfig.from_args(["--input", str(ten_clips), "--output", str(output), *TEST_FLAGS, *FLAGS])
-    assert job.run(config) == 2
+    assert job.run(job_config(ten_clips, output, *FLAGS)) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
     assert error.startswith(f"error: the output {output} cannot be written: No space left on device"), error
     assert "Traceback" not in error and "make room" in error
