@@ -4,8 +4,12 @@ A failure of one video never stops the job: the stage that failed turns it into 
 stage, error type, message), which travels with the data and is written to the error files. Every failure is
 also logged. Messages are redacted of credentials before they go anywhere.
 
-A failure of the output's storage (a full disk, a read-only or vanished mount) stops the job: no video could be
-written anyway. It becomes one OutputUnwritable naming the output and the cause; what was committed before stays.
+A failure of the output's storage (a full disk, a read-only or vanished mount, an object store that still does not
+answer once its clients' retries are spent) stops the job: no video could be written anyway. It becomes one
+OutputUnwritable naming the output and the cause; what was committed before stays. Staging and commits that meet
+an object store's fault are repeated (`repeat_on_store_faults`): its clients retry single requests, but not the
+conditional writes a commit ends with, whose fate a dropped answer leaves unknown; the store's steps are safe to
+repeat.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import errno
 import logging
 import os
 import re
+
+from pipeline.store.s3 import repeat_on_store_faults, store_unavailable  # noqa: F401  (re-exported: the failure policy is read here)
 
 log = logging.getLogger("tokendyn.pipeline")
 
@@ -84,16 +90,23 @@ class OutputUnwritable(OSError):
     """The output cannot take more data (disk full, read-only, mount gone): the job stops, the committed stay."""
 
 
-def storage_fault(exc: BaseException) -> str | None:
-    """The storage fault behind `exc` (os.strerror's wording: "No space left on device", ...), looked for along
-    its chain of causes (a Ray task error carries the worker's), or None for any other failure."""
+def _causes(exc: BaseException | None):
+    """`exc` and its chain of causes (a Ray task error carries the worker's)."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
-            return os.strerror(exc.errno)
-        found = _STORAGE_FAULT.search(str(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def storage_fault(exc: BaseException) -> str | None:
+    """The storage fault behind `exc` (os.strerror's wording: "No space left on device", ...; "the object store
+    does not answer (SlowDown)"), or None for any other failure."""
+    for cause in _causes(exc):
+        if isinstance(cause, OSError) and cause.errno in STORAGE_ERRNOS:
+            return os.strerror(cause.errno)
+        found = _STORAGE_FAULT.search(str(cause))
         if found:
             return found.group(0)
-        exc = exc.__cause__ or exc.__context__
-    return None
+    unavailable = store_unavailable(exc)
+    return None if unavailable is None else f"the object store does not answer ({unavailable})"

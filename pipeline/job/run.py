@@ -32,7 +32,7 @@ from tqdm import tqdm
 from pipeline.job.config import JobConfig
 from pipeline.job.console import quiet_ray
 from pipeline.job.encoders import encoder_input_size
-from pipeline.job.errors import OutputUnwritable, one_line, storage_fault
+from pipeline.job.errors import OutputUnwritable, one_line, repeat_on_store_faults, storage_fault, store_unavailable
 from pipeline.job.sample_clips import write_sample_manifest
 from pipeline.job.sources import Listing, list_input
 from pipeline.job.stage_clock import ClockWatcher, read_clock, start_clock
@@ -200,7 +200,8 @@ class Committer:
                 self._record_contract(staged.encoder_table())
             if self.config.overwrite:
                 self._wait_for_upkeep()  # its compaction and our removal of replaced rows would touch one fragment
-            self.store.commit_staged([staged for staged, _ in fresh], replace=self.config.overwrite)
+            repeat_on_store_faults(self.store.commit_staged, [staged for staged, _ in fresh],
+                                   replace=self.config.overwrite)
             for staged, counts in fresh:
                 self._count_videos(len(staged.video_ids), counts)
             self._start_upkeep()
@@ -208,7 +209,8 @@ class Committer:
             errors = pa.Table.from_pylist(self.errors)
             run_ids = pa.array([self.summary.run_id] * errors.num_rows, pa.string())
             created = pa.array([now_utc()] * errors.num_rows, pa.timestamp("us", tz="UTC"))
-            self.store.write_errors(errors.append_column("run_id", run_ids).append_column("created_at", created))
+            repeat_on_store_faults(self.store.write_errors,
+                                   errors.append_column("run_id", run_ids).append_column("created_at", created))
             self._count_errors(errors)
         self.staged, self.errors = [], []
         self.last_flush = time.monotonic()
@@ -217,7 +219,29 @@ class Committer:
         """Commit what is pending, then bring the table up to date (compaction, indexes) and wait for it."""
         self.flush()
         self._wait_for_upkeep()
-        ray.get(maintain_table.remote(self.store.root, self.store.s3_endpoint_url, finish=True))
+        self._upkeep_done(maintain_table.remote(self.store.root, self.store.s3_endpoint_url, finish=True))
+
+    def _upkeep_done(self, upkeep: ray.ObjectRef) -> None:
+        """Wait for an upkeep task. One the object store's faults failed is left to the next (the next run's, at
+        the end): compaction and indexes speed reads up, the rows are committed without them."""
+        try:
+            ray.get(upkeep)
+        except Exception as error:
+            fault = store_unavailable(error)
+            if fault is None:
+                raise
+            log.warning("the table's upkeep met the object store's fault (%s); the next upkeep does it", fault)
+
+    def abandon_upkeep(self) -> None:
+        """Stop the upkeep task of a failed run (it is safe to kill: Lance commits whole or not at all), so that
+        its own failure does not print after the run's error."""
+        if self.upkeep is not None:
+            ray.cancel(self.upkeep, force=True)
+            try:
+                ray.get(self.upkeep, timeout=10)  # its error is taken here, so Ray does not print it as unhandled
+            except Exception:
+                pass
+            self.upkeep = None
 
     def _not_committed_yet(self, staged: StagedVideos) -> bool:
         """Whether `staged` is to be committed as it is. A write repeated after its videos were committed (a
@@ -241,12 +265,12 @@ class Committer:
             ready, _ = ray.wait([self.upkeep], timeout=0)
             if not ready:
                 return
-            ray.get(self.upkeep)  # raises what it raised
+            self._upkeep_done(self.upkeep)
         self.upkeep = maintain_table.remote(self.store.root, self.store.s3_endpoint_url)
 
     def _wait_for_upkeep(self) -> None:
         if self.upkeep is not None:
-            ray.get(self.upkeep)
+            self._upkeep_done(self.upkeep)
             self.upkeep = None
 
     def _record_contract(self, encoders: pa.Table) -> None:
@@ -301,9 +325,11 @@ def run_job(config: JobConfig, on_batch: Callable[[int], None] | None = None) ->
         fault = storage_fault(error)
         if fault is None:
             raise
+        remedy = ("rerun once it answers" if fault.startswith("the object store") else
+                  "make room (or make the output writable) and rerun")
         raise OutputUnwritable(f"the output {config.output} cannot be written: {fault}. The {summary.ok} videos "
-                               "committed in this run and all committed before are kept; make room (or make the "
-                               "output writable) and rerun to complete it") from error
+                               f"committed in this run and all committed before are kept; {remedy} to complete "
+                               "it") from error
     store.release_lock()
     return summary
 
@@ -337,16 +363,20 @@ def _run_locked(config: JobConfig, store: OutputStore, listing: Listing, summary
         clock = start_clock()
         dataset = build_dataset(todo, config, listing.extra_fields, clock)
         started, committed = time.monotonic(), 0
-        with tqdm(total=len(todo), unit="video", desc="videos", dynamic_ncols=True, mininterval=1.0) as progress, \
-                ClockWatcher(clock, lambda encoded: _advance(progress, encoded)):
-            for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-                videos = committer.add(batch)
-                committed += videos
-                progress.set_postfix_str(f"{committed} committed", refresh=False)
-                _advance(progress, committed)  # a committed video was encoded, whatever the clock says yet
-                if on_batch is not None:
-                    on_batch(videos)
-        committer.finish()
+        try:
+            with tqdm(total=len(todo), unit="video", desc="videos", dynamic_ncols=True, mininterval=1.0) as progress, \
+                    ClockWatcher(clock, lambda encoded: _advance(progress, encoded)):
+                for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+                    videos = committer.add(batch)
+                    committed += videos
+                    progress.set_postfix_str(f"{committed} committed", refresh=False)
+                    _advance(progress, committed)  # a committed video was encoded, whatever the clock says yet
+                    if on_batch is not None:
+                        on_batch(videos)
+            committer.finish()
+        except BaseException:
+            committer.abandon_upkeep()
+            raise
         _record_stage_times(summary, read_clock(clock), time.monotonic() - started, config.workers)
     store.finish_run()
 

@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 import ray
 
 from pipeline.job.config import JobConfig, Resources
-from pipeline.job.errors import ERROR_COLUMNS
+from pipeline.job.errors import ERROR_COLUMNS, repeat_on_store_faults
 from pipeline.job.stage_clock import report
 from pipeline.store.staging import StagedVideos
 from pipeline.store.storage import OutputStore
@@ -77,7 +77,7 @@ class WriteStage:
         row = {"parquet": None, "fragments": None, "video_ids": [], "encoders": "[]", "schema": None, "errors": errors,
                **dict.fromkeys(COUNT_COLUMNS, 0)}
         if videos.num_rows:
-            staged = self.store.stage_videos(videos)
+            staged = repeat_on_store_faults(self.store.stage_videos, videos)
             row.update(parquet=staged.parquet, fragments=staged.fragments, video_ids=staged.video_ids,
                        encoders=json.dumps(staged.encoders), schema=staged.schema,
                        **output_counts(videos, self.config.base_dtype))

@@ -37,6 +37,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
+from pipeline.store.s3 import repeat_on_store_faults
 from pipeline.store.contract import OutputContract, read_contract
 from pipeline.store.schema import SCHEMA_VERSION, SchemaVersionError, check_schema_version, compressed_video_from_row
 from pipeline.store.storage import OutputStore
@@ -272,7 +273,10 @@ class CachedTokenDataset(Dataset):
         self.rank, self.world_size = _default_rank_and_world_size(rank, world_size)
         self.store = OutputStore(root, s3_endpoint_url=s3_endpoint_url)
         read_shard = _read_parquet_shard if source == "parquet" else _read_lancedb_shard
-        rows = read_shard(self.store, metadata_columns, self.rank, self.world_size, require_text, drop_last)
+        # Repeated after a store fault its clients' retries did not ride out (a response cut mid-body): reading twice
+        # is harmless.
+        rows = repeat_on_store_faults(read_shard, self.store, metadata_columns, self.rank, self.world_size,
+                                      require_text, drop_last)
         self.rows = rows.sort_by("video_id").combine_chunks()
 
     def __len__(self) -> int:

@@ -12,6 +12,8 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+from pipeline.store.s3 import S3_RETRIES
+
 
 def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
@@ -20,10 +22,10 @@ def is_s3(uri: str) -> bool:
 def filesystem_for(root: str, s3_endpoint_url: str | None = None) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path or an s3:// uri; S3 credentials come from the standard chain."""
     if is_s3(root):
-        kwargs = {}
+        kwargs = S3_RETRIES.pyarrow_options()
         if s3_endpoint_url:
             parsed = urlparse(s3_endpoint_url)
-            kwargs = {"endpoint_override": parsed.netloc or parsed.path, "scheme": parsed.scheme or "https"}
+            kwargs |= {"endpoint_override": parsed.netloc or parsed.path, "scheme": parsed.scheme or "https"}
         return pafs.S3FileSystem(**kwargs), root[len("s3://"):].rstrip("/")
     return pafs.LocalFileSystem(), str(_absolute(root))
 
@@ -32,10 +34,14 @@ def _absolute(path: str) -> Path:
     return Path(path).expanduser().resolve()
 
 
-def lance_storage_options(s3_endpoint_url: str | None) -> dict[str, str]:
-    if not s3_endpoint_url:
-        return {}
-    return {"aws_endpoint": s3_endpoint_url, "allow_http": str(s3_endpoint_url.startswith("http://")).lower()}
+def lance_storage_options(root: str, s3_endpoint_url: str | None) -> dict[str, str] | None:
+    """Lance's storage_options for a table under `root` (None for a local one)."""
+    if not is_s3(root):
+        return None
+    options = S3_RETRIES.lance_options()
+    if s3_endpoint_url:
+        options |= {"aws_endpoint": s3_endpoint_url, "allow_http": str(s3_endpoint_url.startswith("http://")).lower()}
+    return options
 
 
 class OutputRoot:
@@ -49,6 +55,10 @@ class OutputRoot:
 
     def _dir(self, name: str) -> str:
         return f"{self.path}/{name}"
+
+    @property
+    def lance_options(self) -> dict[str, str] | None:
+        return lance_storage_options(self.root, self.s3_endpoint_url)
 
     @property
     def lancedb_uri(self) -> str:

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from pipeline.store.filesystem import OutputRoot, lance_storage_options
+from pipeline.store.filesystem import OutputRoot
 from pipeline.store.parquet import _created_at_by_id
 from pipeline.store.schema import check_schema_version
 
@@ -119,7 +119,7 @@ class LanceTable(OutputRoot):
     def _lance_db(self):
         if self._db is None:
             self._db = lancedb.connect(self.lancedb_uri,
-                                       storage_options=lance_storage_options(self.s3_endpoint_url) or None)
+                                       storage_options=self.lance_options)
         return self._db
 
     # ---- writing ---------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ class ParquetFiles(OutputRoot):
 
     run_id: str
     _seq: dict[str, int]
+    _published: dict[str, str]  # staged file -> its published name, kept for a repeated commit
 
     def _parquet_files(self, name: str) -> list[str]:
         selector = pafs.FileSelector(self._dir(name), allow_not_found=True)
@@ -70,9 +71,14 @@ class ParquetFiles(OutputRoot):
         return self._publish_parquet(kind, staged)
 
     def _publish_parquet(self, kind: str, staged: str) -> str:
-        """Move a complete file from _staging/ into `kind`/ under the next name of this run: one step."""
-        final = f"{self._dir(kind)}/part-{self.run_id}-{self._seq[kind]:05d}.parquet"
-        self._seq[kind] += 1
+        """Move a complete file from _staging/ into `kind`/ under the next name of this run: one step. Repeated
+        for the same file (a commit repeated after a fault), it keeps the name and moves what is still to move."""
+        final = self._published.get(staged)
+        if final is not None and self.fs.get_file_info(staged).type == pafs.FileType.NotFound:
+            return final  # moved before the fault
+        if final is None:
+            final = self._published[staged] = f"{self._dir(kind)}/part-{self.run_id}-{self._seq[kind]:05d}.parquet"
+            self._seq[kind] += 1
         self.fs.create_dir(self._dir(kind), recursive=True)
         self.fs.move(staged, final)
         return final

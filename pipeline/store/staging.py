@@ -24,7 +24,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from lance.fragment import FragmentMetadata, write_fragments
 
-from pipeline.store.filesystem import OutputRoot, lance_storage_options
+from pipeline.store.filesystem import OutputRoot
 from pipeline.store.lance_table import TABLE_NAME
 
 # Removing orphans also removes Lance versions older than this, as LanceDB's own optimize() does, so that the
@@ -50,9 +50,11 @@ class StagedVideos:
 class StagedWrites(OutputRoot):
     """Staging, committing and cleaning up of pipeline.store.storage.OutputStore; commits go through its Parquet
     and LanceDB parts (`_publish_parquet`, `_remove_parquet_rows`, `lance_table`, `_delete_from_lance`, ...) and
-    remember the table version they last committed in `_lance_version`."""
+    remember the table version they last committed in `_lance_version`, and the staged files whose LanceDB commit
+    was tried in `_lance_tried`."""
 
     _lance_version: int | None
+    _lance_tried: set[str]
 
     @property
     def _lance_uri(self) -> str:
@@ -78,7 +80,7 @@ class StagedWrites(OutputRoot):
     def _write_fragments(self, table: pa.Table) -> tuple[list[FragmentMetadata], bool]:
         """Lance fragments of `table`, and whether they were written for a table that does not exist yet (then
         its first commit creates it with their schema)."""
-        options = lance_storage_options(self.s3_endpoint_url) or None
+        options = self.lance_options
         if self.fs.get_file_info(f"{self._lance_dir}/_versions").type == pafs.FileType.NotFound:
             try:
                 # "create": the table may not exist yet ("append" to a missing table logs a warning every time).
@@ -98,7 +100,9 @@ class StagedWrites(OutputRoot):
 
         replace: as for `write_videos`, committed rows of the same videos are removed once the new ones are in.
         A crash between the steps leaves what `write_videos` would: `reconcile` copies into LanceDB what only
-        Parquet holds, and `remove_orphans` deletes the fragments never committed.
+        Parquet holds, and `remove_orphans` deletes the fragments never committed. After an error the same call
+        may be repeated: it does what the failed one left undone, and commits to LanceDB only if that commit did
+        not land (a dropped answer leaves it unknown).
         """
         if not staged:
             return
@@ -110,7 +114,11 @@ class StagedWrites(OutputRoot):
         if replace:
             self._remove_parquet_rows(ids, skip_files=committed)
         fragments = [FragmentMetadata.from_json(json.dumps(f)) for s in staged for f in json.loads(s.fragments)]
-        options = lance_storage_options(self.s3_endpoint_url) or None
+        repeated = any(s.parquet in self._lance_tried for s in staged)
+        self._lance_tried.update(s.parquet for s in staged)
+        if repeated and self._landed(fragments, None if replace else ids):
+            return
+        options = self.lance_options
         if replace or self._lance_version is None:
             table = self.lance_table()
             if table is None:
@@ -127,6 +135,20 @@ class StagedWrites(OutputRoot):
         self._lance_version = lance.LanceDataset.commit(
             self._lance_uri, lance.LanceOperation.Append(fragments), read_version=self._lance_version,
             storage_options=options).version
+
+    def _landed(self, fragments: list[FragmentMetadata], new_ids: list[str] | None) -> bool:
+        """Whether a commit of `fragments` is in the table already: one of their data files is in its latest
+        version, or (`new_ids`: ids it did not hold before) one of those ids, should compaction have rewritten
+        the files since. Notes the version read."""
+        table = self.lance_table()
+        if table is None:
+            return False
+        dataset = table.to_lance()
+        ours = {data.path for fragment in fragments for data in fragment.files}
+        landed = any(data.path in ours for fragment in dataset.get_fragments() for data in fragment.metadata.files)
+        landed = landed or bool(new_ids and self._lance_ids_in(table, new_ids))
+        self._lance_version = dataset.version
+        return landed
 
     def discard_staged(self, staged: StagedVideos) -> None:
         """Drop a staged Parquet file that will not be committed (its fragments go with `remove_orphans`)."""

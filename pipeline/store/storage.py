@@ -78,6 +78,7 @@ class OutputStore(ParquetFiles, LanceTable, DoneIds, LeaseLock, Records, StagedW
     def __post_init__(self) -> None:
         self.fs, self.path = filesystem_for(self.root, self.s3_endpoint_url)
         self._seq = {"videos": 0, "errors": 0}
+        self._published: dict[str, str] = {}  # staged Parquet file -> its name in videos/ or errors/
         self._db = None
         self._holder: dict | None = None  # our lock's content while we hold it
         self._renewer: threading.Thread | None = None
@@ -85,6 +86,7 @@ class OutputStore(ParquetFiles, LanceTable, DoneIds, LeaseLock, Records, StagedW
         self._in_step = False  # LanceDB known to hold exactly Parquet's video ids (set by reconcile)
         self._marked_unsynced = False
         self._lance_version: int | None = None  # the LanceDB table version commit_staged last committed or read
+        self._lance_tried: set[str] = set()  # staged files whose LanceDB commit commit_staged has tried
 
     # ---- commits to both Parquet and LanceDB ----------------------------------------------------------------
     def write_videos(self, table: pa.Table, replace: bool = False) -> None:

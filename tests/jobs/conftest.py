@@ -6,7 +6,8 @@
                    subfolder and a corrupt .mp4
 - sample_output    (root, first RunSummary) of the job over job_input_dir, shared read-only by tests
 - run_job_on       function (input, output, *flags, on_batch=None) -> RunSummary running the job with the test
-                   defaults; job_config (input, output, *flags) -> the JobConfig it runs
+                   defaults; job_config (input, output, *flags) -> the JobConfig it runs; job_flags, those
+                   defaults as command-line flags
 - ten_clips        a folder of ten copies of the sample clips under their own names (ten videos, ten ids)
 """
 
@@ -44,6 +45,11 @@ def run_job_on(ray_local):
         return run_job(job_config(input, output, *flags), on_batch=on_batch)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def job_flags() -> list[str]:
+    return list(TEST_FLAGS)
 
 
 @pytest.fixture(name="job_config", scope="session")

@@ -4,7 +4,7 @@ train on the questions (jobs/train_from_cache.py, a tiny LLM that overfits on pu
 Users rely on: the trained model answers its training videos' questions as trained; a video gives the same tokens
 and the same answer from the cache and as a raw file; tokens made with other settings are refused with a clear
 error; a multiple-choice set is scored; a batch run to Parquet resumes after kill -9 with every video answered
-once and no half-written file left.
+once and no half-written file left, and to S3 through a store that fails a quarter of its requests.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 from pipeline.readers.answering import AnswerFiles, VideoAnswerer
 from pipeline.readers.cache import CachedTokenDataset
 from pipeline.readers.checkpoint import CheckpointMismatch, check_cache, latest_checkpoint, read_checkpoint
+from pipeline.testing.s3_faults import FaultPlan, FaultyS3Proxy
 from job_scripts import load_job_script
 from test_crash_resume import job_env, kill_driver_when, short_temp_dir
 
@@ -203,13 +204,16 @@ def test_batch_answers_of_new_videos_keep_going_past_a_bad_one(checkpoints, samp
     assert {row["question"] for row in rows.values()} == {"Where is it?"}
 
 
-def test_batch_answers_go_to_s3_and_resume_there(checkpoints, qa_cache, s3_bucket, moto_s3_endpoint, s3_client,
-                                                  ray_local):
+def test_batch_answers_go_to_a_flaky_s3_and_resume_there(checkpoints, qa_cache, s3_bucket, moto_s3_endpoint,
+                                                         s3_client, ray_local):
     output = f"s3://{s3_bucket}/answers"
-    common = ["--checkpoint", checkpoints, "--cache", qa_cache, "--output", output,
-              "--s3-endpoint-url", moto_s3_endpoint, "--question", "What animal is it?", "--flush-every", "2"]
-    assert ask(*common, "--id", "bikes") == 0
-    assert ask(*common) == 0  # the rest; bikes is not asked again
+    with FaultyS3Proxy(moto_s3_endpoint, FaultPlan(slowdown=0.08, error=0.06, reset_before=0.05, reset_after=0.06,
+                                                   stall=0.02, stall_s=30, seed=2)) as proxy:
+        common = ["--checkpoint", checkpoints, "--cache", qa_cache, "--output", output,
+                  "--s3-endpoint-url", proxy.endpoint, "--question", "What animal is it?", "--flush-every", "2"]
+        assert ask(*common, "--id", "bikes") == 0
+        assert ask(*common) == 0  # the rest; bikes is not asked again
+    assert sum(count for fault, count in proxy.counts.items() if fault != "forwarded"), proxy.counts
     rows = AnswerFiles(output, s3_endpoint_url=moto_s3_endpoint).read().to_pylist()
     assert sorted(row["video_id"] for row in rows) == sorted(CLIPS)
     assert {row["video_id"]: row["answer"] for row in rows} == {name: dict(pairs)["What animal is it?"]

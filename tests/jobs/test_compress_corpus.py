@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from output_checks import lance_ids
 from pipeline.job.sources import video_id_for
 from pipeline.readers.search import nearest_to_video
 from pipeline.store.contract import SettingsMismatch
@@ -21,11 +22,6 @@ from pipeline.store.storage import OutputStore
 
 REPO = Path(__file__).resolve().parents[2]
 GOOD = ["bikes.mp4", "carphone_pristine.mp4", "carphone_distorted.mp4", "nested/grey.mp4"]
-
-
-def lance_ids(store: OutputStore) -> list[str]:
-    table = store.lance_table()
-    return sorted(table.search().select(["video_id"]).limit(None).to_arrow().column("video_id").to_pylist())
 
 
 def test_every_good_video_written_once_and_the_corrupt_one_is_an_error_row(sample_output, job_input_dir):

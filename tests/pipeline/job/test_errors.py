@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.job.errors import failure, record_failure, redact
+from pipeline.job.errors import failure, record_failure, redact, storage_fault, store_unavailable
 
 
 def test_failure_records_stage_type_and_message():
@@ -41,3 +41,60 @@ def test_one_line_joins_a_multi_line_message_and_redacts_it():
     error = RuntimeError("decord failed:\n  Check failed: size\n\nStack trace: token=abc123")
     assert one_line(error) == "decord failed: Check failed: size Stack trace: token=***"
     assert one_line(ValueError()) == "ValueError"
+
+
+# ---- the object store's faults, as the real clients report them once their retries are spent ------------------
+
+def _s3_clients(endpoint: str):
+    """(boto3 client, pyarrow filesystem, Lance storage options) that try once and wait 1 s for an answer."""
+    import boto3
+    import pyarrow.fs as pafs
+
+    from pipeline.store.s3 import S3Retries
+
+    once = S3Retries(attempts=1, read_timeout_s=1, request_timeout_s=1)
+    host = endpoint.removeprefix("http://")
+    filesystem = pafs.S3FileSystem(**once.pyarrow_options(), endpoint_override=host, scheme="http")
+    lance_options = {**once.lance_options(), "aws_endpoint": endpoint, "allow_http": "true"}
+    return boto3.client("s3", endpoint_url=endpoint, config=once.boto3_config()), filesystem, lance_options
+
+
+def _client_errors(endpoint: str, bucket: str) -> dict[str, Exception]:
+    import lance
+    import pyarrow as pa
+
+    client, filesystem, lance_options = _s3_clients(endpoint)
+    calls = {
+        "boto3": lambda: client.get_object(Bucket=bucket, Key="a.mp4"),
+        "pyarrow": lambda: filesystem.get_file_info(f"{bucket}/a.parquet"),
+        "lance": lambda: lance.write_dataset(pa.table({"a": [1]}), f"s3://{bucket}/t.lance",
+                                             storage_options=lance_options),
+    }
+    errors = {}
+    for name, call in calls.items():
+        with pytest.raises(Exception) as raised:
+            call()
+        errors[name] = raised.value
+    return errors
+
+
+@pytest.mark.parametrize("fault", ["slowdown", "error", "reset_before", "stall"])
+def test_each_clients_report_of_a_store_fault_is_told_apart(fault, moto_s3_endpoint, s3_bucket):
+    from pipeline.testing.s3_faults import FaultPlan, FaultyS3Proxy
+
+    with FaultyS3Proxy(moto_s3_endpoint, FaultPlan(**{fault: 1.0}, stall_s=3)) as proxy:
+        errors = _client_errors(proxy.endpoint, s3_bucket)
+    for client, error in errors.items():
+        assert store_unavailable(error), f"{client}: {type(error).__name__}: {error}"
+        assert storage_fault(error).startswith("the object store does not answer")
+
+
+def test_other_failures_are_not_store_faults(moto_s3_endpoint, s3_bucket, s3_client):
+    import boto3
+    from botocore.exceptions import ClientError
+
+    with pytest.raises(ClientError) as missing:
+        boto3.client("s3", endpoint_url=moto_s3_endpoint).get_object(Bucket=s3_bucket, Key="none.mp4")
+    for error in (missing.value, FileNotFoundError("no such S3 object: s3://b/a.mp4"), ValueError("bad header"),
+                  RuntimeError("DecodeError: Invalid data found when processing input")):
+        assert store_unavailable(error) is None and storage_fault(error) is None, error

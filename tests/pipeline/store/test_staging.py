@@ -6,33 +6,12 @@ from __future__ import annotations
 
 import json
 
-import lance
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.store.filesystem import lance_storage_options
+from output_checks import lance_dataset, lance_ids, staged_files, unreferenced_lance_files
 from pipeline.store.storage import OutputStore
-from test_storage import lance_ids, video_table
-
-
-def lance_dataset(store: OutputStore, version: int | None = None):
-    return lance.dataset(store._lance_uri, version=version,
-                         storage_options=lance_storage_options(store.s3_endpoint_url) or None)
-
-
-def unreferenced_lance_files(store: OutputStore) -> set[str]:
-    """Data files of the table that no version of it refers to."""
-    referenced = {data_file.path for version in lance_dataset(store).versions()
-                  for fragment in lance_dataset(store, version["version"]).get_fragments()
-                  for data_file in fragment.metadata.files}
-    data = pafs.FileSelector(f"{store._lance_dir}/data", allow_not_found=True)
-    return {info.base_name for info in store.fs.get_file_info(data)} - referenced
-
-
-def staged_files(store: OutputStore) -> list[str]:
-    return [info.path for info in store.fs.get_file_info(pafs.FileSelector(store._dir("_staging"),
-                                                                          allow_not_found=True))]
+from test_storage import video_table
 
 
 def rows_of(table, ids: list[str]) -> list[dict]:
@@ -140,3 +119,60 @@ def test_a_commit_after_the_lease_was_lost_is_refused(tmp_path):
     with pytest.raises(OutputLocked):
         store.commit_staged([staged])
     assert store.read_videos() is None and store.lance_table() is None
+
+
+class _AnswerLost:
+    """A filesystem whose next `move` is done, and then reported failed as a dropped answer would be."""
+
+    def __init__(self, fs):
+        self._fs, self.lost = fs, False
+
+    def __getattr__(self, name):
+        return getattr(self._fs, name)
+
+    def move(self, source, destination):
+        self._fs.move(source, destination)
+        if not self.lost:
+            self.lost = True
+            raise OSError("When completing multiple part upload: AWS Error NETWORK_CONNECTION: Connection reset")
+
+
+@pytest.mark.parametrize("lost", ["parquet move", "lance commit before", "lance commit after",
+                                  "first lance commit after"])
+def test_a_commit_repeated_after_a_fault_commits_each_video_once(output_root, monkeypatch, lost):
+    """The store's clients retry single requests but not a commit's conditional writes, whose fate a dropped answer
+    leaves unknown; the job repeats the commit (pipeline.job.errors.repeat_on_store_faults)."""
+    import lance as lance_module
+
+    root, options = output_root
+    store = OutputStore(root, **options)
+    store.reconcile()
+    if lost != "first lance commit after":
+        store.write_videos(video_table(["a"]))
+    staged = [OutputStore(root, **options).stage_videos(video_table(["b", "c"], seed=1))]
+    commit = lance_module.LanceDataset.commit
+    faults = []
+
+    def commit_then_lose_the_answer(*args, **kwargs):
+        if faults:
+            return commit(*args, **kwargs)
+        faults.append(lost)
+        if lost == "lance commit before":
+            raise OSError("LanceError(IO): Generic S3 error: HTTP error: error sending request")
+        commit(*args, **kwargs)
+        raise OSError("LanceError(IO): Generic S3 error: HTTP error: error sending request")
+
+    fs = store.fs
+    if lost == "parquet move":
+        store.fs = _AnswerLost(fs)
+    else:
+        monkeypatch.setattr(lance_module.LanceDataset, "commit", staticmethod(commit_then_lose_the_answer))
+    with pytest.raises(OSError):
+        store.commit_staged(staged)
+    store.fs = fs
+    store.commit_staged(staged)  # the repeat
+
+    expected = ["b", "c"] if lost == "first lance commit after" else ["a", "b", "c"]
+    assert sorted(store.read_videos(columns=["video_id"]).column("video_id").to_pylist()) == expected
+    assert lance_ids(store) == expected
+    assert staged_files(store) == []

@@ -11,6 +11,7 @@ import torch
 from lancedb.index import IvfSq
 
 import tokendyn
+from output_checks import lance_ids
 from pipeline.store.schema import (SchemaVersionError, compressed_video_from_row, now_utc, video_row, video_schema)
 from pipeline.store.done_ids import _hashes_held, _id_hashes, _merge_hashes
 from pipeline.store.lance_table import _trained_partitions, _unindexed_fragments
@@ -30,11 +31,6 @@ def video_table(ids: list[str], *, base_dtype: str = "float32", seed: int = 0) -
                                  encoder="test-encoder", encoder_layer=None, base_dtype=base_dtype,
                                  created_at=now_utc())})
     return pa.Table.from_pylist(rows, schema=video_schema(DIM, base_dtype, [pa.field("caption", pa.string())]))
-
-
-def lance_ids(store: OutputStore) -> list[str]:
-    table = store.lance_table()
-    return sorted(table.search().select(["video_id"]).limit(None).to_arrow().column("video_id").to_pylist())
 
 
 def test_rows_round_trip_through_parquet_and_lancedb(tmp_path):
