@@ -19,7 +19,8 @@ import logging
 import os
 import re
 
-from pipeline.store.s3 import repeat_on_store_faults, store_unavailable  # noqa: F401  (re-exported: the failure policy is read here)
+# Re-exported: the object store's part of the policy sits with the S3 clients, which the readers share.
+from pipeline.store.s3 import repeat_on_store_faults, store_unavailable  # noqa: F401
 
 log = logging.getLogger("tokendyn.pipeline")
 
