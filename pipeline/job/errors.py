@@ -20,7 +20,7 @@ import os
 import re
 
 # Re-exported: the object store's part of the policy sits with the S3 clients, which the readers share.
-from pipeline.store.s3 import repeat_on_store_faults, store_unavailable  # noqa: F401
+from pipeline.store.s3 import exception_chain, repeat_on_store_faults, store_unavailable  # noqa: F401
 
 log = logging.getLogger("tokendyn.pipeline")
 
@@ -91,19 +91,10 @@ class OutputUnwritable(OSError):
     """The output cannot take more data (disk full, read-only, mount gone): the job stops, the committed stay."""
 
 
-def _causes(exc: BaseException | None):
-    """`exc` and its chain of causes (a Ray task error carries the worker's)."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__
-
-
 def storage_fault(exc: BaseException) -> str | None:
     """The storage fault behind `exc` (os.strerror's wording: "No space left on device", ...; "the object store
     does not answer (SlowDown)"), or None for any other failure."""
-    for cause in _causes(exc):
+    for cause in exception_chain(exc):
         if isinstance(cause, OSError) and cause.errno in STORAGE_ERRNOS:
             return os.strerror(cause.errno)
         found = _STORAGE_FAULT.search(str(cause))

@@ -254,6 +254,7 @@ class Committer:
         rows = rows.filter(pc.invert(pc.is_in(rows.column("video_id"), pa.array(sorted(repeated), pa.string()))))
         self.store.discard_staged(staged)
         if rows.num_rows:
+            self._wait_for_upkeep()  # write_videos does the table's upkeep itself: two at once conflict in Lance
             self.store.write_videos(rows, replace=self.config.overwrite)
             self.committed.update(rows.column("video_id").to_pylist())
             self._count_videos(rows.num_rows, {})

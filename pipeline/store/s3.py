@@ -13,7 +13,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 from dataclasses import dataclass
 
@@ -93,16 +93,21 @@ _STORE_UNAVAILABLE = re.compile(
     re.IGNORECASE)
 
 
-def store_unavailable(exc: BaseException) -> str | None:
-    """The object store's fault behind `exc` ("SlowDown", "error sending request", ...), looked for along its chain
-    of causes (a Ray task error carries the worker's), or None."""
+def exception_chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """`exc` and its chain of causes (a Ray task error carries the worker's)."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        found = _STORE_UNAVAILABLE.search(str(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def store_unavailable(exc: BaseException) -> str | None:
+    """The object store's fault behind `exc` ("SlowDown", "error sending request", ...), or None."""
+    for cause in exception_chain(exc):
+        found = _STORE_UNAVAILABLE.search(str(cause))
         if found:
             return found.group(0)
-        exc = exc.__cause__ or exc.__context__
     return None
 
 
